@@ -1,0 +1,74 @@
+"""Render every error as ``{"error": code, "detail": text}``; expected failures are never 500."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import MedcadError, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+def error_body(code: str, detail: str) -> dict[str, str]:
+    """The one error body shape."""
+    return {"error": code, "detail": detail}
+
+
+async def _medcad_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, MedcadError)
+    headers = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(exc.retry_after)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(exc.code, exc.detail), status_code=exc.status, headers=headers)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        error_body(code, str(exc.detail)), status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return JSONResponse(error_body("invalid_request", "; ".join(parts)), status_code=422)
+
+
+async def _database_down(_request: Request, _exc: Exception) -> JSONResponse:
+    log.warning("database unavailable")
+    return JSONResponse(
+        error_body("service_unavailable", "the database is unavailable; retry later"),
+        status_code=503,
+        headers={"Retry-After": "15"},
+    )
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    # Never leak stack traces, SQL or paths: log the type, answer a generic body.
+    log.error("unexpected error: %s", type(exc).__name__, exc_info=False)
+    return JSONResponse(error_body("internal_error", "an unexpected error occurred"), status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+    app.add_exception_handler(MedcadError, _medcad_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(PoolTimeout, _database_down)
+    app.add_exception_handler(Exception, _unexpected)

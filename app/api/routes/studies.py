@@ -1,0 +1,211 @@
+"""Upload: ``POST /api/v1/studies`` (multipart, .dcm and .zip parts)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from app.api.deps import bearer_token, client_address, get_registry, get_store
+from app.api.schemas import ERRORS, ErrorBody, FileResult, JobRef, RejectedFile, UploadResponse
+from app.auth.service import Principal, authenticate, record_audit
+from app.db.records import Role
+from app.db.session import session_scope
+from app.errors import BadRequest, Overloaded, PayloadTooLarge
+from app.jobs.service import queue_depth
+from app.metrics import FILES, REJECTIONS, UPLOADS
+from app.registry.service import resolve_models
+from app.settings import Settings, get_settings
+from app.studies.service import IngestResult, UploadedFile, ingest_files
+from app.studies.validation import IngestLimits
+
+router = APIRouter(prefix="/api/v1", tags=["studies"])
+
+
+def ingest_limits(settings: Settings) -> IngestLimits:
+    """The ingest budgets configured in ``settings``."""
+    return IngestLimits(
+        max_decoded_bytes=settings.max_decoded_bytes,
+        max_zip_members=settings.max_zip_members,
+        max_zip_ratio=settings.max_zip_ratio,
+        max_zip_total_bytes=settings.max_upload_bytes * 4,
+    )
+
+
+async def read_multipart(request: Request, max_bytes: int) -> list[tuple[str, str | UploadFile]]:
+    """Parse a multipart body, counting bytes as they arrive (413 past ``max_bytes``)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(detail=f"body of {declared} bytes exceeds the limit of {max_bytes}")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise BadRequest(
+            "unsupported_media_type", "the body must be multipart/form-data", status=415
+        )
+
+    async def limited() -> AsyncIterator[bytes]:
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise PayloadTooLarge(detail=f"body exceeds the limit of {max_bytes} bytes")
+            yield chunk
+
+    parser = MultiPartParser(
+        request.headers, limited(), max_files=100_000, max_fields=50, max_part_size=1024 * 1024
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise BadRequest("malformed_multipart", str(exc)[:200]) from exc
+    return list(form.multi_items())
+
+
+def _authenticate(token: str | None) -> Principal:
+    with session_scope() as session:
+        principal = authenticate(session=session, token=token)
+    principal.require(Role.UPLOADER)
+    return principal
+
+
+def _check_capacity(settings: Settings) -> None:
+    with session_scope() as session:
+        depth = queue_depth(session=session)
+    if depth >= settings.max_queue_depth:
+        raise Overloaded(
+            detail=f"{depth} jobs are queued (limit {settings.max_queue_depth}); retry later",
+            retry_after=30,
+            status=429,
+        )
+
+
+def _ingest(
+    files: list[UploadedFile], model_names: list[str] | None, callback_url: str | None,
+    principal: Principal, client: str | None, settings: Settings,
+) -> IngestResult:
+    registry = get_registry(settings)
+    models = resolve_models(registry, model_names)
+    store = get_store(settings)
+    with session_scope() as session:
+        result = ingest_files(
+            session=session, store=store, files=files, models=models, principal=principal,
+            limits=ingest_limits(settings), callback_url=callback_url,
+        )
+        for job in result.jobs:
+            record_audit(
+                session=session, principal=principal, action="upload",
+                resource=f"job/{job.id}", client=client,
+                series_instance_uid=job.series_instance_uid,
+            )
+        if not result.jobs:
+            record_audit(
+                session=session, principal=principal, action="upload", resource="studies",
+                client=client, outcome="success" if result.duplicates else "rejected",
+            )
+    return result
+
+
+def _validate_callback(url: str | None) -> str | None:
+    if not url:
+        return None
+    if not (url.startswith("https://") or url.startswith("http://")) or len(url) > 2000:
+        raise BadRequest("invalid_callback_url", "callback_url must be an http(s) URL")
+    return url
+
+
+@router.post(
+    "/studies",
+    status_code=202,
+    response_model=UploadResponse,
+    summary="Upload DICOM files or zip archives; one job per series",
+    responses={
+        **ERRORS,
+        400: {"model": ErrorBody, "description": "Malformed request"},
+        409: {"model": UploadResponse, "description": "Every file conflicts with a stored one"},
+        413: {"model": ErrorBody, "description": "Body over the upload size limit"},
+        415: {"model": ErrorBody, "description": "Not multipart/form-data"},
+        422: {"model": UploadResponse, "description": "Every file was rejected"},
+        429: {"model": ErrorBody, "description": "Queue over its configured depth"},
+        503: {"model": ErrorBody, "description": "Database unavailable"},
+        507: {"model": ErrorBody, "description": "Storage full; nothing stored"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["files"],
+                        "properties": {
+                            "files": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                            },
+                            "models": {"type": "string", "example": "unet,classifier"},
+                            "callback_url": {"type": "string", "format": "uri"},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+async def upload_studies(request: Request) -> JSONResponse:
+    """Store each file durably (or reject it with a reason) and queue one job per series."""
+    settings = get_settings()
+    principal = await run_in_threadpool(_authenticate, bearer_token(request))
+    await run_in_threadpool(_check_capacity, settings)
+    items = await read_multipart(request, settings.max_upload_bytes)
+    files: list[UploadedFile] = []
+    models_field: str | None = None
+    callback: str | None = None
+    for name, value in items:
+        if isinstance(value, UploadFile):
+            if name in ("files", "file"):
+                files.append(UploadedFile(value.filename or "unnamed", await value.read()))
+            await value.close()
+        elif name == "models":
+            models_field = value
+        elif name == "callback_url":
+            callback = value
+    if not files:
+        raise BadRequest("no_files", "the request has no 'files' part")
+    model_names = [m.strip() for m in models_field.split(",") if m.strip()] if models_field else None
+    result = await run_in_threadpool(
+        _ingest, files, model_names, _validate_callback(callback), principal,
+        client_address(request), settings,
+    )
+    return _upload_response(result)
+
+
+def _upload_response(result: IngestResult) -> JSONResponse:
+    for f in result.files:
+        FILES.labels(f.outcome).inc()
+        if f.error:
+            REJECTIONS.labels(f.error).inc()
+    body = UploadResponse(
+        jobs=[JobRef(id=j.id, series_instance_uid=j.series_instance_uid, status=j.status)
+              for j in result.jobs],
+        stored=result.stored,
+        duplicates=result.duplicates,
+        rejected=[
+            RejectedFile(filename=f.filename, error=f.error or "rejected", detail=f.detail or "")
+            for f in result.rejected
+        ],
+        files=[
+            FileResult(
+                filename=f.filename, outcome=f.outcome,  # type: ignore[arg-type]
+                sop_instance_uid=f.sop_instance_uid, series_instance_uid=f.series_instance_uid,
+                error=f.error, detail=f.detail,
+            )
+            for f in result.files
+        ],
+    )
+    status = result.error_status or 202
+    UPLOADS.labels("accepted" if status == 202 else "rejected").inc()
+    headers = {"Location": f"/api/v1/jobs/{result.jobs[0].id}"} if result.jobs else {}
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)

@@ -1,0 +1,134 @@
+"""Health, readiness, metrics, the caller's identity, models and the audit log."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+
+from app.api.deps import PrincipalDep, RegistryDep, SessionDep, SettingsDep, require
+from app.api.schemas import (
+    ERRORS,
+    AuditEvent,
+    AuditPage,
+    Me,
+    ModelLabel,
+    ModelList,
+    ModelOut,
+)
+from app.auth.service import Principal, list_audit
+from app.db.records import JobRecord, Role
+from app.db.session import session_scope
+from app.metrics import JOBS, QUEUE_DEPTH
+from app.registry.service import latest_versions
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/healthz", summary="Liveness")
+def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: database, broker folder/connection, models")
+def readyz(settings: SettingsDep, registry: RegistryDep) -> JSONResponse:
+    """200 when the database answers, the broker is reachable and at least one model is valid."""
+    checks: dict[str, str] = {}
+    try:
+        with session_scope() as session:
+            session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # readiness reports, never raises
+        checks["database"] = f"error: {type(exc).__name__}"
+    checks["broker"] = _broker_check(settings)
+    checks["models"] = "ok" if registry else "error: no valid model manifest"
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
+                        status_code=200 if ok else 503)
+
+
+def _broker_check(settings: SettingsDep) -> str:
+    if settings.is_embedded:
+        return "ok" if settings.broker_dir.parent.exists() else "error: no broker folder"
+    try:
+        import redis
+
+        client = redis.Redis.from_url(settings.resolved_broker_url, socket_connect_timeout=2,
+                                      socket_timeout=2)
+        client.ping()
+        return "ok"
+    except Exception as exc:  # readiness reports, never raises
+        return f"error: {type(exc).__name__}"
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics() -> Response:
+    """Prometheus text format."""
+    try:
+        with session_scope() as session:
+            counts = dict(
+                session.execute(select(JobRecord.status, func.count()).group_by(JobRecord.status))
+                .tuples()
+                .all()
+            )
+        for status in ("queued", "running", "succeeded", "failed"):
+            JOBS.labels(status).set(counts.get(status, 0))
+        QUEUE_DEPTH.set(counts.get("queued", 0))
+    except Exception:  # metrics must answer even when the database does not  # noqa: S110
+        pass
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/v1/me", response_model=Me, responses=ERRORS, summary="Who am I")
+def me(principal: PrincipalDep) -> Me:
+    """The calling key's name and role (used by the page to sign in)."""
+    return Me(name=principal.name, role=principal.role.value, key_prefix=principal.prefix)
+
+
+@router.get("/api/v1/models", response_model=ModelList, responses=ERRORS,
+            summary="Registered models")
+def models(registry: RegistryDep, _principal: PrincipalDep) -> ModelList:
+    """Every registered model version, newest first per name."""
+    latest = {m.manifest.key for m in latest_versions(registry).values()}
+    items = []
+    for key in sorted(registry, key=lambda k: (k not in latest, k)):
+        m = registry[key].manifest
+        items.append(
+            ModelOut(
+                name=m.name, version=m.version, task=m.task.value, description=m.description,
+                labels=[ModelLabel(value=lab.value, name=lab.name, color=lab.color)
+                        for lab in m.labels],
+                default=m.default and key in latest,
+                saliency_methods=[s.value for s in m.saliency.methods],
+                input_size=m.preprocessing.size, metrics=m.metrics,
+            )
+        )
+    return ModelList(items=items)
+
+
+@router.get("/api/v1/audit", response_model=AuditPage, responses=ERRORS,
+            summary="Audit log (admins)")
+def audit(
+    session: SessionDep,
+    _principal: Annotated[Principal, require(Role.ADMIN)],
+    action: Annotated[str | None, Query(max_length=32)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> AuditPage:
+    """Audit events, newest first."""
+    rows, total = list_audit(session=session, limit=limit, offset=offset, action=action)
+    return AuditPage(
+        items=[
+            AuditEvent(
+                id=r.id, at=r.at, actor_name=r.actor_name, action=r.action, resource=r.resource,
+                outcome=r.outcome, client=r.client, study_instance_uid=r.study_instance_uid,
+                series_instance_uid=r.series_instance_uid,
+            )
+            for r in rows
+        ],
+        total=total, limit=limit, offset=offset,
+    )

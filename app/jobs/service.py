@@ -1,0 +1,310 @@
+"""Jobs: the status machine, leases, queue position and the sweeper.
+
+States: queued → running → succeeded | failed. A running job whose lease expired (its worker
+died) goes back to queued, unless it has already been attempted ``max_attempts`` times, in which
+case it ends failed with code ``worker_lost`` — never an infinite loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.db.records import JobRecord, JobStatus, SeriesRecord, StudyRecord, utcnow
+from app.errors import NotFound
+
+TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=utcnow().tzinfo)
+
+
+def lease_owner() -> str:
+    """Identity of this process, for leases: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_is_dead_here(owner: str | None) -> bool:
+    """True if ``owner`` is a process on this host that no longer exists."""
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def get_job(*, session: Session, job_id: str) -> JobRecord:
+    """The job, or ``NotFound``."""
+    job = session.get(JobRecord, job_id)
+    if job is None:
+        raise NotFound(detail=f"no job {job_id[:64]!r}")
+    return job
+
+
+def get_job_context(*, session: Session, job_id: str) -> tuple[JobRecord, SeriesRecord, StudyRecord]:
+    """The job with its series and study."""
+    job = get_job(session=session, job_id=job_id)
+    series = session.get(SeriesRecord, job.series_id)
+    assert series is not None
+    study = session.get(StudyRecord, series.study_id)
+    assert study is not None
+    return job, series, study
+
+
+def list_jobs(
+    *,
+    session: Session,
+    limit: int,
+    offset: int,
+    status: str | None = None,
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+) -> tuple[list[tuple[JobRecord, SeriesRecord, StudyRecord]], int]:
+    """Jobs newest first, with filters, and the total count."""
+    query = (
+        select(JobRecord, SeriesRecord, StudyRecord)
+        .join(SeriesRecord, SeriesRecord.id == JobRecord.series_id)
+        .join(StudyRecord, StudyRecord.id == SeriesRecord.study_id)
+    )
+    if status:
+        query = query.where(JobRecord.status == status)
+    if study_instance_uid:
+        query = query.where(StudyRecord.study_instance_uid == study_instance_uid)
+    if series_instance_uid:
+        query = query.where(SeriesRecord.series_instance_uid == series_instance_uid)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.execute(
+        query.order_by(JobRecord.created_at.desc(), JobRecord.id).limit(limit).offset(offset)
+    ).tuples()
+    return list(rows), total
+
+
+def queue_depth(*, session: Session) -> int:
+    """Number of queued jobs."""
+    return int(
+        session.scalar(
+            select(func.count()).select_from(JobRecord).where(JobRecord.status == JobStatus.QUEUED)
+        )
+        or 0
+    )
+
+
+def queue_position(*, session: Session, job: JobRecord) -> int | None:
+    """1-based position among queued jobs (oldest first), None unless queued."""
+    if job.status != JobStatus.QUEUED:
+        return None
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(JobRecord)
+        .where(JobRecord.status == JobStatus.QUEUED, JobRecord.created_at < job.created_at)
+    )
+    return int(ahead or 0) + 1
+
+
+def recent_duration(*, session: Session, sample: int = 20) -> float | None:
+    """Median wall time of the last ``sample`` succeeded jobs (seconds)."""
+    rows = session.execute(
+        select(JobRecord.started_at, JobRecord.finished_at)
+        .where(JobRecord.status == JobStatus.SUCCEEDED, JobRecord.finished_at.is_not(None))
+        .order_by(JobRecord.finished_at.desc())
+        .limit(sample)
+    ).tuples()
+    durations = [
+        (f - s).total_seconds() for s, f in rows if s is not None and f is not None
+    ]
+    return statistics.median(durations) if durations else None
+
+
+def eta_seconds(*, session: Session, job: JobRecord, position: int | None) -> float | None:
+    """A rough ETA: position × recent median duration (queued), remaining share (running)."""
+    typical = recent_duration(session=session)
+    if typical is None:
+        return None
+    if position is not None:
+        return round(position * typical, 1)
+    started = _aware(job.started_at)
+    if job.status == JobStatus.RUNNING and started is not None:
+        return round(max(0.0, typical - (utcnow() - started).total_seconds()), 1)
+    return None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of trying to claim a job."""
+
+    claimed: bool
+    reason: str
+    attempts: int = 0
+
+
+def claim_job(
+    *, session: Session, job_id: str, owner: str, lease_seconds: int, max_attempts: int
+) -> Claim:
+    """Atomically move a job to running under a lease, counting the attempt.
+
+    Claimable: queued, or running with an expired lease, or running under a dead process of this
+    host (a killed pool child whose message was re-delivered). A job already attempted
+    ``max_attempts`` times that comes back is failed instead of run again.
+    """
+    job = session.get(JobRecord, job_id)
+    if job is None:
+        return Claim(False, "missing")
+    now = utcnow()
+    lease = _aware(job.lease_expires_at)
+    stale = job.status == JobStatus.RUNNING and (
+        (lease is not None and lease <= now) or _owner_is_dead_here(job.lease_owner)
+    )
+    if job.status != JobStatus.QUEUED and not stale:
+        return Claim(False, f"status {job.status}", job.attempts)
+    if job.attempts >= max_attempts:
+        fail_job(
+            session=session,
+            job=job,
+            code="worker_lost",
+            detail=f"the job ended its worker {job.attempts} times; giving up",
+        )
+        return Claim(False, "attempts exhausted", job.attempts)
+    result = session.execute(
+        update(JobRecord)
+        .where(
+            JobRecord.id == job_id,
+            JobRecord.attempts == job.attempts,
+            JobRecord.status == job.status,
+        )
+        .values(
+            status=JobStatus.RUNNING,
+            attempts=job.attempts + 1,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            started_at=now,
+            stage="claimed",
+            error_code=None,
+            error_detail=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return Claim(False, "claimed elsewhere", job.attempts)
+    session.refresh(job)
+    return Claim(True, "claimed", job.attempts)
+
+
+def renew_lease(
+    *, session: Session, job_id: str, owner: str, lease_seconds: int, stage: str,
+    timings: dict[str, float] | None = None,
+) -> bool:
+    """Extend the lease and record the stage; False if this process no longer owns the job."""
+    values: dict[str, Any] = {
+        "lease_expires_at": utcnow() + timedelta(seconds=lease_seconds),
+        "stage": stage,
+    }
+    if timings is not None:
+        values["timings"] = timings
+    result = session.execute(
+        update(JobRecord)
+        .where(
+            JobRecord.id == job_id,
+            JobRecord.lease_owner == owner,
+            JobRecord.status == JobStatus.RUNNING,
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(result, "rowcount", 0) == 1
+
+
+def fail_job(*, session: Session, job: JobRecord, code: str, detail: str) -> None:
+    """Mark a job failed with a reason."""
+    job.status = JobStatus.FAILED
+    job.error_code = code
+    job.error_detail = detail[:2000]
+    job.finished_at = utcnow()
+    job.lease_expires_at = None
+    job.stage = None
+    if job.callback_url:
+        job.webhook_status = "pending"
+        job.webhook_next_at = utcnow()
+
+
+def succeed_job(*, session: Session, job: JobRecord, timings: dict[str, float], uncertain: bool | None) -> None:
+    """Mark a job succeeded (called in the same transaction as its results)."""
+    job.status = JobStatus.SUCCEEDED
+    job.timings = timings
+    job.uncertain = uncertain
+    job.finished_at = utcnow()
+    job.lease_expires_at = None
+    job.stage = None
+    if job.callback_url:
+        job.webhook_status = "pending"
+        job.webhook_next_at = utcnow()
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What one sweep did."""
+
+    resent: list[str]
+    reclaimed: list[str]
+    failed: list[str]
+
+
+def sweep_jobs(
+    *, session: Session, resend_after: float, max_attempts: int
+) -> SweepReport:
+    """Find lost work: queued jobs never picked up, running jobs whose lease expired.
+
+    Returns the ids to (re-)send; the caller sends them after committing.
+    """
+    now = utcnow()
+    resend_before = now - timedelta(seconds=resend_after)
+    stale_queued = list(
+        session.scalars(
+            select(JobRecord).where(
+                JobRecord.status == JobStatus.QUEUED,
+                or_(JobRecord.enqueued_at.is_(None), JobRecord.enqueued_at < resend_before),
+            )
+        )
+    )
+    expired = list(
+        session.scalars(
+            select(JobRecord).where(
+                and_(JobRecord.status == JobStatus.RUNNING, JobRecord.lease_expires_at < now)
+            )
+        )
+    )
+    resent, reclaimed, failed = [], [], []
+    for job in stale_queued:
+        job.enqueued_at = now
+        resent.append(job.id)
+    for job in expired:
+        if job.attempts >= max_attempts:
+            fail_job(
+                session=session, job=job, code="worker_lost",
+                detail=f"the job's worker stopped responding {job.attempts} times; giving up",
+            )
+            failed.append(job.id)
+        else:
+            job.status = JobStatus.QUEUED
+            job.stage = None
+            job.lease_owner = None
+            job.lease_expires_at = None
+            job.enqueued_at = now
+            reclaimed.append(job.id)
+    return SweepReport(resent=resent, reclaimed=reclaimed, failed=failed)

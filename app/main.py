@@ -1,0 +1,84 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app.api.errors import install_error_handlers
+from app.api.routes import jobs, results, studies, system
+from app.auth.service import ensure_key
+from app.db.records import Role
+from app.db.session import session_scope
+from app.jobs.sweeper import start_sweeper
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+medcad analyses DICOM images with trained segmentation (U-Net, SegNet) and classification models
+and returns masks, findings and **saliency maps** that show where each model looked.
+
+**Not for clinical use** — research and demonstration only.
+
+Authenticate with `Authorization: Bearer <api key>`. Errors are always
+`{"error": "<code>", "detail": "<text>"}`.
+"""
+
+
+def seed_admin_key(settings: Settings) -> None:
+    """Create the admin key given in ``MEDCAD_ADMIN_API_KEY`` if it does not exist yet."""
+    if settings.admin_api_key is None:
+        return
+    with session_scope() as session:
+        ensure_key(session=session, name="admin (from settings)", role=Role.ADMIN,
+                   token=settings.admin_api_key.get_secret_value())
+
+
+def create_app(settings: Settings | None = None, *, run_sweeper: bool = False) -> FastAPI:
+    """Build the API application."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        seed_admin_key(settings)
+        stop: threading.Event | None = start_sweeper(settings) if run_sweeper else None
+        yield
+        if stop is not None:
+            stop.set()
+
+    app = FastAPI(
+        title="medcad",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        license_info={"name": "Apache-2.0"},
+    )
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    for module in (system, studies, jobs, results):
+        app.include_router(module.router)
+    _mount_optional(app)
+    return app
+
+
+def _mount_optional(app: FastAPI) -> None:
+    """Routers that live in their own packages (page, DICOMweb) when present."""
+    try:
+        from app.web.router import mount_static
+        from app.web.router import router as web_router
+    except ImportError:
+        return
+    app.include_router(web_router)
+    mount_static(app)

@@ -1,0 +1,115 @@
+"""The model registry: manifests found under ``models_dir/<name>/<version>/``.
+
+The API lists and resolves models from manifests alone (it never loads ONNX); the worker also
+verifies the sha256 of the ONNX file before creating a session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from app.errors import UnknownModel
+from app.registry.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A manifest and the folder it was found in."""
+
+    manifest: Manifest
+    folder: Path
+
+    @property
+    def onnx_path(self) -> Path:
+        """The ONNX file named by the manifest."""
+        return self.folder / self.manifest.file
+
+
+def _version_key(version: str) -> tuple[tuple[int, str], ...]:
+    parts = version.replace("-", ".").replace("+", ".").split(".")
+    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in parts)
+
+
+def load_registry(models_dir: Path) -> dict[str, RegisteredModel]:
+    """Every valid manifest under ``models_dir``, keyed by ``name:version``.
+
+    Invalid manifests are skipped with a warning naming the file (``medcad models verify`` reports
+    them as errors).
+    """
+    found: dict[str, RegisteredModel] = {}
+    for path in sorted(models_dir.glob("*/*/manifest.json")):
+        try:
+            manifest = Manifest.model_validate(json.loads(path.read_text()))
+        except (ValidationError, json.JSONDecodeError, OSError) as exc:
+            log.warning("invalid manifest skipped: %s (%s)", path, type(exc).__name__)
+            continue
+        found[manifest.key] = RegisteredModel(manifest=manifest, folder=path.parent)
+    return found
+
+
+def file_sha256(path: Path) -> str:
+    """Streamed sha256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_model(model: RegisteredModel) -> str | None:
+    """None when the ONNX file exists and matches the manifest sha256, else the problem."""
+    if not model.onnx_path.is_file():
+        return f"{model.manifest.key}: missing {model.manifest.file}"
+    actual = file_sha256(model.onnx_path)
+    if actual != model.manifest.sha256:
+        return f"{model.manifest.key}: sha256 {actual} does not match manifest {model.manifest.sha256}"
+    return None
+
+
+def latest_versions(registry: dict[str, RegisteredModel]) -> dict[str, RegisteredModel]:
+    """The newest version of each model name."""
+    best: dict[str, RegisteredModel] = {}
+    for model in registry.values():
+        name = model.manifest.name
+        current = best.get(name)
+        if current is None or _version_key(model.manifest.version) > _version_key(
+            current.manifest.version
+        ):
+            best[name] = model
+    return best
+
+
+def resolve_models(
+    registry: dict[str, RegisteredModel], requested: list[str] | None
+) -> list[RegisteredModel]:
+    """Turn ``["unet", "segnet:1.0.0"]`` (or None = defaults) into registered models.
+
+    Raises ``UnknownModel`` naming the first name that is not registered.
+    """
+    latest = latest_versions(registry)
+    if not requested:
+        chosen = [m for m in latest.values() if m.manifest.default]
+        if not chosen:
+            raise UnknownModel(detail="no default model is registered")
+        return sorted(chosen, key=lambda m: m.manifest.name)
+    result: dict[str, RegisteredModel] = {}
+    for item in requested:
+        name = item.strip()
+        if not name:
+            continue
+        model = registry.get(name) if ":" in name else latest.get(name)
+        if model is None:
+            known = ", ".join(sorted(registry)) or "none"
+            raise UnknownModel(detail=f"model {name[:80]!r} is not registered (known: {known})")
+        result[model.manifest.key] = model
+    if not result:
+        raise UnknownModel(detail="no model named")
+    return [result[k] for k in sorted(result)]

@@ -1,0 +1,86 @@
+"""Settings: the only reader of the environment (prefix ``MEDCAD_``).
+
+Defaults serve one machine with no Redis and no PostgreSQL: SQLite and a filesystem broker under
+``data_dir``. Production sets ``MEDCAD_DATABASE_URL`` and ``MEDCAD_BROKER_URL``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+class Settings(BaseSettings):
+    """All configuration of the API and the workers."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDCAD_", extra="ignore")
+
+    data_dir: Path = Path("./medcad-data")
+    database_url: str | None = None  # default: sqlite under data_dir
+    broker_url: str | None = None  # default: kombu filesystem transport under data_dir
+    models_dir: Path = _REPO_MODELS
+    admin_api_key: SecretStr | None = None  # seeds an admin key when set
+
+    # ingest budgets (checked from headers, before any pixel decode)
+    max_upload_bytes: int = 2 * 1024**3
+    max_decoded_bytes: int = 512 * 1024**2
+    max_zip_members: int = 10_000
+    max_zip_ratio: float = 200.0
+    max_queue_depth: int = 10_000
+
+    # workers
+    worker_concurrency: int = 1
+    ort_intra_op_threads: int = 0  # 0 = number of cores / worker processes
+    ort_inter_op_threads: int = 1
+    job_lease_seconds: int = 900
+    job_max_attempts: int = 3
+    task_time_limit: int = 1200
+    sweeper_interval_seconds: float = 15.0
+    queued_resend_after_seconds: float = 60.0
+    saliency_max_forward_passes: int = 512
+
+    # API
+    cors_origins: list[str] = Field(default_factory=list)
+    log_level: str = "INFO"
+    log_json: bool = True
+    webhook_secret: SecretStr | None = None
+    webhook_max_attempts: int = 5
+    deidentify_on_ingest: bool = False
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL, defaulting to SQLite in ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'medcad.sqlite3').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        """The Celery broker URL, defaulting to the filesystem transport."""
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder used by the filesystem broker (embedded shape)."""
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def blob_dir(self) -> Path:
+        """Root of the content-addressed blob store."""
+        return (self.data_dir / "blobs").resolve()
+
+    @property
+    def is_embedded(self) -> bool:
+        """True when running on the filesystem broker (one machine, no Redis)."""
+        return self.resolved_broker_url.startswith("filesystem")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

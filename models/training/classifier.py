@@ -1,0 +1,70 @@
+"""Nodule-present slice classifier whose class activation map is exact and lesion-sized.
+
+Architecture contract (CAM, Zhou et al. 2016): CNN backbone → 1×1 conv class projection →
+global average pooling. The backbone keeps a stride-4 last feature map (64 × 64 for a
+256 × 256 input) with dilated convolutions for context, so the map can point at a
+3 mm nodule instead of a whole lung.
+
+``cam_lowres = scale · conv1x1(features)`` and ``logit = mean(cam_lowres) + bias``, exactly.
+The fixed ``scale`` (= number of map positions) makes the pooled logit the *sum* of the
+per-position evidence: a nodule covering a handful of positions can then carry the decision
+while the rest of the map stays near zero. Training adds a weak localisation term that keeps
+the map at zero away from nodules (see ``train.py``), which is what makes the CAM sharp.
+
+``ClassifierExport`` wraps the network for ONNX: outputs ``logit`` (N, 1) and ``cam``
+(N, 1, H, W) — the per-position logit map bilinearly up-sampled to the input size inside
+the graph (for this GAP + linear head Grad-CAM equals CAM up to a positive constant).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.training.unet import conv_block
+
+
+class NoduleClassifier(nn.Module):
+    """Backbone → 1×1 projection → GAP. ``forward`` returns ``(logit (N,1), cam_lowres)``."""
+
+    def __init__(self, in_channels: int = 1, base: int = 16, input_size: int = 256) -> None:
+        super().__init__()
+        self.stem = conv_block(in_channels, base)  # stride 1
+        self.stage2 = conv_block(base, base * 2)  # stride 2
+        self.stage3 = conv_block(base * 2, base * 4)  # stride 4
+        self.context = nn.Sequential(  # stride 4, dilated: receptive field ~ 60 px
+            conv_block(base * 4, base * 6, dilation=2),
+            conv_block(base * 6, base * 6, dilation=4),
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.project = nn.Conv2d(base * 6, 1, 1, bias=False)
+        self.bias = nn.Parameter(torch.tensor([-4.0]))
+        positions = (input_size // 4) ** 2
+        self.register_buffer("scale", torch.tensor(float(positions)), persistent=False)
+
+    def cam_lowres(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.stem(x)
+        f = self.stage2(self.pool(f))
+        f = self.stage3(self.pool(f))
+        f = self.context(f)
+        out: torch.Tensor = self.project(f) * self.scale
+        return out
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cam = self.cam_lowres(x)
+        logit = cam.mean(dim=(2, 3)) + self.bias
+        return logit, cam
+
+
+class ClassifierExport(nn.Module):
+    """ONNX wrapper: ``(logit, cam)`` with the CAM up-sampled (bilinear) to the input size."""
+
+    def __init__(self, net: NoduleClassifier) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit, cam = self.net(x)
+        cam_full = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logit, cam_full

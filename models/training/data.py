@@ -1,0 +1,129 @@
+"""Datasets for training and evaluation: phantom series through the serving preprocessing.
+
+Slices are generated at 512 × 512 in HU by ``phantoms.generate_series`` and turned into
+network inputs by ``workers.pipeline.preprocess.preprocess_frames`` with the same
+``Preprocessing`` section the manifests carry, so training, evaluation and serving see the
+same numbers. Prepared splits are cached as ``.npz`` under ``models/.cache/data`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from app.registry.manifest import Preprocessing, Window
+from models.training.phantoms import LABEL_LUNG, LABEL_NODULE, PhantomSeries, generate_series
+from workers.pipeline.preprocess import preprocess_frames
+
+MODELS_DIR = Path(__file__).resolve().parents[1]
+CACHE_DIR = MODELS_DIR / ".cache"
+
+# Lung window wide enough to keep ground glass (−700…−400 HU) and solid nodules apart
+# from the parenchyma (−850 HU) and from air (−1000 HU); bone saturates, which is harmless.
+PREPROCESSING = Preprocessing(
+    modalities=["CT"],
+    window=Window(center=-400.0, width=1600.0),
+    size=(256, 256),
+    resample="area",
+    mean=0.0,
+    std=1.0,
+    batch_size=8,
+)
+
+# Seeds of the splits: disjoint ranges, so no series is in two splits.
+SPLITS: dict[str, dict[str, int | tuple[int, int] | None]] = {
+    "train": {"seed": 100_000, "series": 160, "slices": 32, "nodules": (1, 4)},
+    "val": {"seed": 200_000, "series": 24, "slices": 32, "nodules": None},
+    "test": {"seed": 900_000, "series": 64, "slices": 32, "nodules": None},
+}
+
+
+def labels_to_grid(labels: NDArray[np.uint8], size: tuple[int, int]) -> NDArray[np.uint8]:
+    """Down-sample a (Z, H, W) label volume to the network grid by area majority.
+
+    A target pixel is nodule when at least half of its source area is nodule, else lung
+    when at least half is lung or nodule, else background — the label a radiologist would
+    give the coarser pixel, without growing or eroding small nodules.
+    """
+    z, h, w = labels.shape
+    th, tw = size
+    if (h, w) == (th, tw):
+        return labels.copy()
+    if h % th or w % tw:
+        raise ValueError(f"label grid {h}x{w} is not an integer multiple of {th}x{tw}")
+    fy, fx = h // th, w // tw
+    nod = (labels == LABEL_NODULE).reshape(z, th, fy, tw, fx).mean(axis=(2, 4))
+    fg = (labels >= LABEL_LUNG).reshape(z, th, fy, tw, fx).mean(axis=(2, 4))
+    out = np.zeros((z, th, tw), np.uint8)
+    out[fg >= 0.5] = LABEL_LUNG
+    out[nod >= 0.5] = LABEL_NODULE
+    return out
+
+
+def series_seed(split: str, index: int) -> int:
+    base = SPLITS[split]["seed"]
+    assert isinstance(base, int)
+    return base + index
+
+
+def make_series(split: str, index: int) -> PhantomSeries:
+    """The ``index``-th series of a split (deterministic)."""
+    cfg = SPLITS[split]
+    seed = series_seed(split, index)
+    rng = np.random.default_rng(seed)
+    nod = cfg["nodules"]
+    n_nodules = int(rng.integers(nod[0], nod[1] + 1)) if isinstance(nod, tuple) else None
+    n_slices = cfg["slices"]
+    assert isinstance(n_slices, int)
+    return generate_series(seed, n_slices=n_slices, n_nodules=n_nodules)
+
+
+def _prepare_one(args: tuple[str, int]) -> dict[str, NDArray[np.generic]]:
+    split, index = args
+    s = make_series(split, index)
+    x = preprocess_frames(s.hu.astype(np.float32), PREPROCESSING)[:, 0]
+    y = labels_to_grid(s.labels, PREPROCESSING.size)
+    return {"x": x.astype(np.float16), "y": y}
+
+
+@dataclass
+class Split:
+    """Preprocessed slices of a split: ``x`` float16 (S, 256, 256), ``y`` uint8, ``series`` int."""
+
+    x: NDArray[np.float16]
+    y: NDArray[np.uint8]
+    series: NDArray[np.int32]
+
+
+def load_split(split: str, *, workers: int = 2, log: bool = True) -> Split:
+    """Build (or load from the cache) the preprocessed slices of a split."""
+    cfg = SPLITS[split]
+    n = cfg["series"]
+    assert isinstance(n, int)
+    path = CACHE_DIR / "data" / f"{split}_{cfg['seed']}_{n}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return Split(z["x"], z["y"], z["series"])
+    t0 = time.time()
+    jobs = [(split, i) for i in range(n)]
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(_prepare_one, jobs, chunksize=1)
+    else:
+        parts = [_prepare_one(j) for j in jobs]
+    x = np.concatenate([p["x"] for p in parts])
+    y = np.concatenate([p["y"] for p in parts])
+    series = np.concatenate([np.full(len(p["x"]), i, np.int32) for i, p in enumerate(parts)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=x, y=y, series=series)
+    meta = {"split": split, "config": str(cfg), "slices": len(x), "seconds": time.time() - t0}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    if log:
+        print(f"prepared {split}: {len(x)} slices from {n} series in {time.time() - t0:.0f} s")
+    return Split(x, y, series)

@@ -1,0 +1,309 @@
+"""Per-model analysis of a decoded series: inference, post-processing and saliency.
+
+Pure orchestration over numpy arrays: the model is a ``run`` callable (an onnxruntime session's
+``run``), there is no database, storage or settings access here. The runner turns the results
+into records, blobs and DICOM objects.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from app.registry.manifest import Manifest, OutputRole, SaliencyMethod, Task
+from workers.pipeline import postprocess, saliency
+from workers.pipeline.infer import RunFn, run_batched
+from workers.pipeline.preprocess import preprocess_frames
+
+FloatArray = NDArray[np.float32]
+
+
+@dataclass
+class SaliencyResult:
+    """One saliency map in source geometry (float32, rows × columns) for frame ``index``."""
+
+    index: int
+    method: SaliencyMethod
+    values: FloatArray
+    display_range: tuple[float, float]
+    suppressed: bool = False
+    target: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SegmentationResult:
+    """Label maps in source geometry, per-frame label statistics and saliency maps."""
+
+    labels: NDArray[np.uint8]  # (F, H, W)
+    stats: list[list[dict[str, Any]]]  # per frame: [{"value", "name", "pixels"}]
+    saliency: list[SaliencyResult]
+    uncertain: bool
+    mean_entropy: float
+
+
+@dataclass
+class ClassificationResult:
+    """Calibrated per-frame probabilities, the series aggregate and the CAMs."""
+
+    probabilities: NDArray[np.float64]  # (F,)
+    positive: NDArray[np.bool_]  # (F,)
+    uncertain: NDArray[np.bool_]  # (F,)
+    series_probability: float
+    series_positive: bool
+    series_uncertain: bool
+    series_index: int  # frame that drives the series probability (max)
+    saliency: list[SaliencyResult]
+
+
+@dataclass
+class ModelAnalysis:
+    """The result of one model on one series, with per-stage timings (seconds)."""
+
+    manifest: Manifest
+    segmentation: SegmentationResult | None = None
+    classification: ClassificationResult | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _in_band(p: float, band: tuple[float, float]) -> bool:
+    return band[0] <= p <= band[1]
+
+
+def analyze_series(
+    run: RunFn, manifest: Manifest, frames: FloatArray, *, max_forward_passes: int
+) -> ModelAnalysis:
+    """Run one model over a (F, H, W) float32 stack in modality units."""
+    analysis = ModelAnalysis(manifest=manifest)
+    t0 = time.perf_counter()
+    x = preprocess_frames(frames, manifest.preprocessing)
+    t1 = time.perf_counter()
+    outputs = run_batched(run, manifest, x)
+    t2 = time.perf_counter()
+    analysis.timings = {"preprocess": t1 - t0, "infer": t2 - t1}
+    source_size = (int(frames.shape[1]), int(frames.shape[2]))
+    budget = min(max_forward_passes, manifest.saliency.max_forward_passes)
+    if manifest.task is Task.SEGMENTATION:
+        analysis.segmentation = _segment(run, manifest, x, outputs, source_size, budget)
+    else:
+        analysis.classification = _classify(run, manifest, x, outputs, source_size, budget)
+    analysis.timings["postprocess_saliency"] = time.perf_counter() - t2
+    return analysis
+
+
+def _segment(
+    run: RunFn,
+    manifest: Manifest,
+    x: FloatArray,
+    outputs: dict[OutputRole, FloatArray],
+    size: tuple[int, int],
+    budget: int,
+) -> SegmentationResult:
+    logits = outputs[OutputRole.LOGITS]
+    probs = postprocess.probabilities_from_logits(logits, axis=1)
+    small = postprocess.labels_from_probabilities(probs, axis=1)
+    labels = np.stack([postprocess.resize_label_map(m, size) for m in small])
+    names = {label.value: label.name for label in manifest.labels}
+    stats = [
+        [
+            {"value": int(v), "name": names.get(int(v), str(v)), "pixels": int(c)}
+            for v, c in zip(*np.unique(frame, return_counts=True), strict=True)
+            if int(v) != 0
+        ]
+        for frame in labels
+    ]
+    maps: list[SaliencyResult] = []
+    entropy_small = np.stack([saliency.softmax_entropy(p) for p in probs])
+    foreground = small > 0
+    mean_entropy = float(entropy_small[foreground].mean()) if foreground.any() else 0.0
+    if SaliencyMethod.ENTROPY in manifest.saliency.methods:
+        for i, e in enumerate(entropy_small):
+            maps.append(
+                SaliencyResult(
+                    index=i,
+                    method=SaliencyMethod.ENTROPY,
+                    values=postprocess.resize_float_map(e, size),
+                    display_range=(0.0, 1.0),
+                    params={"normalised_by": "log(K)"},
+                )
+            )
+    if SaliencyMethod.OCCLUSION in manifest.saliency.methods:
+        maps.extend(_segmentation_occlusion(run, manifest, x, small, size, budget))
+    limit = manifest.review.max_mean_entropy
+    uncertain = limit is not None and mean_entropy > limit
+    return SegmentationResult(
+        labels=labels.astype(np.uint8), stats=stats, saliency=maps,
+        uncertain=uncertain, mean_entropy=mean_entropy,
+    )
+
+
+def _target_value(manifest: Manifest) -> int | None:
+    target = manifest.saliency.target_label
+    return next((lab.value for lab in manifest.labels if lab.name == target), None)
+
+
+def _segmentation_occlusion(
+    run: RunFn,
+    manifest: Manifest,
+    x: FloatArray,
+    small: NDArray[np.uint8],
+    size: tuple[int, int],
+    budget: int,
+) -> list[SaliencyResult]:
+    """Occlusion of the target structure's score on the frames where it is predicted.
+
+    The budget (forward passes per job and model) is spent on the frames with the largest
+    predicted target area first, so cost stays predictable on long series.
+    """
+    value = _target_value(manifest)
+    if value is None:
+        return []
+    areas = (small == value).reshape(small.shape[0], -1).sum(axis=1)
+    order = [int(i) for i in np.argsort(-areas) if areas[i] > 0]
+    spec = manifest.saliency
+    maps: list[SaliencyResult] = []
+    remaining = budget
+    input_name = manifest.inputs[0].name
+    logits_name = next(o.name for o in manifest.outputs if o.role is OutputRole.LOGITS)
+    for i in order:
+        if remaining <= 1:
+            break
+        region = small[i] == value
+
+        def predict(batch: FloatArray, region: NDArray[np.bool_] = region) -> FloatArray:
+            out = run([logits_name], {input_name: batch})[0]
+            return saliency.region_score(np.asarray(out, dtype=np.float32), value, region)
+
+        result = saliency.occlusion_map(
+            predict, x[i], patch=spec.occlusion_patch, stride=spec.occlusion_stride,
+            batch_size=manifest.preprocessing.batch_size, max_passes=remaining,
+        )
+        values, passes = result if isinstance(result, tuple) else (result, remaining)
+        remaining -= int(passes)
+        maps.append(
+            SaliencyResult(
+                index=i,
+                method=SaliencyMethod.OCCLUSION,
+                values=postprocess.resize_float_map(np.asarray(values, np.float32), size),
+                display_range=spec.display_range,
+                target=spec.target_label,
+                params={"patch": spec.occlusion_patch, "stride": spec.occlusion_stride,
+                        "fill": "blurred", "passes": int(passes)},
+            )
+        )
+    return maps
+
+
+def _classify(
+    run: RunFn,
+    manifest: Manifest,
+    x: FloatArray,
+    outputs: dict[OutputRole, FloatArray],
+    size: tuple[int, int],
+    budget: int,
+) -> ClassificationResult:
+    spec = manifest.classification
+    assert spec is not None
+    logits = outputs[OutputRole.LOGITS].reshape(outputs[OutputRole.LOGITS].shape[0], -1)[:, -1]
+    probs = np.array(
+        [postprocess.calibrated_probability(float(v), spec.temperature) for v in logits]
+    )
+    positive = probs >= spec.threshold
+    band = manifest.review.probability_band
+    uncertain = np.array([_in_band(float(p), band) for p in probs], dtype=bool)
+    series_p = float(postprocess.aggregate_series(probs, spec.series_aggregation))
+    series_index = int(np.argmax(probs))
+    maps: list[SaliencyResult] = []
+    sal = manifest.saliency
+    if SaliencyMethod.CAM in sal.methods and OutputRole.CAM in outputs:
+        cams = outputs[OutputRole.CAM]
+        for i in range(cams.shape[0]):
+            cam = cams[i].reshape(-1, *cams.shape[-2:])[-1]
+            maps.append(
+                SaliencyResult(
+                    index=i,
+                    method=SaliencyMethod.CAM,
+                    values=postprocess.resize_float_map(cam.astype(np.float32), size),
+                    display_range=sal.display_range,
+                    suppressed=not bool(positive[i]),
+                    target=spec.positive_label,
+                    params={"source": "graph output", "units": "logit contribution"},
+                )
+            )
+    if SaliencyMethod.OCCLUSION in sal.methods or SaliencyMethod.RISE in sal.methods:
+        maps.extend(_classifier_perturbation(run, manifest, x, probs, positive, size, budget))
+    return ClassificationResult(
+        probabilities=probs, positive=positive, uncertain=uncertain,
+        series_probability=series_p, series_positive=series_p >= spec.threshold,
+        series_uncertain=_in_band(series_p, band), series_index=series_index, saliency=maps,
+    )
+
+
+def _classifier_perturbation(
+    run: RunFn,
+    manifest: Manifest,
+    x: FloatArray,
+    probs: NDArray[np.float64],
+    positive: NDArray[np.bool_],
+    size: tuple[int, int],
+    budget: int,
+) -> list[SaliencyResult]:
+    """Occlusion / RISE for a classifier, spent on the most probable frames within budget."""
+    input_name = manifest.inputs[0].name
+    logit_name = next(o.name for o in manifest.outputs if o.role is OutputRole.LOGITS)
+    sal = manifest.saliency
+
+    def predict(batch: FloatArray) -> FloatArray:
+        out = np.asarray(run([logit_name], {input_name: batch})[0], dtype=np.float32)
+        return out.reshape(out.shape[0], -1)[:, -1]
+
+    maps: list[SaliencyResult] = []
+    remaining = budget
+    for i in [int(j) for j in np.argsort(-probs)]:
+        if remaining <= 1:
+            break
+        for method in (SaliencyMethod.OCCLUSION, SaliencyMethod.RISE):
+            if method not in sal.methods or remaining <= 1:
+                continue
+            values, passes = _perturb(method, predict, x[i], manifest, remaining)
+            remaining -= passes
+            maps.append(
+                SaliencyResult(
+                    index=i, method=method,
+                    values=postprocess.resize_float_map(values, size),
+                    display_range=sal.display_range, suppressed=not bool(positive[i]),
+                    target=manifest.classification.positive_label if manifest.classification else None,
+                    params={"passes": passes, "fill": "blurred"},
+                )
+            )
+    return maps
+
+
+def _perturb(
+    method: SaliencyMethod,
+    predict: Callable[[FloatArray], FloatArray],
+    image: FloatArray,
+    manifest: Manifest,
+    remaining: int,
+) -> tuple[FloatArray, int]:
+    sal = manifest.saliency
+    if method is SaliencyMethod.OCCLUSION:
+        result = saliency.occlusion_map(
+            predict, image, patch=sal.occlusion_patch, stride=sal.occlusion_stride,
+            batch_size=manifest.preprocessing.batch_size, max_passes=remaining,
+        )
+    else:
+        n = min(sal.rise_masks, remaining - 1)
+        result = saliency.rise_map(
+            predict, image, n_masks=n, grid=8, p_keep=0.5, seed=0,
+            batch_size=manifest.preprocessing.batch_size,
+        )
+        if not isinstance(result, tuple):
+            result = (result, n + 1)
+    values, passes = result if isinstance(result, tuple) else (result, remaining)
+    return np.asarray(values, dtype=np.float32), int(passes)

@@ -1,0 +1,209 @@
+"""Comprehensive 3D SR (TID 1500 Measurement Report) of a classifier's findings.
+
+PS3.3 A.35.13 (Comprehensive 3D SR IOD), PS3.16 TID 1500 / TID 1501, built with
+:class:`highdicom.sr.Comprehensive3DSR` and :class:`highdicom.sr.MeasurementReport`.
+
+Document layout::
+
+    Imaging Measurement Report (TID 1500)
+    ├── observation context: device observer = the model (name, version, medcad)
+    ├── procedure reported: CT unspecified body region (or the source modality's)
+    ├── Image Library (TID 1600): every source image (single-frame sources only)
+    └── Imaging Measurements: one Measurement Group (TID 1501) per finding
+        ├── tracking identifier + UID, finding = the label's code, algorithm = the model
+        ├── qualitative evaluation: <label concept> = Present | Absent
+        ├── qualitative evaluation: Certainty of finding = Uncertain (review band only)
+        ├── measurement: Probability (DCM 122157), UCUM "1", with the algorithm
+        └── source: the slice (and frame) for a slice finding; every image of the series
+            (or the whole multi-frame image) for a series finding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from app.registry.manifest import Label
+from workers.outputs.dicom_common import (
+    MANUFACTURER,
+    SR_SERIES_NUMBER,
+    Finding,
+    derived_uid,
+    drop_acquisition_equipment,
+    is_multiframe,
+    label_codes,
+    new_uid,
+    series_description,
+    source_frame_count,
+    sr_algorithm_identification,
+)
+
+PROBABILITY = codes.DCM.Probability  # (122157, DCM, "Probability")
+UNITLESS = codes.UCUM.NoUnits  # (1, UCUM, "no units"): a probability in [0, 1]
+PRESENT = codes.SCT.Present  # (52101004, SCT, "Present")
+ABSENT = codes.SCT.Absent  # (272519000, SCT, "Absent")
+CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding  # (111012, DCM)
+UNCERTAIN = codes.SCT.Uncertain  # (64957009, SCT)
+
+
+def _finding_code(name: str, labels: Sequence[Label]) -> Code:
+    """The concept of a finding label: its manifest type code, else a fallback code."""
+    label = next((lab for lab in labels if lab.name == name), None)
+    return label_codes(label if label is not None else Label(value=0, name=name))[1]
+
+
+def _source_reference(
+    finding: Finding, sources: Sequence[pydicom.Dataset], by_uid: dict[str, pydicom.Dataset]
+) -> list[hd.sr.SourceImageForMeasurementGroup]:
+    """The image (and frame) a slice finding was computed on; every source for the series.
+
+    A multi-frame source is referenced without frame numbers for a series finding, which
+    means all of its frames.
+    """
+    if finding.level == "series":
+        return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]
+    uid = str(finding.sop_instance_uid)
+    source = by_uid.get(uid)
+    if source is None:
+        raise ValueError(f"finding {finding.label!r} names instance {uid} not among the sources")
+    frames: list[int] | None = None
+    if is_multiframe(source):
+        if finding.frame is None:
+            raise ValueError(f"finding {finding.label!r} on multi-frame {uid} needs a frame")
+        frames = [finding.frame]
+    elif finding.frame not in (None, 1):
+        raise ValueError(f"finding {finding.label!r}: {uid} has one frame, got {finding.frame}")
+    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(source, frames)]
+
+
+def _measurement_group(
+    index: int,
+    finding: Finding,
+    *,
+    labels: Sequence[Label],
+    sources: Sequence[pydicom.Dataset],
+    by_uid: dict[str, pydicom.Dataset],
+    algorithm: hd.sr.AlgorithmIdentification,
+    tracking_root: str,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    concept = _finding_code(finding.label, labels)
+    where = "series" if finding.level == "series" else f"image {index}"
+    evaluations = [hd.sr.QualitativeEvaluation(concept, PRESENT if finding.positive else ABSENT)]
+    if finding.uncertain:
+        evaluations.append(hd.sr.QualitativeEvaluation(CERTAINTY_OF_FINDING, UNCERTAIN))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(tracking_root, str(index)),
+            identifier=f"{finding.label} ({where})"[:64],
+        ),
+        finding_type=concept,
+        algorithm_id=algorithm,
+        qualitative_evaluations=evaluations,
+        measurements=[
+            hd.sr.Measurement(
+                name=PROBABILITY,
+                value=float(finding.probability),
+                unit=UNITLESS,
+                algorithm_id=algorithm,
+            )
+        ],
+        source_images=_source_reference(finding, sources, by_uid),
+    )
+
+
+def build_findings_sr(
+    source_datasets: Sequence[pydicom.Dataset],
+    findings: Sequence[Finding],
+    *,
+    model_name: str,
+    model_version: str,
+    labels: Sequence[Label] = (),
+    procedure_reported: Code | None = None,
+    series_number: int = SR_SERIES_NUMBER,
+    instance_number: int = 1,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> pydicom.Dataset:
+    """Build a Comprehensive 3D SR (TID 1500) carrying a classifier's findings.
+
+    Parameters
+    ----------
+    source_datasets:
+        The images the findings were computed on (single-frame images of one series, or
+        one multi-frame image). They form the Image Library and the SR evidence.
+    findings:
+        One measurement group per finding, in the given order. Slice findings must name
+        one of the source instances (and a 1-based frame for a multi-frame source).
+    model_name, model_version:
+        The classifier, recorded as observer device and as algorithm (TID 4019) of every
+        group and probability.
+    labels:
+        The model's manifest labels, used for the coded concept of each finding label;
+        without a match the concept falls back to SNOMED CT codes.
+    procedure_reported:
+        Procedure Reported (CID 100); defaults to "CT unspecified body region".
+    series_number, instance_number, series_instance_uid, sop_instance_uid:
+        Identity of the new series and instance; UIDs default to fresh random ones.
+
+    Returns
+    -------
+    pydicom.Dataset
+        A Comprehensive 3D SR instance (SOP Class 1.2.840.10008.5.1.4.1.1.88.34) in a new
+        series of the source study, marked complete, preliminary and unverified: a model
+        output awaiting review.
+    """
+    source_frame_count(source_datasets)  # validates the source layout
+    if not findings:
+        raise ValueError("no findings to report")
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
+    sr_uid = sop_instance_uid or new_uid()
+    algorithm = sr_algorithm_identification(model_name, model_version)
+
+    groups = [
+        _measurement_group(
+            index,
+            finding,
+            labels=labels,
+            sources=source_datasets,
+            by_uid=by_uid,
+            algorithm=algorithm,
+            tracking_root=sr_uid,
+        )
+        for index, finding in enumerate(findings, start=1)
+    ]
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid(MANUFACTURER, "device", model_name, model_version),
+            name=f"{model_name} {model_version}"[:64],
+            manufacturer_name=MANUFACTURER,
+            model_name=model_name,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure_reported or codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=groups,
+        # highdicom describes Image Library entries from classic single-frame attributes
+        # (PixelSpacing at the top level), so enhanced multi-frame sources go without one.
+        referenced_images=None if is_multiframe(source_datasets[0]) else list(source_datasets),
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=list(source_datasets),
+        content=report,
+        series_instance_uid=series_instance_uid or new_uid(),
+        series_number=series_number,
+        sop_instance_uid=sr_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=series_description("SR", model_name, model_version),
+    )
+    drop_acquisition_equipment(sr)
+    return sr

@@ -1,0 +1,85 @@
+"""Pre-processing: decoded frames in modality units → network input tensors.
+
+Pure functions: arrays and manifest sections in, arrays out. No I/O, no settings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from app.registry.manifest import Preprocessing, Window
+
+FloatArray = NDArray[np.float32]
+
+_PIL_FILTERS = {
+    "area": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def apply_window(frames: FloatArray, window: Window) -> FloatArray:
+    """Clip to a VOI window and scale linearly to [0, 1].
+
+    Parameters
+    ----------
+    frames : float32, shape (F, H, W) or (H, W), modality units (HU for CT, after the
+        Modality LUT / Rescale Slope and Intercept, PS3.3 C.11.1).
+    window : the window centre/width in the same units (linear VOI function,
+        PS3.3 C.11.2.1.2.1, without the DICOM ±0.5 offsets, which matter only for
+        integer display values).
+
+    Returns
+    -------
+    float32 array of the same shape with values in [0, 1].
+    """
+    low = window.center - window.width / 2.0
+    out = (frames.astype(np.float32, copy=False) - np.float32(low)) * np.float32(
+        1.0 / window.width
+    )
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def resize_frames(frames: FloatArray, size: tuple[int, int], resample: str) -> FloatArray:
+    """Resize each frame of a (F, H, W) float32 stack to ``size`` = (height, width).
+
+    Exact integer down-sampling with ``area`` is a block mean (fast, no PIL round trip);
+    anything else goes through Pillow's float ("F") mode resampling per frame.
+    """
+    f, h, w = frames.shape
+    th, tw = size
+    if (h, w) == (th, tw):
+        return frames
+    if resample == "area" and h % th == 0 and w % tw == 0:
+        fy, fx = h // th, w // tw
+        return frames.reshape(f, th, fy, tw, fx).mean(axis=(2, 4), dtype=np.float32)
+    pil_filter = _PIL_FILTERS[resample]
+    out = np.empty((f, th, tw), dtype=np.float32)
+    for i in range(f):
+        img = Image.fromarray(np.ascontiguousarray(frames[i], dtype=np.float32), mode="F")
+        out[i] = np.asarray(img.resize((tw, th), pil_filter), dtype=np.float32)
+    return out
+
+
+def preprocess_frames(frames: FloatArray, spec: Preprocessing) -> FloatArray:
+    """Turn decoded frames into the network input of a manifest.
+
+    Parameters
+    ----------
+    frames : float32, shape (F, H, W), modality units (see ``decode``).
+    spec : the manifest's ``preprocessing`` section.
+
+    Returns
+    -------
+    float32, shape (F, 1, size[0], size[1]), NCHW, ready for ``InferenceSession.run``.
+    """
+    if frames.ndim != 3:
+        raise ValueError(f"frames must be (F, H, W), got shape {frames.shape}")
+    x = apply_window(frames, spec.window)
+    x = resize_frames(x, spec.size, spec.resample)
+    if spec.mean != 0.0 or spec.std != 1.0:
+        x = (x - np.float32(spec.mean)) / np.float32(spec.std)
+    return np.ascontiguousarray(x[:, None, :, :], dtype=np.float32)

@@ -1,0 +1,465 @@
+"""Run one job: claim → decode → analyse with every model → outputs → record, atomically.
+
+The only worker module that opens database sessions and reads/writes blobs. Each step runs in its
+own short ``session_scope()``; the results and the ``succeeded`` status commit in ONE transaction,
+after every blob they name is durable. Re-running a job replaces its result set as a whole.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+from sqlalchemy import delete, select
+from sqlalchemy.exc import OperationalError
+
+from app.db.records import (
+    ArtifactKind,
+    ArtifactRecord,
+    FindingRecord,
+    InstanceRecord,
+    JobRecord,
+    JobStatus,
+    MaskRecord,
+    SaliencyRecord,
+)
+from app.db.session import session_scope
+from app.errors import MedcadError, PipelineError
+from app.jobs import service as jobs
+from app.registry.manifest import Window
+from app.registry.service import RegisteredModel, load_registry
+from app.settings import Settings, get_settings
+from app.storage import BlobStore
+from workers import onnx_sessions
+from workers.analysis import ModelAnalysis, SaliencyResult, analyze_series
+from workers.outputs import dicom_pmap, dicom_seg, dicom_sr, overlays
+from workers.outputs.dicom_common import Finding
+from workers.pipeline import saliency as saliency_maps
+from workers.pipeline.decode import DecodeError, decode_frames
+from workers.pipeline.preprocess import apply_window
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceFrame:
+    """One frame of the series, in slice order."""
+
+    sop_instance_uid: str
+    frame: int  # 0-based frame within its instance
+    dataset_index: int
+
+
+@dataclass
+class DecodedSeries:
+    """A series decoded to modality units, frames sorted along the slice normal."""
+
+    frames: NDArray[np.float32]  # (F, H, W)
+    refs: list[SourceFrame]
+    datasets: list[pydicom.Dataset]  # headers, in the same order as their first frame
+    window: tuple[float, float]
+
+
+def _load_instances(job_id: str) -> tuple[list[InstanceRecord], list[str]]:
+    with session_scope() as session:
+        job = jobs.get_job(session=session, job_id=job_id)
+        rows = list(
+            session.scalars(
+                select(InstanceRecord).where(InstanceRecord.series_id == job.series_id)
+            )
+        )
+        return rows, list(job.models)
+
+
+def _sort_key(row: InstanceRecord) -> tuple[float, int, str]:
+    position = row.slice_position if row.slice_position is not None else 0.0
+    return (position, row.instance_number or 0, row.sop_instance_uid)
+
+
+def decode_series(rows: list[InstanceRecord], store: BlobStore) -> DecodedSeries:
+    """Decode every instance of a series, keeping the largest group of equal-shaped frames."""
+    rows = sorted(rows, key=_sort_key)
+    datasets: list[pydicom.Dataset] = []
+    stacks: list[NDArray[np.float32]] = []
+    refs: list[SourceFrame] = []
+    window: tuple[float, float] | None = None
+    for row in rows:
+        ds = pydicom.dcmread(io.BytesIO(store.get(row.blob_sha256)))
+        decoded = decode_frames(ds)
+        if window is None and decoded.window is not None:
+            window = (float(decoded.window[0]), float(decoded.window[1]))
+        index = len(datasets)
+        if "PixelData" in ds:
+            del ds.PixelData  # outputs need the header only; frees memory early
+        datasets.append(ds)
+        for f in range(decoded.frames.shape[0]):
+            stacks.append(decoded.frames[f])
+            refs.append(SourceFrame(row.sop_instance_uid, f, index))
+    if not stacks:
+        raise PipelineError("empty_series", "the series has no decodable frames")
+    shapes = [s.shape for s in stacks]
+    common = max(set(shapes), key=shapes.count)
+    keep = [i for i, s in enumerate(shapes) if s == common]
+    frames = np.stack([stacks[i] for i in keep]).astype(np.float32, copy=False)
+    return DecodedSeries(
+        frames=frames,
+        refs=[refs[i] for i in keep],
+        datasets=datasets,
+        window=window or (float(np.percentile(frames, 50)), float(np.ptp(frames) or 1.0)),
+    )
+
+
+class JobRun:
+    """State of one running job (one attempt)."""
+
+    def __init__(self, job_id: str, settings: Settings, owner: str) -> None:
+        self.job_id = job_id
+        self.settings = settings
+        self.owner = owner
+        self.store = BlobStore(settings.blob_dir)
+        self.timings: dict[str, float] = {}
+        self._stage_start = time.perf_counter()
+
+    def stage(self, name: str) -> None:
+        """Record the stage (renews the lease); stop if the job was taken away from us."""
+        with session_scope() as session:
+            owned = jobs.renew_lease(
+                session=session, job_id=self.job_id, owner=self.owner,
+                lease_seconds=self.settings.job_lease_seconds, stage=name,
+                timings=dict(self.timings),
+            )
+        if not owned:
+            raise PipelineError("lease_lost", "the job's lease was reclaimed by another worker")
+
+    def timed(self, name: str, seconds: float) -> None:
+        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 4)
+
+
+def resolve_job_models(keys: list[str], settings: Settings) -> list[RegisteredModel]:
+    """The registered models named on the job (all must still exist)."""
+    registry = load_registry(settings.models_dir)
+    missing = [k for k in keys if k not in registry]
+    if missing:
+        raise PipelineError("unknown_model", f"models no longer registered: {', '.join(missing)}")
+    return [registry[k] for k in keys]
+
+
+def run_job(job_id: str, settings: Settings | None = None) -> str:
+    """Run a job to completion (idempotent: a finished or foreign-leased job is left alone)."""
+    settings = settings or get_settings()
+    owner = jobs.lease_owner()
+    with session_scope() as session:
+        claim = jobs.claim_job(
+            session=session, job_id=job_id, owner=owner,
+            lease_seconds=settings.job_lease_seconds, max_attempts=settings.job_max_attempts,
+        )
+    if not claim.claimed:
+        log.info("job not claimed", extra={"job_id": job_id, "reason": claim.reason})
+        return claim.reason
+    log.info("job claimed", extra={"job_id": job_id, "attempt": claim.attempts})
+    run = JobRun(job_id, settings, owner)
+    try:
+        _execute(run)
+    except (MedcadError, DecodeError) as exc:
+        _record_failure(job_id, owner, exc.code, exc.detail)
+        return f"failed: {exc.code}"
+    except OperationalError:
+        # The database is unreachable: leave the job to the sweeper (lease expiry), do not fail it.
+        log.warning("database unavailable during job", extra={"job_id": job_id})
+        raise
+    return "succeeded"
+
+
+def _record_failure(job_id: str, owner: str, code: str, detail: str) -> None:
+    with session_scope() as session:
+        job = session.get(JobRecord, job_id)
+        if job is not None and job.status == JobStatus.RUNNING and job.lease_owner == owner:
+            jobs.fail_job(session=session, job=job, code=code, detail=detail)
+    log.info("job failed", extra={"job_id": job_id, "error": code})
+
+
+def _execute(run: JobRun) -> None:
+    rows, model_keys = _load_instances(run.job_id)
+    models = resolve_job_models(model_keys, run.settings)
+    run.stage("decode")
+    t = time.perf_counter()
+    series = decode_series(rows, run.store)
+    run.timed("decode", time.perf_counter() - t)
+    analyses: list[ModelAnalysis] = []
+    for model in models:
+        run.stage(f"infer:{model.manifest.name}")
+        session = onnx_sessions.get_session(
+            model, intra_op_threads=run.settings.ort_intra_op_threads,
+            inter_op_threads=run.settings.ort_inter_op_threads,
+        )
+        analysis = analyze_series(
+            session.run, model.manifest, series.frames,
+            max_forward_passes=run.settings.saliency_max_forward_passes,
+        )
+        for name, seconds in analysis.timings.items():
+            run.timed(f"{name}:{model.manifest.name}", seconds)
+        analyses.append(analysis)
+    run.stage("outputs")
+    t = time.perf_counter()
+    records = build_records(run, series, analyses)
+    run.timed("outputs", time.perf_counter() - t)
+    t = time.perf_counter()
+    _commit_results(run, records, analyses)
+    run.timed("commit", time.perf_counter() - t)
+
+
+def _display01(series: DecodedSeries, index: int) -> NDArray[np.float32]:
+    center, width = series.window
+    return apply_window(series.frames[index], Window(center=center, width=max(width, 1.0)))
+
+
+def build_records(
+    run: JobRun, series: DecodedSeries, analyses: list[ModelAnalysis]
+) -> list[Any]:
+    """Render PNGs/maps/DICOM objects, store their blobs, and return the rows to insert."""
+    records: list[Any] = []
+    for analysis in analyses:
+        manifest = analysis.manifest
+        saliency_ids: dict[tuple[int, str], str] = {}
+        for sal in _all_saliency(analysis):
+            record = _saliency_record(run, series, manifest.name, manifest.version, sal)
+            records.append(record)
+            saliency_ids[(sal.index, sal.method.value)] = record.id
+        if analysis.segmentation is not None:
+            records.extend(_mask_records(run, series, analysis, saliency_ids))
+            records.append(_seg_artifact(run, series, analysis))
+        if analysis.classification is not None:
+            records.extend(_finding_records(run, series, analysis, saliency_ids))
+            records.append(_sr_artifact(run, series, analysis))
+        records.extend(_pmap_artifacts(run, series, analysis))
+    return records
+
+
+def _all_saliency(analysis: ModelAnalysis) -> list[SaliencyResult]:
+    if analysis.segmentation is not None:
+        return analysis.segmentation.saliency
+    if analysis.classification is not None:
+        return analysis.classification.saliency
+    return []
+
+
+def _saliency_record(
+    run: JobRun, series: DecodedSeries, model: str, version: str, sal: SaliencyResult
+) -> SaliencyRecord:
+    ref = series.refs[sal.index]
+    lo, hi = sal.display_range
+    blob, _meta = saliency_maps.encode_map(sal.values)
+    overlay = overlays.render_saliency_overlay(
+        sal.values, vmin=lo, vmax=hi, colormap="inferno", alpha_max=0.75,
+        suppressed=sal.suppressed,
+    )
+    colorbar = overlays.render_colorbar(lo, hi, colormap="inferno", label=_legend(sal))
+    params = dict(sal.params, colorbar_sha256=run.store.put(colorbar))
+    return SaliencyRecord(
+        job_id=run.job_id, model=model, model_version=version, method=sal.method.value,
+        sop_instance_uid=ref.sop_instance_uid, frame=ref.frame, target=sal.target,
+        blob_sha256=run.store.put(blob), overlay_sha256=run.store.put(overlay),
+        display_lo=float(lo), display_hi=float(hi), suppressed=sal.suppressed,
+        params=params,
+    )
+
+
+_LEGENDS = {
+    "cam": "class activation (logit contribution)",
+    "occlusion": "score drop when occluded",
+    "rise": "RISE importance",
+    "entropy": "uncertainty (normalised entropy)",
+    "tta_std": "uncertainty (TTA std)",
+}
+
+
+def _legend(sal: SaliencyResult) -> str:
+    return _LEGENDS.get(sal.method.value, sal.method.value)
+
+
+def _mask_records(
+    run: JobRun, series: DecodedSeries, analysis: ModelAnalysis,
+    saliency_ids: dict[tuple[int, str], str],
+) -> list[MaskRecord]:
+    seg = analysis.segmentation
+    assert seg is not None
+    manifest = analysis.manifest
+    colors = {lab.value: lab.color or (255, 0, 0) for lab in manifest.labels if lab.value != 0}
+    spacing = _pixel_area_mm2(series)
+    out: list[MaskRecord] = []
+    for i, ref in enumerate(series.refs):
+        labels = seg.labels[i]
+        stats = [dict(s, area_mm2=round(s["pixels"] * spacing, 2) if spacing else None)
+                 for s in seg.stats[i]]
+        linked = [v for (idx, _m), v in saliency_ids.items() if idx == i]
+        out.append(
+            MaskRecord(
+                job_id=run.job_id, model=manifest.name, model_version=manifest.version,
+                sop_instance_uid=ref.sop_instance_uid, frame=ref.frame,
+                blob_sha256=run.store.put(overlays.render_label_png(labels)),
+                overlay_sha256=run.store.put(
+                    overlays.render_mask_overlay(None, labels, colors, alpha=1.0)
+                ),
+                labels=[dict(s, saliency_ids=linked) for s in stats] if stats else [],
+            )
+        )
+    return out
+
+
+def _pixel_area_mm2(series: DecodedSeries) -> float | None:
+    ds = series.datasets[0]
+    spacing = ds.get("PixelSpacing")
+    if spacing is None or len(spacing) != 2:
+        return None
+    return float(spacing[0]) * float(spacing[1])
+
+
+def _finding_records(
+    run: JobRun, series: DecodedSeries, analysis: ModelAnalysis,
+    saliency_ids: dict[tuple[int, str], str],
+) -> list[FindingRecord]:
+    cls = analysis.classification
+    manifest = analysis.manifest
+    assert cls is not None and manifest.classification is not None
+    label = manifest.classification.positive_label
+    method = manifest.saliency.methods[0].value if manifest.saliency.methods else ""
+    out = [
+        FindingRecord(
+            job_id=run.job_id, model=manifest.name, model_version=manifest.version, label=label,
+            probability=float(cls.probabilities[i]), positive=bool(cls.positive[i]),
+            uncertain=bool(cls.uncertain[i]), level="slice",
+            sop_instance_uid=ref.sop_instance_uid, frame=ref.frame,
+            extra={"saliency_id": saliency_ids.get((i, method))},
+        )
+        for i, ref in enumerate(series.refs)
+    ]
+    top = series.refs[cls.series_index]
+    out.append(
+        FindingRecord(
+            job_id=run.job_id, model=manifest.name, model_version=manifest.version, label=label,
+            probability=cls.series_probability, positive=cls.series_positive,
+            uncertain=cls.series_uncertain, level="series", sop_instance_uid=None, frame=None,
+            extra={
+                "saliency_id": saliency_ids.get((cls.series_index, method)),
+                "aggregation": manifest.classification.series_aggregation,
+                "driving_sop_instance_uid": top.sop_instance_uid, "driving_frame": top.frame,
+            },
+        )
+    )
+    return out
+
+
+def _frame_groups(series: DecodedSeries) -> tuple[list[pydicom.Dataset], list[int]]:
+    """Source datasets and the frame indices aligned with them, for the DICOM builders."""
+    used = sorted({ref.dataset_index for ref in series.refs})
+    datasets = [series.datasets[i] for i in used]
+    return datasets, list(range(len(series.refs)))
+
+
+def _artifact(
+    run: JobRun, kind: ArtifactKind, model: str, ds: pydicom.Dataset, method: str | None = None
+) -> ArtifactRecord:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    return ArtifactRecord(
+        job_id=run.job_id, kind=kind.value, model=model, method=method,
+        blob_sha256=run.store.put(data), media_type="application/dicom", size_bytes=len(data),
+        sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
+    )
+
+
+def _seg_artifact(run: JobRun, series: DecodedSeries, analysis: ModelAnalysis) -> ArtifactRecord:
+    seg = analysis.segmentation
+    assert seg is not None
+    datasets, _ = _frame_groups(series)
+    ds = dicom_seg.build_segmentation(
+        datasets, seg.labels, analysis.manifest.labels,
+        model_name=analysis.manifest.name, model_version=analysis.manifest.version,
+    )
+    return _artifact(run, ArtifactKind.SEG, analysis.manifest.name, ds)
+
+
+def _sr_artifact(run: JobRun, series: DecodedSeries, analysis: ModelAnalysis) -> ArtifactRecord:
+    cls = analysis.classification
+    manifest = analysis.manifest
+    assert cls is not None and manifest.classification is not None
+    label = manifest.classification.positive_label
+    multi = any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in series.datasets)
+    findings = [
+        Finding(
+            label=label, probability=float(cls.probabilities[i]), positive=bool(cls.positive[i]),
+            sop_instance_uid=ref.sop_instance_uid, frame=ref.frame + 1 if multi else None,
+            level="slice", uncertain=bool(cls.uncertain[i]),
+        )
+        for i, ref in enumerate(series.refs)
+    ]
+    findings.append(
+        Finding(
+            label=label, probability=cls.series_probability, positive=cls.series_positive,
+            sop_instance_uid=None, frame=None, level="series", uncertain=cls.series_uncertain,
+        )
+    )
+    datasets, _ = _frame_groups(series)
+    ds = dicom_sr.build_findings_sr(
+        datasets, findings, model_name=manifest.name, model_version=manifest.version
+    )
+    return _artifact(run, ArtifactKind.SR, manifest.name, ds)
+
+
+def _pmap_artifacts(
+    run: JobRun, series: DecodedSeries, analysis: ModelAnalysis
+) -> list[ArtifactRecord]:
+    """One Parametric Map per saliency method that covers every frame of the series."""
+    out: list[ArtifactRecord] = []
+    maps = _all_saliency(analysis)
+    n = len(series.refs)
+    for method in {m.method for m in maps}:
+        per_frame = {m.index: m for m in maps if m.method is method}
+        if len(per_frame) != n:
+            continue  # partial maps (budgeted occlusion) stay as PNG/npy, not a PM
+        stack = np.stack([per_frame[i].values for i in range(n)]).astype(np.float32)
+        datasets, _ = _frame_groups(series)
+        ds = dicom_pmap.build_parametric_map(
+            datasets, stack, method=method.value, model_name=analysis.manifest.name,
+            model_version=analysis.manifest.version, value_range=per_frame[0].display_range,
+        )
+        out.append(_artifact(run, ArtifactKind.PMAP, analysis.manifest.name, ds, method.value))
+    return out
+
+
+def _uncertain(analyses: list[ModelAnalysis]) -> bool:
+    flags = [a.segmentation.uncertain for a in analyses if a.segmentation is not None]
+    flags += [a.classification.series_uncertain for a in analyses if a.classification is not None]
+    return any(flags)
+
+
+def _commit_results(run: JobRun, records: list[Any], analyses: list[ModelAnalysis]) -> None:
+    """Replace the job's result set and mark it succeeded, in one transaction."""
+    with session_scope() as session:
+        job = session.get(JobRecord, run.job_id)
+        if job is None or job.status != JobStatus.RUNNING or job.lease_owner != run.owner:
+            raise PipelineError("lease_lost", "the job's lease was reclaimed by another worker")
+        for table in (FindingRecord, MaskRecord, SaliencyRecord, ArtifactRecord):
+            session.execute(delete(table).where(table.job_id == run.job_id))
+        session.add_all(records)
+        jobs.succeed_job(
+            session=session, job=job, timings=dict(run.timings), uncertain=_uncertain(analyses)
+        )
+
+
+def fail_on_time_limit(job_id: str) -> None:
+    """Record that a job exceeded the task time limit (called by the task guard)."""
+    with session_scope() as session:
+        job = session.get(JobRecord, job_id)
+        if job is not None and job.status == JobStatus.RUNNING:
+            jobs.fail_job(
+                session=session, job=job, code="time_limit",
+                detail="the job exceeded the worker's time limit",
+            )
