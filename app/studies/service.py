@@ -182,7 +182,7 @@ def _get_or_create_series(
 
 
 def _slice_position(inspected: InspectedInstance) -> float | None:
-    pos, ori = inspected.image_position, inspected.image_orientation
+    pos, ori = inspected.image_position_patient, inspected.image_orientation_patient
     if pos is None or ori is None or len(pos) != 3 or len(ori) != 6:
         return None
     row, col = ori[:3], ori[3:]
@@ -245,13 +245,12 @@ def store_instance(
 
 
 def _geometry(inspected: InspectedInstance) -> dict[str, Any] | None:
-    if inspected.image_position is None and inspected.pixel_spacing is None:
+    position, orientation = inspected.image_position_patient, inspected.image_orientation_patient
+    if position is None and inspected.pixel_spacing is None:
         return None
     return {
-        "image_position": list(inspected.image_position) if inspected.image_position else None,
-        "image_orientation": (
-            list(inspected.image_orientation) if inspected.image_orientation else None
-        ),
+        "image_position": list(position) if position else None,
+        "image_orientation": list(orientation) if orientation else None,
         "pixel_spacing": list(inspected.pixel_spacing) if inspected.pixel_spacing else None,
     }
 

@@ -104,11 +104,11 @@ def test_blurred_baseline_blurs_space_not_channels() -> None:
     assert b[0, 10, 10] == pytest.approx(1 / (2 * math.pi * 4), rel=0.05)
 
 
-def test_occlusion_of_a_single_pixel_score_is_exact() -> None:
+@pytest.mark.parametrize(("y0", "x0"), [(13, 18), (1, 30)])  # interior; edge (less coverage)
+def test_occlusion_of_a_single_pixel_score_is_exact(y0: int, x0: int) -> None:
     """score = x[y0, x0]; every patch covering that pixel drops it by x - blur(x) there."""
     rng = np.random.default_rng(1)
     x = rng.random((1, 32, 32)).astype(np.float32)
-    y0, x0 = 13, 18
     patch, stride = 8, 4
 
     def predict(batch: np.ndarray) -> np.ndarray:
@@ -121,12 +121,12 @@ def test_occlusion_of_a_single_pixel_score_is_exact() -> None:
     cover = [s for s in starts if s <= y0 < s + patch]
     assert res.map[y0, x0] == pytest.approx(drop, rel=1e-5)
     # A pixel sharing only some covering patches gets the proportional share.
-    py, px = y0, x0 + stride + 2
+    py, px = y0, x0 - stride - 2
     own = [s for s in starts if s <= px < s + patch]
     shared = [s for s in own if s <= x0 < s + patch]
     expected = drop * (len(cover) * len(shared)) / (len(cover) * len(own))
     assert res.map[py, px] == pytest.approx(expected, rel=1e-5)
-    assert res.map[0, 31] == 0.0  # no patch over (0, 31) touches the scored pixel
+    assert res.map[31, 0] == 0.0  # no patch over (31, 0) touches the scored pixel
     assert res.forward_passes == 1 + len(starts) ** 2
 
 
@@ -138,7 +138,7 @@ def test_occlusion_map_peaks_inside_the_disc() -> None:
     assert S.energy_in_region(res.map, disc) > 10 * disc.mean()
     far = np.ones((H, W), bool)
     far[: CENTRE[0] + RADIUS + 12, : CENTRE[1] + RADIUS + 12] = False
-    np.testing.assert_allclose(res.map[far], 0.0, atol=1e-7)
+    np.testing.assert_allclose(res.map[far], 0.0, atol=1e-5)  # float32 batch-order noise
 
 
 @pytest.mark.parametrize("budget", [2, 17, 50, 200])

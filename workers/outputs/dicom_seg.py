@@ -22,6 +22,7 @@ from workers.outputs.dicom_common import (
     label_codes,
     new_uid,
     series_description,
+    sort_by_position,
 )
 
 # Label value 0 is the background class of every medcad segmentation model (argmax class 0):
@@ -82,8 +83,10 @@ def build_segmentation(
     -----
     Empty frames are omitted (``omit_empty_frames``), the usual choice for sparse masks:
     a segment that is absent everywhere keeps its Segment Sequence item but has no frames,
-    which tells a reader "searched for, not found". If every frame is empty, highdicom keeps
-    one all-zero frame, since a Segmentation needs at least one frame.
+    which tells a reader "searched for, not found". A Segmentation needs at least one
+    frame, so when the whole label map is background the object holds one all-zero frame
+    per segment, on the first source slice along the normal (or on every frame of a
+    multi-frame source), and still references all source images.
     """
     label_maps = np.asarray(label_maps)
     if label_maps.dtype != np.uint8:
@@ -120,8 +123,19 @@ def build_segmentation(
             )
         )
 
+    sources, further = list(source_datasets), []
+    if not stacked.any() and len(sources) > 1:
+        # Nothing found anywhere: highdicom then encodes every (slice, segment) frame,
+        # which for a long series is megabytes of zeros. Anchor the object on the first
+        # slice along the normal instead (one empty frame per segment) and still reference
+        # every slice as a source image.
+        first = sort_by_position(sources)[0]
+        further = sources[:first] + sources[first + 1 :]
+        sources, stacked = [sources[first]], stacked[first : first + 1]
+
     seg = hd.seg.Segmentation(
-        source_images=list(source_datasets),
+        source_images=sources,
+        further_source_images=further or None,
         pixel_array=stacked,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

@@ -31,8 +31,7 @@ def ingest_limits(settings: Settings) -> IngestLimits:
     return IngestLimits(
         max_decoded_bytes=settings.max_decoded_bytes,
         max_zip_members=settings.max_zip_members,
-        max_zip_ratio=settings.max_zip_ratio,
-        max_zip_total_bytes=settings.max_upload_bytes * 4,
+        max_zip_member_ratio=settings.max_zip_ratio,
     )
 
 

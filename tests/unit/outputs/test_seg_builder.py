@@ -222,15 +222,37 @@ def test_seg_absent_segment_is_described_without_frames(
     )
 
 
-def test_seg_all_background_keeps_one_empty_frame(ct_series, labels):
+def test_seg_all_background_keeps_one_empty_frame_per_segment(
+    ct_series_factory, labels, source_frames_of, frame_reference_of
+):
+    orientation, order = GEOMETRIES["negative-cosines-unsorted"]
+    sources = ct_series_factory(orientation=orientation, upload_order=order)
     label_maps = np.zeros((7, 64, 64), np.uint8)
-    seg = build_segmentation(ct_series, label_maps, labels, **MODEL)
+    seg = build_segmentation(sources, label_maps, labels, **MODEL)
 
     assert dciodvfy_errors(seg) == []
     back = reread(seg)
-    assert int(back.NumberOfFrames) == 1
+    assert int(back.NumberOfFrames) == 2
     assert not np.any(back.pixel_array)
-    assert len(back.SegmentSequence) == 2
+    assert [s.SegmentLabel for s in back.SegmentSequence] == ["lung", "nodule"]
+    # The frames sit on the first slice in acquisition order, i.e. along the normal.
+    first_slice = str(sources[order.index(0)].SOPInstanceUID)
+    table = source_frames_of(sources)
+    for item in back.PerFrameFunctionalGroupsSequence:
+        reference = frame_reference_of(item)
+        assert reference == (first_slice, None)
+        np.testing.assert_allclose(
+            [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
+            table[reference][1],
+            atol=1e-4,
+        )
+    # Every slice is still referenced as a source.
+    referenced = {
+        str(item.ReferencedSOPInstanceUID)
+        for series in back.ReferencedSeriesSequence
+        for item in series.ReferencedInstanceSequence
+    }
+    assert referenced == {str(ds.SOPInstanceUID) for ds in sources}
 
 
 def test_seg_non_contiguous_label_values(ct_series, label_maps_factory, labels):

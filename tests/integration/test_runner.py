@@ -1,0 +1,145 @@
+"""The worker runner on real onnxruntime sessions, real SQLite/PostgreSQL and real blobs."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from app.db.records import FindingRecord, JobRecord, MaskRecord, SaliencyRecord
+from app.db.session import session_scope
+from tests.fixtures.dicom_files import bright_disc_series
+from workers import runner
+
+pytestmark = pytest.mark.usefixtures("medcad_env")
+
+
+def _upload(api: Any, blobs: list[bytes], **data: str) -> str:
+    files = [("files", (f"s{i}.dcm", b, "application/dicom")) for i, b in enumerate(blobs)]
+    r = api.post("/api/v1/studies", files=files, data=data)
+    assert r.status_code == 202, r.text
+    return str(r.json()["jobs"][0]["id"])
+
+
+def _counts(job_id: str) -> tuple[int, int, int]:
+    with session_scope() as s:
+        return tuple(  # type: ignore[return-value]
+            int(s.scalar(select(func.count()).select_from(t).where(t.job_id == job_id)) or 0)
+            for t in (FindingRecord, MaskRecord, SaliencyRecord)
+        )
+
+
+def test_job_runs_and_results_are_served(api: Any) -> None:
+    blobs, disc = bright_disc_series(n=3, radius=10)
+    job_id = _upload(api, blobs)
+    assert runner.run_job(job_id) == "succeeded"
+    job = api.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+    assert {"decode", "outputs", "commit"} <= set(job["timings"])
+    res = api.get(f"/api/v1/jobs/{job_id}/results").json()
+    # masks: one per slice; the bright disc is label 2 (> 0.75 after the 2000-wide window)
+    assert len(res["masks"]) == 3
+    png = api.get(res["masks"][0]["url"])
+    assert png.status_code == 200 and png.headers["etag"]
+    labels = np.asarray(Image.open(io.BytesIO(png.content)))
+    assert labels.shape == (64, 64)
+    assert (labels[disc] == 2).mean() > 0.95 and (labels[~disc] != 2).mean() > 0.95
+    # findings: per-slice + series for the classifier; every finding has its saliency map
+    findings = res["findings"]
+    assert len([f for f in findings if f["level"] == "slice"]) == 3
+    assert len([f for f in findings if f["level"] == "series"]) == 1
+    saliency_ids = {s["id"] for s in res["saliency"]}
+    assert all(f["saliency_id"] in saliency_ids for f in findings)
+    assert all(m["saliency_ids"] for m in res["masks"])
+    # the CAM of the mean classifier is 10*(x-0.5): its argmax lies in the bright disc
+    cam = next(s for s in res["saliency"] if s["method"] == "cam")
+    values = np.load(io.BytesIO(api.get(cam["url"]).content)).astype(np.float32)
+    assert disc[np.unravel_index(np.argmax(values), values.shape)]
+    overlay = Image.open(io.BytesIO(api.get(cam["overlay_url"]).content))
+    assert overlay.mode == "RGBA" and overlay.size == (64, 64)
+    assert api.get(cam["colorbar_url"]).status_code == 200
+    # DICOM outputs are listed and downloadable
+    for kind in ("seg", "sr", "pmap"):
+        assert res["dicom"][kind], kind
+        assert api.get(res["dicom"][kind][0]["url"]).content[128:132] == b"DICM"
+    pixels = api.get(f"/api/v1/instances/{res['series']['instances'][0]['sop_instance_uid']}/frames/0/pixels")
+    hu = np.frombuffer(pixels.content, "<i2").reshape(64, 64)
+    assert hu[disc].mean() > 700 and pixels.headers["x-window-width"] == "1500"
+
+
+def test_running_a_job_twice_leaves_one_result_set(api: Any) -> None:
+    blobs, _ = bright_disc_series(n=2)
+    job_id = _upload(api, blobs)
+    assert runner.run_job(job_id) == "succeeded"
+    first = _counts(job_id)
+    assert runner.run_job(job_id).startswith("status")  # finished: not claimed again
+    with session_scope() as s:  # force a re-run (e.g. a redelivered message after a crash)
+        job = s.get(JobRecord, job_id)
+        assert job is not None
+        job.status = "queued"
+    assert runner.run_job(job_id) == "succeeded"
+    assert _counts(job_id) == first
+
+
+def test_undecodable_pixels_fail_with_a_reason(api: Any) -> None:
+    import pydicom
+
+    blobs, _ = bright_disc_series(n=1)
+    ds = pydicom.dcmread(io.BytesIO(blobs[0]))
+    ds.BitsStored = 12  # still valid header; decode works — break the manifest model file instead
+    job_id = _upload(api, blobs)
+    from app.settings import get_settings
+
+    model_file = next(get_settings().models_dir.glob("tinyseg/*/model.onnx"))
+    original = model_file.read_bytes()
+    try:
+        model_file.write_bytes(original + b"tampered")
+        from workers import onnx_sessions
+
+        onnx_sessions.clear()
+        assert runner.run_job(job_id) == "failed: model_checksum_mismatch"
+    finally:
+        model_file.write_bytes(original)
+    job = api.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "model_checksum_mismatch"
+    assert _counts(job_id) == (0, 0, 0)
+
+
+def test_claim_gives_up_after_max_attempts(api: Any) -> None:
+    from app.jobs.service import claim_job
+
+    blobs, _ = bright_disc_series(n=1)
+    job_id = _upload(api, blobs)
+    with session_scope() as s:
+        job = s.get(JobRecord, job_id)
+        assert job is not None
+        job.attempts = 3
+    with session_scope() as s:
+        claim = claim_job(session=s, job_id=job_id, owner="h:1", lease_seconds=60, max_attempts=3)
+    assert not claim.claimed
+    job = api.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+
+
+def test_sweeper_reclaims_expired_lease(api: Any) -> None:
+    from datetime import timedelta
+
+    from app.db.records import utcnow
+    from app.jobs.sweeper import sweep_once
+    from app.settings import get_settings
+
+    blobs, _ = bright_disc_series(n=1)
+    job_id = _upload(api, blobs)
+    with session_scope() as s:
+        job = s.get(JobRecord, job_id)
+        assert job is not None
+        job.status, job.attempts = "running", 1
+        job.lease_owner, job.lease_expires_at = "elsewhere:1", utcnow() - timedelta(seconds=1)
+    report = sweep_once(get_settings())
+    assert report.reclaimed == [job_id]
+    assert runner.run_job(job_id) == "succeeded"
+    assert api.get(f"/api/v1/jobs/{job_id}").json()["attempts"] == 2
