@@ -82,8 +82,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threading.Thread(target=_supervise, args=(holder, stop), daemon=True).start()
     try:
         uvicorn.run(
-            create_app(settings, run_sweeper=True), host=args.host, port=args.port,
-            log_config=None, access_log=False, timeout_graceful_shutdown=5,
+            create_app(settings, run_sweeper=True),
+            host=args.host,
+            port=args.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
         )
     finally:
         stop.set()
@@ -97,24 +101,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Run a Celery worker (plus the sweeper unless --no-sweeper)."""
+    """Replace this process with a Celery worker (the sweeper runs in its main process).
+
+    The worker is started through ``celery -A workers.celery_app`` so that the API package never
+    imports the worker package.
+    """
     settings = get_settings()
-    _prepare(settings)
-    if not args.no_sweeper:
-        from app.jobs.sweeper import start_sweeper
-
-        start_sweeper(settings)
-    from workers.celery_app import celery_app
-
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     concurrency = args.concurrency or settings.worker_concurrency
     argv = [
-        "worker", "--loglevel", settings.log_level, "--pool", args.pool,
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        "--loglevel", settings.log_level, "--pool", args.pool,
         "--concurrency", str(concurrency), "-Q", "medcad",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
         "--hostname", f"medcad-{os.getpid()}@%h",
     ]
-    celery_app.worker_main(argv=argv)
-    return 0
+    if args.no_sweeper:
+        os.environ["MEDCAD_WORKER_SWEEPER"] = "false"
+    os.execv(sys.executable, argv)  # noqa: S606
+    return 0  # pragma: no cover
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -139,8 +144,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 session=session, name=args.name, role=Role(args.role), expires_at=expires
             )
             print(token)
-            print(f"key {record.prefix} ({record.role}) created; it is shown only once",
-                  file=sys.stderr)
+            print(
+                f"key {record.prefix} ({record.role}) created; it is shown only once",
+                file=sys.stderr,
+            )
             return 0
         if args.action == "revoke":
             record = revoke_key(session=session, prefix=args.prefix)
@@ -148,8 +155,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return 0
         table = Table("prefix", "name", "role", "created", "expires", "revoked")
         for r in list_keys(session=session):
-            table.add_row(r.prefix, r.name, r.role, str(r.created_at)[:19],
-                          str(r.expires_at or "")[:19], str(r.revoked_at or "")[:19])
+            table.add_row(
+                r.prefix,
+                r.name,
+                r.role,
+                str(r.created_at)[:19],
+                str(r.expires_at or "")[:19],
+                str(r.revoked_at or "")[:19],
+            )
         console.print(table)
     return 0
 
@@ -186,9 +199,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     table = Table("name", "version", "task", "default", "saliency", "input")
     for model in load_registry(settings.models_dir).values():
         m = model.manifest
-        table.add_row(m.name, m.version, m.task.value, str(m.default),
-                      ",".join(s.value for s in m.saliency.methods),
-                      "x".join(str(v) for v in m.preprocessing.size))
+        table.add_row(
+            m.name,
+            m.version,
+            m.task.value,
+            str(m.default),
+            ",".join(s.value for s in m.saliency.methods),
+            "x".join(str(v) for v in m.preprocessing.size),
+        )
     console.print(table)
     return 0
 

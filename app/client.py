@@ -532,8 +532,11 @@ class Client:
             limits=httpx.Limits(max_connections=max_connections),
             follow_redirects=False,
         )
-        self._origin = (self._http.base_url.scheme, self._http.base_url.host,
-                        self._http.base_url.port)
+        self._origin = (
+            self._http.base_url.scheme,
+            self._http.base_url.host,
+            self._http.base_url.port,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -618,8 +621,9 @@ class Client:
                 job = self.job(job_id)
                 before = latest.get(job_id)
                 latest[job_id] = job
-                if on_change and (before is None or (before.status, before.stage) !=
-                                  (job.status, job.stage)):
+                if on_change and (
+                    before is None or (before.status, before.stage) != (job.status, job.stage)
+                ):
                     on_change(job)
                 if job.done:
                     pending.remove(job_id)
@@ -644,8 +648,8 @@ class Client:
         Files are streamed from disk. ``progress`` receives byte counts as they are sent; when
         an attempt fails and is retried, it first receives the negative of what that attempt
         had counted, so a progress bar never over-counts. When every file is rejected the
-        server answers 409/422 with the same body; that is returned (``http_status`` tells),
-        not raised, so the per-file reasons are at hand.
+        server answers 4xx (422; 409 if all conflict) with the same body; that is returned
+        (``http_status`` tells), not raised, so the per-file reasons are at hand.
         """
         items = _normalise_items(paths_or_bytes)
         if not items:
@@ -679,11 +683,13 @@ class Client:
                 raw = stack.enter_context(source.open("rb"))
                 head = raw.read(4)
                 raw.seek(0)
-                parts.append(("files", (name, _CountingReader(raw, counter), _content_type(
-                    name, head))))
+                parts.append(
+                    ("files", (name, _CountingReader(raw, counter), _content_type(name, head)))
+                )
             response = self._http.post("/api/v1/studies", files=parts, data=data)
-        if response.status_code in (409, 422):
-            # "Every file rejected" carries the upload body: hand it back, reasons and all.
+        if 400 <= response.status_code < 500:
+            # "Every file rejected" (422, 409 if all conflicts, or the one status all the
+            # rejections share) carries the upload body: hand it back, reasons and all.
             body = _decode(response)
             if isinstance(body, dict) and "files" in body and "rejected" in body:
                 return UploadResult.model_validate({**body, "http_status": response.status_code})
@@ -742,8 +748,11 @@ class Client:
         """
         raw = self.results_json(job_id)
         results = Results.model_validate(raw)
-        root = (Path(out_dir) / _safe(results.series.study_instance_uid)
-                / _safe(results.series.series_instance_uid))
+        root = (
+            Path(out_dir)
+            / _safe(results.series.study_instance_uid)
+            / _safe(results.series.series_instance_uid)
+        )
         root.mkdir(parents=True, exist_ok=True)
         planned: dict[Path, str] = {}
 
@@ -765,8 +774,11 @@ class Client:
             stem = f"{_safe(sal.sop_instance_uid)}_{sal.frame}"
             plan(base / f"{stem}.npy", sal.url, sal.id)
             plan(base / f"{stem}_overlay.png", sal.overlay_url, sal.id)
-        for kind, refs in (("seg", results.dicom.seg), ("sr", results.dicom.sr),
-                           ("pmap", results.dicom.pmap)):
+        for kind, refs in (
+            ("seg", results.dicom.seg),
+            ("sr", results.dicom.sr),
+            ("pmap", results.dicom.pmap),
+        ):
             for ref in refs:
                 name = "_".join(_safe(p) for p in (kind, ref.model, ref.method) if p)
                 plan(Path("dicom", f"{name}.dcm"), ref.url, ref.url.rsplit("/", 1)[-1])
@@ -807,17 +819,20 @@ class Client:
                 try:
                     return attempt()
                 except _TRANSIENT_ERRORS as exc:
-                    error = ClientError(0, "connection_error",
-                                        f"{type(exc).__name__} on {what}: {exc}")
+                    error = ClientError(
+                        0, "connection_error", f"{type(exc).__name__} on {what}: {exc}"
+                    )
                     raise _Transient(error, None) from exc
             except _Transient as transient:
                 retry += 1
-                delay = retry_delay(retry, self._policy, retry_after=transient.retry_after,
-                                    rng=self._rng)
+                delay = retry_delay(
+                    retry, self._policy, retry_after=transient.retry_after, rng=self._rng
+                )
                 if delay is None:
                     raise transient.error from transient.__cause__
-                logger.info("%s failed (%s); retry %d in %.1f s", what, transient.error,
-                            retry, delay)
+                logger.info(
+                    "%s failed (%s); retry %d in %.1f s", what, transient.error, retry, delay
+                )
                 time.sleep(delay)
 
     def _own_url(self, url: str) -> str:
@@ -826,8 +841,9 @@ class Client:
         if not parsed.is_absolute_url:
             return url
         if (parsed.scheme, parsed.host, parsed.port) != self._origin:
-            raise ClientError(0, "foreign_url",
-                              f"refusing to fetch {parsed.host!r}: not the server {self.server}")
+            raise ClientError(
+                0, "foreign_url", f"refusing to fetch {parsed.host!r}: not the server {self.server}"
+            )
         return str(parsed)
 
 

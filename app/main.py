@@ -36,8 +36,12 @@ def seed_admin_key(settings: Settings) -> None:
     if settings.admin_api_key is None:
         return
     with session_scope() as session:
-        ensure_key(session=session, name="admin (from settings)", role=Role.ADMIN,
-                   token=settings.admin_api_key.get_secret_value())
+        ensure_key(
+            session=session,
+            name="admin (from settings)",
+            role=Role.ADMIN,
+            token=settings.admin_api_key.get_secret_value(),
+        )
 
 
 def create_app(settings: Settings | None = None, *, run_sweeper: bool = False) -> FastAPI:

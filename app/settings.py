@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     sweeper_interval_seconds: float = 15.0
     queued_resend_after_seconds: float = 60.0
     saliency_max_forward_passes: int = 512
+    worker_sweeper: bool = True  # run the sweeper in each worker's main process
 
     # API
     cors_origins: list[str] = Field(default_factory=list)

@@ -49,12 +49,15 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from app.client import (
     Client,
@@ -119,8 +122,9 @@ class ScanResult:
     skipped: list[SkippedFile] = field(default_factory=list)
 
 
-def iter_paths(roots: Sequence[Path], *, exclude: Collection[Path] = ()) -> Iterator[
-        tuple[Path, str]]:
+def iter_paths(
+    roots: Sequence[Path], *, exclude: Collection[Path] = ()
+) -> Iterator[tuple[Path, str]]:
     """Every regular file under ``roots`` as ``(absolute path, display name)``, sorted, once.
 
     ``exclude`` holds files or folders never to send (the state file, the output folder).
@@ -130,9 +134,12 @@ def iter_paths(roots: Sequence[Path], *, exclude: Collection[Path] = ()) -> Iter
     seen: set[Path] = set()
 
     def wanted(path: Path) -> bool:
-        return (path not in seen and path not in excluded
-                and not any(parent in excluded for parent in path.parents)
-                and not path.name.startswith(f"{STATE_NAME}."))  # our own temporary files
+        return (
+            path not in seen
+            and path not in excluded
+            and not any(parent in excluded for parent in path.parents)
+            and not path.name.startswith(f"{STATE_NAME}.")
+        )  # our own temporary files
 
     for root in roots:
         top = root.resolve()
@@ -181,14 +188,24 @@ def scan_file(path: Path, display: str) -> LocalFile | SkippedFile:
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError):
         # It claims to be DICOM: send it anyway and let the server give the precise reason.
         pass
-    return LocalFile(path, display, size, sha256_of(path), "dicom",
-                     study_instance_uid=uids["StudyInstanceUID"],
-                     series_instance_uid=uids["SeriesInstanceUID"],
-                     sop_instance_uid=uids["SOPInstanceUID"])
+    return LocalFile(
+        path,
+        display,
+        size,
+        sha256_of(path),
+        "dicom",
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+    )
 
 
-def scan(roots: Sequence[Path], *, exclude: Collection[Path] = (),
-         on_file: Callable[[], None] | None = None) -> ScanResult:
+def scan(
+    roots: Sequence[Path],
+    *,
+    exclude: Collection[Path] = (),
+    on_file: Callable[[], None] | None = None,
+) -> ScanResult:
     result = ScanResult()
     for path, display in iter_paths(roots, exclude=exclude):
         item = scan_file(path, display)
@@ -252,8 +269,9 @@ class SubmitState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SubmitState:
         if data.get("version") != STATE_VERSION:
-            raise StateMismatch(f"state file version {data.get('version')!r} is not "
-                                f"{STATE_VERSION}")
+            raise StateMismatch(
+                f"state file version {data.get('version')!r} is not {STATE_VERSION}"
+            )
         return cls(
             server=str(data["server"]),
             models=data.get("models"),
@@ -271,11 +289,15 @@ def load_state(path: Path, *, server: str, models: list[str] | None) -> SubmitSt
         return SubmitState(server=server, models=models)
     state = SubmitState.from_json(json.loads(path.read_text()))
     if state.server.rstrip("/") != server.rstrip("/"):
-        raise StateMismatch(f"{path.name} records uploads to {state.server}, not {server}; "
-                            "choose another file with --state")
+        raise StateMismatch(
+            f"{path.name} records uploads to {state.server}, not {server}; "
+            "choose another file with --state"
+        )
     if sorted(state.models or []) != sorted(models or []):
-        raise StateMismatch(f"{path.name} records a run with models {state.models or 'default'}"
-                            f", not {models or 'default'}; choose another file with --state")
+        raise StateMismatch(
+            f"{path.name} records a run with models {state.models or 'default'}"
+            f", not {models or 'default'}; choose another file with --state"
+        )
     return state
 
 
@@ -329,8 +351,9 @@ def group_key(item: LocalFile) -> str:
     return item.series_instance_uid or UNKNOWN_SERIES
 
 
-def plan_uploads(files: Sequence[LocalFile], state: SubmitState, *,
-                 max_batch_bytes: int) -> list[UploadGroup]:
+def plan_uploads(
+    files: Sequence[LocalFile], state: SubmitState, *, max_batch_bytes: int
+) -> list[UploadGroup]:
     """Group ``files`` by series and batch what the server does not hold yet.
 
     Groups whose files are all stored are kept (with no batches): their jobs are still to be
@@ -346,13 +369,15 @@ def plan_uploads(files: Sequence[LocalFile], state: SubmitState, *,
         todo = [f for f in members if not is_done(f, state, stored)]
         done = tuple(f for f in members if f not in todo)
         first = members[0]
-        groups.append(UploadGroup(
-            key=key,
-            study_instance_uid=first.study_instance_uid,
-            series_instance_uid=first.series_instance_uid if first.kind == "dicom" else None,
-            batches=tuple(tuple(b) for b in split_batches(todo, max_batch_bytes)),
-            done=done,
-        ))
+        groups.append(
+            UploadGroup(
+                key=key,
+                study_instance_uid=first.study_instance_uid,
+                series_instance_uid=first.series_instance_uid if first.kind == "dicom" else None,
+                batches=tuple(tuple(b) for b in split_batches(todo, max_batch_bytes)),
+                done=done,
+            )
+        )
     return groups
 
 
@@ -414,34 +439,65 @@ class SeriesSummary:
     error: str = ""
 
 
+class _AmountColumn(ProgressColumn):
+    """``12.3/40.0 MB`` for byte counts, ``3/20`` for everything else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bytes, self._count = DownloadColumn(), MofNCompleteColumn()
+
+    def render(self, task: Task) -> Text:
+        column = self._bytes if task.fields.get("unit") == "bytes" else self._count
+        return column.render(task)
+
+
+class _SpeedColumn(ProgressColumn):
+    def __init__(self) -> None:
+        super().__init__()
+        self._speed = TransferSpeedColumn()
+
+    def render(self, task: Task) -> Text:
+        return self._speed.render(task) if task.fields.get("unit") == "bytes" else Text("")
+
+
 class _Ui:
     """Progress bars on a terminal; silence otherwise (logs, CI, pipes)."""
 
     def __init__(self, console: Console) -> None:
         self.progress = Progress(
-            TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
-            DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-            console=console, disable=not console.is_terminal, transient=False,
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            _AmountColumn(),
+            _SpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not console.is_terminal,
+            transient=False,
         )
         self._tasks: dict[str, TaskID] = {}
 
-    def add(self, name: str, total: float | None) -> None:
-        self._tasks[name] = self.progress.add_task(name, total=total)
+    def add(self, name: str, total: float | None, *, unit: str = "") -> None:
+        if total == 0:
+            return  # nothing to show (e.g. nothing left to upload on a resumed run)
+        self._tasks[name] = self.progress.add_task(name, total=total, unit=unit)
+
+    def complete(self, name: str) -> None:
+        """Give a task of unknown length its final total (so it shows as done)."""
+        if name in self._tasks:
+            task = self.progress.tasks[self._tasks[name]]
+            self.progress.update(self._tasks[name], total=task.completed)
 
     def advance(self, name: str, amount: float = 1) -> None:
         if name in self._tasks:
             self.progress.advance(self._tasks[name], amount)
 
-    def total(self, name: str, total: float) -> None:
-        if name in self._tasks:
-            self.progress.update(self._tasks[name], total=total)
-
 
 class Submission:
     """One ``medcad submit`` run: upload, then optionally wait and download."""
 
-    def __init__(self, options: SubmitOptions, client: Client, state: SubmitState,
-                 console: Console) -> None:
+    def __init__(
+        self, options: SubmitOptions, client: Client, state: SubmitState, console: Console
+    ) -> None:
         self.options = options
         self.client = client
         self.state = state
@@ -478,7 +534,7 @@ class Submission:
             self._save()
         todo = [b for g in groups for b in g.batches]
         self.ui.add("files", sum(len(b) for b in todo))
-        self.ui.add("bytes", sum(f.size for b in todo for f in b))
+        self.ui.add("bytes", sum(f.size for b in todo for f in b), unit="bytes")
         with ThreadPoolExecutor(max_workers=self.options.concurrency) as pool:
             futures = [pool.submit(self._upload_group, g) for g in groups]
             try:
@@ -528,7 +584,8 @@ class Submission:
         try:
             result = self.client.upload(
                 list(zip(names, (f.path for f in batch), strict=True)),
-                models=self.options.models, callback_url=self.options.callback_url,
+                models=self.options.models,
+                callback_url=self.options.callback_url,
                 progress=progress,
             )
         except ClientError as exc:
@@ -561,15 +618,21 @@ class Submission:
             by_sop = {o.sop_instance_uid: o for o in result.files if o.sop_instance_uid}
             positional = len(result.files) == len(batch)
             for index, (item, name) in enumerate(zip(batch, names, strict=True)):
-                outcome = (by_name.get(name) or by_sop.get(item.sop_instance_uid or "")
-                           or (result.files[index] if positional else None))
+                outcome = (
+                    by_name.get(name)
+                    or by_sop.get(item.sop_instance_uid or "")
+                    or (result.files[index] if positional else None)
+                )
                 record = self._record(item)
                 if outcome is None:
                     record.outcome, record.error = "failed", "no_outcome"
                     record.detail = "the server's answer did not mention this file"
                     continue
                 record.outcome, record.error, record.detail = (
-                    outcome.outcome, outcome.error, outcome.detail)
+                    outcome.outcome,
+                    outcome.error,
+                    outcome.detail,
+                )
                 uid = outcome.series_instance_uid or item.series_instance_uid
                 record.series_uids = [uid] if uid else []
         self._apply_jobs(batch, result)
@@ -583,13 +646,16 @@ class Submission:
         record.series_uids = [uid for uid in counts if uid != UNKNOWN_SERIES]
         record.members_rejected = [
             {"filename": o.filename, "error": o.error or "rejected", "detail": o.detail or ""}
-            for o in result.files if o.outcome == "rejected"]
+            for o in result.files
+            if o.outcome == "rejected"
+        ]
         outcomes = {o.outcome for o in result.files}
         if record.members_rejected or not outcomes:
             record.outcome = "rejected"
             record.error = "rejected" if outcomes <= {"rejected"} else "partly_rejected"
-            record.detail = (f"{len(record.members_rejected)} of {len(result.files)} "
-                             "members rejected")
+            record.detail = (
+                f"{len(record.members_rejected)} of {len(result.files)} members rejected"
+            )
         else:
             record.outcome = "stored" if "stored" in outcomes else "duplicate"
             record.error = record.detail = None
@@ -605,16 +671,19 @@ class Submission:
         for item in batch:
             record = self.state.files[item.key]
             if record.member_counts:
-                touched.update(uid for uid, c in record.member_counts.items()
-                               if uid != UNKNOWN_SERIES and (c.get("stored") or
-                                                              c.get("duplicate")))
+                touched.update(
+                    uid
+                    for uid, c in record.member_counts.items()
+                    if uid != UNKNOWN_SERIES and (c.get("stored") or c.get("duplicate"))
+                )
             elif record.outcome in DONE_OUTCOMES:
                 touched.update(record.series_uids)
         for uid in touched | new_jobs.keys():
             series = self.state.series.setdefault(uid, SeriesRecord())
             if series.study_instance_uid is None:
                 series.study_instance_uid = next(
-                    (f.study_instance_uid for f in batch if f.series_instance_uid == uid), None)
+                    (f.study_instance_uid for f in batch if f.series_instance_uid == uid), None
+                )
             if uid in new_jobs:
                 series.job_ids.extend(new_jobs[uid])
                 series.final_job_ids = new_jobs[uid]
@@ -670,15 +739,22 @@ class Submission:
             record = self.state.series.get(uid) or SeriesRecord()
             held = counts[uid]["stored"] + counts[uid]["duplicate"]
             if not record.final_job_ids:
-                status, error = (("no_job", "the server reported no job for this series")
-                                 if held else ("not_uploaded", "no file of the series was "
-                                                               "stored"))
-                rows.append(SeriesSummary(record.study_instance_uid, uid, None, status,
-                                          counts[uid], error=error))
+                status, error = (
+                    ("no_job", "the server reported no job for this series")
+                    if held
+                    else ("not_uploaded", "no file of the series was stored")
+                )
+                rows.append(
+                    SeriesSummary(
+                        record.study_instance_uid, uid, None, status, counts[uid], error=error
+                    )
+                )
                 continue
             status = "queued" if self.options.wait else "submitted"
-            rows.extend(SeriesSummary(record.study_instance_uid, uid, job_id, status,
-                                      counts[uid]) for job_id in record.final_job_ids)
+            rows.extend(
+                SeriesSummary(record.study_instance_uid, uid, job_id, status, counts[uid])
+                for job_id in record.final_job_ids
+            )
         if self.options.wait:
             self._apply_final(rows, self._wait_and_download(rows))
         return rows
@@ -728,13 +804,18 @@ class Submission:
 
         final: dict[str, Job] = {}
         try:
-            final = self.client.wait(list(by_job), timeout=self.options.wait_timeout,
-                                     poll=self.options.poll, on_change=changed)
+            final = self.client.wait(
+                list(by_job),
+                timeout=self.options.wait_timeout,
+                poll=self.options.poll,
+                on_change=changed,
+            )
         except JobWaitTimeout as exc:
             final = exc.jobs
             for job_id in exc.pending:
-                self.failures.append(Failure("job", job_id, "timeout",
-                                             "still not finished when the wait timed out"))
+                self.failures.append(
+                    Failure("job", job_id, "timeout", "still not finished when the wait timed out")
+                )
         except ClientError as exc:
             self.failures.append(Failure("job", "-", exc.code, exc.detail))
         finally:
@@ -744,18 +825,23 @@ class Submission:
 
     def _download(self, row: SeriesSummary) -> None:
         assert row.job_id is not None and self.options.out is not None
-        name = "results.json" if len(self.state.series[row.series_instance_uid]
-                                     .final_job_ids) == 1 else f"results-{row.job_id}.json"
+        name = (
+            "results.json"
+            if len(self.state.series[row.series_instance_uid].final_job_ids) == 1
+            else f"results-{row.job_id}.json"
+        )
         try:
             tree = self.client.download_results(row.job_id, self.options.out, results_name=name)
         except ClientError as exc:
             with self._lock:
-                self.failures.append(Failure("download", row.series_instance_uid, exc.code,
-                                             exc.detail))
+                self.failures.append(
+                    Failure("download", row.series_instance_uid, exc.code, exc.detail)
+                )
         except OSError as exc:
             with self._lock:
-                self.failures.append(Failure("download", row.series_instance_uid, "os_error",
-                                             str(exc)))
+                self.failures.append(
+                    Failure("download", row.series_instance_uid, "os_error", str(exc))
+                )
         else:
             row.results, row.results_dir = tree.results, tree.root
         finally:
@@ -770,12 +856,15 @@ class Submission:
             if record is None or record.outcome in DONE_OUTCOMES:
                 continue
             if record.members_rejected:
-                failures.extend(Failure("file", f"{item.display}:{m['filename']}", m["error"],
-                                        m["detail"]) for m in record.members_rejected)
+                failures.extend(
+                    Failure("file", f"{item.display}:{m['filename']}", m["error"], m["detail"])
+                    for m in record.members_rejected
+                )
                 if record.error == "partly_rejected":
                     continue
-            failures.append(Failure("file", item.display, record.error or record.outcome,
-                                    record.detail or ""))
+            failures.append(
+                Failure("file", item.display, record.error or record.outcome, record.detail or "")
+            )
         return failures
 
 
@@ -784,9 +873,20 @@ class Submission:
 # --------------------------------------------------------------------------------------------
 
 SUMMARY_FIELDS = [
-    "study_instance_uid", "series_instance_uid", "job_id", "status", "files", "stored",
-    "duplicates", "rejected", "max_probability", "positive", "uncertain", "findings",
-    "results_dir", "error",
+    "study_instance_uid",
+    "series_instance_uid",
+    "job_id",
+    "status",
+    "files",
+    "stored",
+    "duplicates",
+    "rejected",
+    "max_probability",
+    "positive",
+    "uncertain",
+    "findings",
+    "results_dir",
+    "error",
 ]
 
 
@@ -797,8 +897,11 @@ def findings_summary(results: Results | None) -> dict[str, str]:
         return {"max_probability": "", "positive": "", "findings": ""}
     findings = [f for f in results.findings if f.level == "series"] or results.findings
     probs = [f.probability for f in findings if f.probability is not None]
-    text = ";".join(f"{f.model}:{f.label}={f.probability:.3f}" for f in findings
-                    if f.probability is not None and f.level == "series")
+    text = ";".join(
+        f"{f.model}:{f.label}={f.probability:.3f}"
+        for f in findings
+        if f.probability is not None and f.level == "series"
+    )
     positive = [f.positive for f in findings if f.positive is not None]
     return {
         "max_probability": f"{max(probs):.4f}" if probs else "",
@@ -812,25 +915,28 @@ def write_summary_csv(path: Path, rows: Iterable[SeriesSummary], out_dir: Path) 
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({
-            "study_instance_uid": row.study_instance_uid or "",
-            "series_instance_uid": row.series_instance_uid,
-            "job_id": row.job_id or "",
-            "status": row.status,
-            "files": sum(row.counts.values()),
-            "stored": row.counts["stored"],
-            "duplicates": row.counts["duplicate"],
-            "rejected": row.counts["rejected"],
-            "uncertain": "" if row.uncertain is None else str(row.uncertain).lower(),
-            "results_dir": str(row.results_dir.relative_to(out_dir)) if row.results_dir else "",
-            "error": row.error,
-            **findings_summary(row.results),
-        })
+        writer.writerow(
+            {
+                "study_instance_uid": row.study_instance_uid or "",
+                "series_instance_uid": row.series_instance_uid,
+                "job_id": row.job_id or "",
+                "status": row.status,
+                "files": sum(row.counts.values()),
+                "stored": row.counts["stored"],
+                "duplicates": row.counts["duplicate"],
+                "rejected": row.counts["rejected"],
+                "uncertain": "" if row.uncertain is None else str(row.uncertain).lower(),
+                "results_dir": str(row.results_dir.relative_to(out_dir)) if row.results_dir else "",
+                "error": row.error,
+                **findings_summary(row.results),
+            }
+        )
     write_atomic(path, buffer.getvalue().encode())
 
 
-def _print_report(console: Console, sub: Submission, rows: list[SeriesSummary],
-                  failures: list[Failure]) -> None:
+def _print_report(
+    console: Console, sub: Submission, rows: list[SeriesSummary], failures: list[Failure]
+) -> None:
     counts: Counter[str] = Counter()
     for item in sub.files:
         record = sub.state.files.get(item.key)
@@ -876,32 +982,61 @@ def _positive_float(text: str) -> float:
 def add_submit_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``medcad submit`` (sets ``func=run_submit`` on the parsed namespace)."""
     parser = subparsers.add_parser(
-        "submit", help="upload folders of DICOM files to a medcad server (resumable)",
+        "submit",
+        help="upload folders of DICOM files to a medcad server (resumable)",
         description="Upload DICOM files, folders and zips to a medcad server, one request per "
-                    "series, resuming an interrupted run from its state file.")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                        help="DICOM files, folders (walked recursively) or .zip files")
+        "series, resuming an interrupted run from its state file.",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="DICOM files, folders (walked recursively) or .zip files",
+    )
     parser.add_argument("--server", required=True, help="base URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--api-key", help="API key with the uploader or admin role")
-    parser.add_argument("--models", help="comma-separated model names (default: the "
-                                         "server's default models)")
-    parser.add_argument("--concurrency", type=_positive_int, default=4,
-                        help="series uploaded in parallel (default 4)")
-    parser.add_argument("--batch-mb", type=_positive_float, default=64.0,
-                        help="largest request in MB; bigger series are split (default 64)")
+    parser.add_argument(
+        "--models", help="comma-separated model names (default: the server's default models)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=4,
+        help="series uploaded in parallel (default 4)",
+    )
+    parser.add_argument(
+        "--batch-mb",
+        type=_positive_float,
+        default=64.0,
+        help="largest request in MB; bigger series are split (default 64)",
+    )
     parser.add_argument("--wait", action="store_true", help="wait until every job has ended")
     parser.add_argument("--out", type=Path, help="download every result here (implies --wait)")
-    parser.add_argument("--state", type=Path,
-                        help=f"state file (default: <first PATH>/{STATE_NAME})")
+    parser.add_argument(
+        "--state", type=Path, help=f"state file (default: <first PATH>/{STATE_NAME})"
+    )
     parser.add_argument("--callback-url", help="webhook the server calls when each job ends")
-    parser.add_argument("--timeout", type=_positive_float, default=120.0,
-                        help="seconds per network operation (default 120)")
-    parser.add_argument("--retries", type=int, default=5,
-                        help="retries of a transient failure (default 5)")
-    parser.add_argument("--poll", type=_positive_float, default=2.0,
-                        help="seconds between job status checks (default 2)")
-    parser.add_argument("--wait-timeout", type=_positive_float,
-                        help="give up waiting after this many seconds (default: no limit)")
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=120.0,
+        help="seconds per network operation (default 120)",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=5, help="retries of a transient failure (default 5)"
+    )
+    parser.add_argument(
+        "--poll",
+        type=_positive_float,
+        default=2.0,
+        help="seconds between job status checks (default 2)",
+    )
+    parser.add_argument(
+        "--wait-timeout",
+        type=_positive_float,
+        help="give up waiting after this many seconds (default: no limit)",
+    )
     parser.set_defaults(func=run_submit)
 
 
@@ -911,11 +1046,19 @@ def options_from_args(args: argparse.Namespace) -> SubmitOptions:
     state_dir = first if first.is_dir() else first.parent
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     return SubmitOptions(
-        paths=paths, server=args.server, api_key=args.api_key, models=models or None,
-        concurrency=args.concurrency, batch_bytes=int(args.batch_mb * 1024 * 1024),
-        wait=args.wait or args.out is not None, out=args.out,
-        state_path=args.state or state_dir / STATE_NAME, callback_url=args.callback_url,
-        timeout=args.timeout, retries=max(0, args.retries), poll=args.poll,
+        paths=paths,
+        server=args.server,
+        api_key=args.api_key,
+        models=models or None,
+        concurrency=args.concurrency,
+        batch_bytes=int(args.batch_mb * 1024 * 1024),
+        wait=args.wait or args.out is not None,
+        out=args.out,
+        state_path=args.state or state_dir / STATE_NAME,
+        callback_url=args.callback_url,
+        timeout=args.timeout,
+        retries=max(0, args.retries),
+        poll=args.poll,
         wait_timeout=args.wait_timeout,
     )
 
@@ -924,15 +1067,19 @@ def _check_server(client: Client, options: SubmitOptions, console: Console) -> b
     """Fail fast on a wrong key, a read-only key or an unknown model name."""
     me = client.me()
     if me.role not in ("uploader", "admin"):
-        console.print(f"[red]the API key {me.key_prefix}… has role {me.role!r}; uploading "
-                      "needs 'uploader' or 'admin'[/red]")
+        console.print(
+            f"[red]the API key {me.key_prefix}… has role {me.role!r}; uploading "
+            "needs 'uploader' or 'admin'[/red]"
+        )
         return False
     if options.models:
         known = {m.name for m in client.models()}
         unknown = sorted({m.split(":")[0] for m in options.models} - known)
         if unknown:
-            console.print(f"[red]unknown model(s): {', '.join(unknown)}; the server has: "
-                          f"{', '.join(sorted(known))}[/red]")
+            console.print(
+                f"[red]unknown model(s): {', '.join(unknown)}; the server has: "
+                f"{', '.join(sorted(known))}[/red]"
+            )
             return False
     return True
 
@@ -951,8 +1098,13 @@ def run_submit(args: argparse.Namespace) -> int:
     except (StateMismatch, ValueError, KeyError, TypeError) as exc:
         console.print(f"[red]cannot use state file {options.state_path}: {exc}[/red]")
         return EXIT_USAGE
-    with Client(options.server, options.api_key, timeout=options.timeout,
-                retries=options.retries, max_connections=options.concurrency + 2) as client:
+    with Client(
+        options.server,
+        options.api_key,
+        timeout=options.timeout,
+        retries=options.retries,
+        max_connections=options.concurrency + 2,
+    ) as client:
         try:
             if not _check_server(client, options, console):
                 return EXIT_FAILED
@@ -961,8 +1113,10 @@ def run_submit(args: argparse.Namespace) -> int:
             console.print(f"[red]{options.server}: {exc}[/red]")
             return EXIT_FAILED
         except KeyboardInterrupt:
-            console.print(f"[yellow]interrupted; run the same command again to resume "
-                          f"(state: {options.state_path})[/yellow]")
+            console.print(
+                f"[yellow]interrupted; run the same command again to resume "
+                f"(state: {options.state_path})[/yellow]"
+            )
             return EXIT_INTERRUPTED
 
 
@@ -972,18 +1126,26 @@ def _run(options: SubmitOptions, client: Client, state: SubmitState, console: Co
     with sub.ui.progress:
         sub.ui.add("scanning", None)
         found = scan(options.paths, exclude=exclude, on_file=lambda: sub.ui.advance("scanning"))
+        sub.ui.complete("scanning")
         sub.files, sub.skipped = found.files, found.skipped
         groups = plan_uploads(found.files, state, max_batch_bytes=options.batch_bytes)
         sub.upload(groups)
         rows = sub.finish()
     failures = sub.file_failures() + sub.failures
     for row in rows:
-        if row.status == "no_job" or (options.wait and row.status in ("failed", "queued",
-                                                                        "running")):
+        if row.status == "no_job" or (
+            options.wait and row.status in ("failed", "queued", "running")
+        ):
             failures.append(Failure("series", row.series_instance_uid, row.status, row.error))
     if not sub.files:
-        failures.append(Failure("run", ", ".join(str(p) for p in options.paths), "no_dicom",
-                                "no DICOM file or zip found"))
+        failures.append(
+            Failure(
+                "run",
+                ", ".join(str(p) for p in options.paths),
+                "no_dicom",
+                "no DICOM file or zip found",
+            )
+        )
     if options.out:
         options.out.mkdir(parents=True, exist_ok=True)
         write_summary_csv(options.out / "summary.csv", rows, options.out)

@@ -40,8 +40,9 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_models_dir(tmp_path_factory.mktemp("tiny-models"))
 
 
-def _configure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, models_dir: Path,
-               database_url: str | None) -> Path:
+def _configure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, models_dir: Path, database_url: str | None
+) -> Path:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     for key in list(os.environ):
@@ -61,8 +62,12 @@ def _configure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, models_dir: Path
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def medcad_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-               tiny_models_dir: Path) -> Iterator[str]:
+def medcad_env(
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tiny_models_dir: Path,
+) -> Iterator[str]:
     """In-process medcad configuration on SQLite and on a fresh PostgreSQL database."""
     if request.param == "postgres":
         with postgres_database() as url:
@@ -76,7 +81,9 @@ def medcad_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, 
 
 
 @pytest.fixture
-def sqlite_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_models_dir: Path) -> Iterator[Path]:
+def sqlite_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_models_dir: Path
+) -> Iterator[Path]:
     """In-process medcad configuration on SQLite only; yields the data dir."""
     data_dir = _configure(monkeypatch, tmp_path, tiny_models_dir, None)
     yield data_dir
@@ -103,8 +110,9 @@ def medcad_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MedcadPr
     """A live ``medcad serve`` (API + embedded worker, SQLite, shipped models)."""
     if not _shipped_models_present():
         pytest.fail("the shipped models are missing under models/")
-    with medcad_deployment(tmp_path_factory.mktemp("server"), SHIPPED_MODELS,
-                           MEDCAD_ORT_INTRA_OP_THREADS="2") as server:
+    with medcad_deployment(
+        tmp_path_factory.mktemp("server"), SHIPPED_MODELS, MEDCAD_ORT_INTRA_OP_THREADS="2"
+    ) as server:
         yield server
 
 

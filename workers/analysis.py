@@ -137,8 +137,11 @@ def _segment(
     limit = manifest.review.max_mean_entropy
     uncertain = limit is not None and mean_entropy > limit
     return SegmentationResult(
-        labels=labels.astype(np.uint8), stats=stats, saliency=maps,
-        uncertain=uncertain, mean_entropy=mean_entropy,
+        labels=labels.astype(np.uint8),
+        stats=stats,
+        saliency=maps,
+        uncertain=uncertain,
+        mean_entropy=mean_entropy,
     )
 
 
@@ -180,11 +183,15 @@ def _segmentation_occlusion(
             return saliency.region_score(np.asarray(out, dtype=np.float32), value, region)
 
         result = saliency.occlusion_map(
-            predict, x[i], patch=spec.occlusion_patch, stride=spec.occlusion_stride,
-            batch_size=manifest.preprocessing.batch_size, max_passes=remaining,
+            predict,
+            x[i],
+            patch=spec.occlusion_patch,
+            stride=spec.occlusion_stride,
+            batch_size=manifest.preprocessing.batch_size,
+            max_passes=remaining,
         )
-        values, passes = result if isinstance(result, tuple) else (result, remaining)
-        remaining -= int(passes)
+        values, passes = result.map, result.forward_passes
+        remaining -= passes
         maps.append(
             SaliencyResult(
                 index=i,
@@ -192,8 +199,7 @@ def _segmentation_occlusion(
                 values=postprocess.resize_float_map(np.asarray(values, np.float32), size),
                 display_range=spec.display_range,
                 target=spec.target_label,
-                params={"patch": spec.occlusion_patch, "stride": spec.occlusion_stride,
-                        "fill": "blurred", "passes": int(passes)},
+                params=dict(result.params, passes=passes, fill="blurred"),
             )
         )
     return maps
@@ -238,9 +244,14 @@ def _classify(
     if SaliencyMethod.OCCLUSION in sal.methods or SaliencyMethod.RISE in sal.methods:
         maps.extend(_classifier_perturbation(run, manifest, x, probs, positive, size, budget))
     return ClassificationResult(
-        probabilities=probs, positive=positive, uncertain=uncertain,
-        series_probability=series_p, series_positive=series_p >= spec.threshold,
-        series_uncertain=_in_band(series_p, band), series_index=series_index, saliency=maps,
+        probabilities=probs,
+        positive=positive,
+        uncertain=uncertain,
+        series_probability=series_p,
+        series_positive=series_p >= spec.threshold,
+        series_uncertain=_in_band(series_p, band),
+        series_index=series_index,
+        saliency=maps,
     )
 
 
@@ -274,10 +285,14 @@ def _classifier_perturbation(
             remaining -= passes
             maps.append(
                 SaliencyResult(
-                    index=i, method=method,
+                    index=i,
+                    method=method,
                     values=postprocess.resize_float_map(values, size),
-                    display_range=sal.display_range, suppressed=not bool(positive[i]),
-                    target=manifest.classification.positive_label if manifest.classification else None,
+                    display_range=sal.display_range,
+                    suppressed=not bool(positive[i]),
+                    target=manifest.classification.positive_label
+                    if manifest.classification
+                    else None,
                     params={"passes": passes, "fill": "blurred"},
                 )
             )
@@ -294,16 +309,22 @@ def _perturb(
     sal = manifest.saliency
     if method is SaliencyMethod.OCCLUSION:
         result = saliency.occlusion_map(
-            predict, image, patch=sal.occlusion_patch, stride=sal.occlusion_stride,
-            batch_size=manifest.preprocessing.batch_size, max_passes=remaining,
+            predict,
+            image,
+            patch=sal.occlusion_patch,
+            stride=sal.occlusion_stride,
+            batch_size=manifest.preprocessing.batch_size,
+            max_passes=remaining,
         )
     else:
-        n = min(sal.rise_masks, remaining - 1)
         result = saliency.rise_map(
-            predict, image, n_masks=n, grid=8, p_keep=0.5, seed=0,
+            predict,
+            image,
+            n_masks=sal.rise_masks,
+            grid=8,
+            p_keep=0.5,
+            seed=0,
             batch_size=manifest.preprocessing.batch_size,
+            max_passes=remaining,
         )
-        if not isinstance(result, tuple):
-            result = (result, n + 1)
-    values, passes = result if isinstance(result, tuple) else (result, remaining)
-    return np.asarray(values, dtype=np.float32), int(passes)
+    return np.asarray(result.map, dtype=np.float32), int(result.forward_passes)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from app.db.session import reset_engine
+from app.jobs.sweeper import start_sweeper
+from app.logging_setup import configure_logging
 from app.queue import make_celery
 from app.settings import get_settings
 
@@ -25,7 +27,15 @@ celery_app.conf.update(
 )
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]
 def _after_fork(**_kwargs: Any) -> None:
     # Database connections must not be shared across fork; sessions are created lazily per child.
     reset_engine()
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _on_worker_start(**_kwargs: Any) -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    if settings.worker_sweeper:
+        start_sweeper(settings)

@@ -23,7 +23,9 @@ def _default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def get_session(model: RegisteredModel, *, intra_op_threads: int = 0, inter_op_threads: int = 1) -> ort.InferenceSession:
+def get_session(
+    model: RegisteredModel, *, intra_op_threads: int = 0, inter_op_threads: int = 1
+) -> ort.InferenceSession:
     """The session for ``model`` in this process, created (and sha256-verified) on first use."""
     global _pid
     with _lock:

@@ -28,6 +28,7 @@ from app.db.records import (
     JobStatus,
     MaskRecord,
     SaliencyRecord,
+    new_id,
 )
 from app.db.session import session_scope
 from app.errors import MedcadError, PipelineError
@@ -70,9 +71,7 @@ def _load_instances(job_id: str) -> tuple[list[InstanceRecord], list[str]]:
     with session_scope() as session:
         job = jobs.get_job(session=session, job_id=job_id)
         rows = list(
-            session.scalars(
-                select(InstanceRecord).where(InstanceRecord.series_id == job.series_id)
-            )
+            session.scalars(select(InstanceRecord).where(InstanceRecord.series_id == job.series_id))
         )
         return rows, list(job.models)
 
@@ -124,14 +123,19 @@ class JobRun:
         self.owner = owner
         self.store = BlobStore(settings.blob_dir)
         self.timings: dict[str, float] = {}
+        self.current = "claimed"
         self._stage_start = time.perf_counter()
 
     def stage(self, name: str) -> None:
         """Record the stage (renews the lease); stop if the job was taken away from us."""
+        self.current = name
         with session_scope() as session:
             owned = jobs.renew_lease(
-                session=session, job_id=self.job_id, owner=self.owner,
-                lease_seconds=self.settings.job_lease_seconds, stage=name,
+                session=session,
+                job_id=self.job_id,
+                owner=self.owner,
+                lease_seconds=self.settings.job_lease_seconds,
+                stage=name,
                 timings=dict(self.timings),
             )
         if not owned:
@@ -156,8 +160,11 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     owner = jobs.lease_owner()
     with session_scope() as session:
         claim = jobs.claim_job(
-            session=session, job_id=job_id, owner=owner,
-            lease_seconds=settings.job_lease_seconds, max_attempts=settings.job_max_attempts,
+            session=session,
+            job_id=job_id,
+            owner=owner,
+            lease_seconds=settings.job_lease_seconds,
+            max_attempts=settings.job_max_attempts,
         )
     if not claim.claimed:
         log.info("job not claimed", extra={"job_id": job_id, "reason": claim.reason})
@@ -173,6 +180,13 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         # The database is unreachable: leave the job to the sweeper (lease expiry), do not fail it.
         log.warning("database unavailable during job", extra={"job_id": job_id})
         raise
+    except Exception as exc:  # an unexpected bug must end the job, not loop it
+        # Only the type and stage are recorded: library messages may quote header values (PHI).
+        log.error("job crashed", extra={"job_id": job_id, "error_type": type(exc).__name__})
+        _record_failure(
+            job_id, owner, "internal_error", f"{type(exc).__name__} during stage {run.current}"
+        )
+        return "failed: internal_error"
     return "succeeded"
 
 
@@ -195,11 +209,14 @@ def _execute(run: JobRun) -> None:
     for model in models:
         run.stage(f"infer:{model.manifest.name}")
         session = onnx_sessions.get_session(
-            model, intra_op_threads=run.settings.ort_intra_op_threads,
+            model,
+            intra_op_threads=run.settings.ort_intra_op_threads,
             inter_op_threads=run.settings.ort_inter_op_threads,
         )
         analysis = analyze_series(
-            session.run, model.manifest, series.frames,
+            session.run,
+            model.manifest,
+            series.frames,
             max_forward_passes=run.settings.saliency_max_forward_passes,
         )
         for name, seconds in analysis.timings.items():
@@ -219,9 +236,7 @@ def _display01(series: DecodedSeries, index: int) -> NDArray[np.float32]:
     return apply_window(series.frames[index], Window(center=center, width=max(width, 1.0)))
 
 
-def build_records(
-    run: JobRun, series: DecodedSeries, analyses: list[ModelAnalysis]
-) -> list[Any]:
+def build_records(run: JobRun, series: DecodedSeries, analyses: list[ModelAnalysis]) -> list[Any]:
     """Render PNGs/maps/DICOM objects, store their blobs, and return the rows to insert."""
     records: list[Any] = []
     for analysis in analyses:
@@ -256,16 +271,29 @@ def _saliency_record(
     lo, hi = sal.display_range
     blob, _meta = saliency_maps.encode_map(sal.values)
     overlay = overlays.render_saliency_overlay(
-        sal.values, vmin=lo, vmax=hi, colormap="inferno", alpha_max=0.75,
+        sal.values,
+        vmin=lo,
+        vmax=hi,
+        colormap="inferno",
+        alpha_max=0.75,
         suppressed=sal.suppressed,
     )
     colorbar = overlays.render_colorbar(lo, hi, colormap="inferno", label=_legend(sal))
     params = dict(sal.params, colorbar_sha256=run.store.put(colorbar))
     return SaliencyRecord(
-        job_id=run.job_id, model=model, model_version=version, method=sal.method.value,
-        sop_instance_uid=ref.sop_instance_uid, frame=ref.frame, target=sal.target,
-        blob_sha256=run.store.put(blob), overlay_sha256=run.store.put(overlay),
-        display_lo=float(lo), display_hi=float(hi), suppressed=sal.suppressed,
+        id=new_id(),
+        job_id=run.job_id,
+        model=model,
+        model_version=version,
+        method=sal.method.value,
+        sop_instance_uid=ref.sop_instance_uid,
+        frame=ref.frame,
+        target=sal.target,
+        blob_sha256=run.store.put(blob),
+        overlay_sha256=run.store.put(overlay),
+        display_lo=float(lo),
+        display_hi=float(hi),
+        suppressed=sal.suppressed,
         params=params,
     )
 
@@ -284,7 +312,9 @@ def _legend(sal: SaliencyResult) -> str:
 
 
 def _mask_records(
-    run: JobRun, series: DecodedSeries, analysis: ModelAnalysis,
+    run: JobRun,
+    series: DecodedSeries,
+    analysis: ModelAnalysis,
     saliency_ids: dict[tuple[int, str], str],
 ) -> list[MaskRecord]:
     seg = analysis.segmentation
@@ -295,16 +325,21 @@ def _mask_records(
     out: list[MaskRecord] = []
     for i, ref in enumerate(series.refs):
         labels = seg.labels[i]
-        stats = [dict(s, area_mm2=round(s["pixels"] * spacing, 2) if spacing else None)
-                 for s in seg.stats[i]]
+        stats = [
+            dict(s, area_mm2=round(s["pixels"] * spacing, 2) if spacing else None)
+            for s in seg.stats[i]
+        ]
         linked = [v for (idx, _m), v in saliency_ids.items() if idx == i]
         out.append(
             MaskRecord(
-                job_id=run.job_id, model=manifest.name, model_version=manifest.version,
-                sop_instance_uid=ref.sop_instance_uid, frame=ref.frame,
+                job_id=run.job_id,
+                model=manifest.name,
+                model_version=manifest.version,
+                sop_instance_uid=ref.sop_instance_uid,
+                frame=ref.frame,
                 blob_sha256=run.store.put(overlays.render_label_png(labels)),
                 overlay_sha256=run.store.put(
-                    overlays.render_mask_overlay(None, labels, colors, alpha=1.0)
+                    overlays.render_mask_overlay(_display01(series, i), labels, colors, alpha=0.45)
                 ),
                 labels=[dict(s, saliency_ids=linked) for s in stats] if stats else [],
             )
@@ -321,7 +356,9 @@ def _pixel_area_mm2(series: DecodedSeries) -> float | None:
 
 
 def _finding_records(
-    run: JobRun, series: DecodedSeries, analysis: ModelAnalysis,
+    run: JobRun,
+    series: DecodedSeries,
+    analysis: ModelAnalysis,
     saliency_ids: dict[tuple[int, str], str],
 ) -> list[FindingRecord]:
     cls = analysis.classification
@@ -331,10 +368,16 @@ def _finding_records(
     method = manifest.saliency.methods[0].value if manifest.saliency.methods else ""
     out = [
         FindingRecord(
-            job_id=run.job_id, model=manifest.name, model_version=manifest.version, label=label,
-            probability=float(cls.probabilities[i]), positive=bool(cls.positive[i]),
-            uncertain=bool(cls.uncertain[i]), level="slice",
-            sop_instance_uid=ref.sop_instance_uid, frame=ref.frame,
+            job_id=run.job_id,
+            model=manifest.name,
+            model_version=manifest.version,
+            label=label,
+            probability=float(cls.probabilities[i]),
+            positive=bool(cls.positive[i]),
+            uncertain=bool(cls.uncertain[i]),
+            level="slice",
+            sop_instance_uid=ref.sop_instance_uid,
+            frame=ref.frame,
             extra={"saliency_id": saliency_ids.get((i, method))},
         )
         for i, ref in enumerate(series.refs)
@@ -342,13 +385,21 @@ def _finding_records(
     top = series.refs[cls.series_index]
     out.append(
         FindingRecord(
-            job_id=run.job_id, model=manifest.name, model_version=manifest.version, label=label,
-            probability=cls.series_probability, positive=cls.series_positive,
-            uncertain=cls.series_uncertain, level="series", sop_instance_uid=None, frame=None,
+            job_id=run.job_id,
+            model=manifest.name,
+            model_version=manifest.version,
+            label=label,
+            probability=cls.series_probability,
+            positive=cls.series_positive,
+            uncertain=cls.series_uncertain,
+            level="series",
+            sop_instance_uid=None,
+            frame=None,
             extra={
                 "saliency_id": saliency_ids.get((cls.series_index, method)),
                 "aggregation": manifest.classification.series_aggregation,
-                "driving_sop_instance_uid": top.sop_instance_uid, "driving_frame": top.frame,
+                "driving_sop_instance_uid": top.sop_instance_uid,
+                "driving_frame": top.frame,
             },
         )
     )
@@ -369,9 +420,15 @@ def _artifact(
     ds.save_as(buffer, enforce_file_format=True)
     data = buffer.getvalue()
     return ArtifactRecord(
-        job_id=run.job_id, kind=kind.value, model=model, method=method,
-        blob_sha256=run.store.put(data), media_type="application/dicom", size_bytes=len(data),
-        sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
+        job_id=run.job_id,
+        kind=kind.value,
+        model=model,
+        method=method,
+        blob_sha256=run.store.put(data),
+        media_type="application/dicom",
+        size_bytes=len(data),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
     )
 
 
@@ -380,8 +437,11 @@ def _seg_artifact(run: JobRun, series: DecodedSeries, analysis: ModelAnalysis) -
     assert seg is not None
     datasets, _ = _frame_groups(series)
     ds = dicom_seg.build_segmentation(
-        datasets, seg.labels, analysis.manifest.labels,
-        model_name=analysis.manifest.name, model_version=analysis.manifest.version,
+        datasets,
+        seg.labels,
+        analysis.manifest.labels,
+        model_name=analysis.manifest.name,
+        model_version=analysis.manifest.version,
     )
     return _artifact(run, ArtifactKind.SEG, analysis.manifest.name, ds)
 
@@ -394,16 +454,25 @@ def _sr_artifact(run: JobRun, series: DecodedSeries, analysis: ModelAnalysis) ->
     multi = any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in series.datasets)
     findings = [
         Finding(
-            label=label, probability=float(cls.probabilities[i]), positive=bool(cls.positive[i]),
-            sop_instance_uid=ref.sop_instance_uid, frame=ref.frame + 1 if multi else None,
-            level="slice", uncertain=bool(cls.uncertain[i]),
+            label=label,
+            probability=float(cls.probabilities[i]),
+            positive=bool(cls.positive[i]),
+            sop_instance_uid=ref.sop_instance_uid,
+            frame=ref.frame + 1 if multi else None,
+            level="slice",
+            uncertain=bool(cls.uncertain[i]),
         )
         for i, ref in enumerate(series.refs)
     ]
     findings.append(
         Finding(
-            label=label, probability=cls.series_probability, positive=cls.series_positive,
-            sop_instance_uid=None, frame=None, level="series", uncertain=cls.series_uncertain,
+            label=label,
+            probability=cls.series_probability,
+            positive=cls.series_positive,
+            sop_instance_uid=None,
+            frame=None,
+            level="series",
+            uncertain=cls.series_uncertain,
         )
     )
     datasets, _ = _frame_groups(series)
@@ -427,8 +496,12 @@ def _pmap_artifacts(
         stack = np.stack([per_frame[i].values for i in range(n)]).astype(np.float32)
         datasets, _ = _frame_groups(series)
         ds = dicom_pmap.build_parametric_map(
-            datasets, stack, method=method.value, model_name=analysis.manifest.name,
-            model_version=analysis.manifest.version, value_range=per_frame[0].display_range,
+            datasets,
+            stack,
+            method=method.value,
+            model_name=analysis.manifest.name,
+            model_version=analysis.manifest.version,
+            value_range=per_frame[0].display_range,
         )
         out.append(_artifact(run, ArtifactKind.PMAP, analysis.manifest.name, ds, method.value))
     return out
@@ -460,6 +533,8 @@ def fail_on_time_limit(job_id: str) -> None:
         job = session.get(JobRecord, job_id)
         if job is not None and job.status == JobStatus.RUNNING:
             jobs.fail_job(
-                session=session, job=job, code="time_limit",
+                session=session,
+                job=job,
+                code="time_limit",
                 detail="the job exceeded the worker's time limit",
             )

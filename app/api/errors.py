@@ -35,7 +35,8 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return JSONResponse(
-        error_body(code, str(exc.detail)), status_code=exc.status_code,
+        error_body(code, str(exc.detail)),
+        status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )
 
@@ -61,7 +62,9 @@ async def _database_down(_request: Request, _exc: Exception) -> JSONResponse:
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     # Never leak stack traces, SQL or paths: log the type, answer a generic body.
     log.error("unexpected error: %s", type(exc).__name__, exc_info=False)
-    return JSONResponse(error_body("internal_error", "an unexpected error occurred"), status_code=500)
+    return JSONResponse(
+        error_body("internal_error", "an unexpected error occurred"), status_code=500
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -30,7 +30,9 @@ class Principal:
     def require(self, role: Role) -> None:
         """Raise ``Forbidden`` unless this principal has at least ``role``."""
         if _ROLE_RANK[self.role] < _ROLE_RANK[role]:
-            raise Forbidden(detail=f"role {self.role.value!r} may not do this; needs {role.value!r}")
+            raise Forbidden(
+                detail=f"role {self.role.value!r} may not do this; needs {role.value!r}"
+            )
 
 
 def _hash(secret: str) -> str:
@@ -46,7 +48,11 @@ def _split(token: str) -> tuple[str, str] | None:
 
 
 def create_key(
-    *, session: Session, name: str, role: Role, expires_at: datetime | None = None,
+    *,
+    session: Session,
+    name: str,
+    role: Role,
+    expires_at: datetime | None = None,
     secret: str | None = None,
 ) -> tuple[ApiKeyRecord, str]:
     """Create a key; returns the record and the plaintext key (shown once, never stored)."""
@@ -95,7 +101,9 @@ def authenticate(*, session: Session, token: str | None) -> Principal:
         raise Unauthorized(detail=f"the API key {record.prefix} was revoked")
     if record.expires_at is not None and _aware(record.expires_at) <= now:
         raise Unauthorized(detail=f"the API key {record.prefix} has expired")
-    return Principal(key_id=record.id, name=record.name, role=Role(record.role), prefix=record.prefix)
+    return Principal(
+        key_id=record.id, name=record.name, role=Role(record.role), prefix=record.prefix
+    )
 
 
 def _aware(value: datetime) -> datetime:
@@ -156,7 +164,5 @@ def list_audit(
     if action:
         query = query.where(AuditEventRecord.action == action)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(AuditEventRecord.id.desc()).limit(limit).offset(offset)
-    )
+    rows = session.scalars(query.order_by(AuditEventRecord.id.desc()).limit(limit).offset(offset))
     return list(rows), total

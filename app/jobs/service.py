@@ -58,7 +58,9 @@ def get_job(*, session: Session, job_id: str) -> JobRecord:
     return job
 
 
-def get_job_context(*, session: Session, job_id: str) -> tuple[JobRecord, SeriesRecord, StudyRecord]:
+def get_job_context(
+    *, session: Session, job_id: str
+) -> tuple[JobRecord, SeriesRecord, StudyRecord]:
     """The job with its series and study."""
     job = get_job(session=session, job_id=job_id)
     series = session.get(SeriesRecord, job.series_id)
@@ -126,9 +128,7 @@ def recent_duration(*, session: Session, sample: int = 20) -> float | None:
         .order_by(JobRecord.finished_at.desc())
         .limit(sample)
     ).tuples()
-    durations = [
-        (f - s).total_seconds() for s, f in rows if s is not None and f is not None
-    ]
+    durations = [(f - s).total_seconds() for s, f in rows if s is not None and f is not None]
     return statistics.median(durations) if durations else None
 
 
@@ -207,7 +207,12 @@ def claim_job(
 
 
 def renew_lease(
-    *, session: Session, job_id: str, owner: str, lease_seconds: int, stage: str,
+    *,
+    session: Session,
+    job_id: str,
+    owner: str,
+    lease_seconds: int,
+    stage: str,
     timings: dict[str, float] | None = None,
 ) -> bool:
     """Extend the lease and record the stage; False if this process no longer owns the job."""
@@ -243,7 +248,9 @@ def fail_job(*, session: Session, job: JobRecord, code: str, detail: str) -> Non
         job.webhook_next_at = utcnow()
 
 
-def succeed_job(*, session: Session, job: JobRecord, timings: dict[str, float], uncertain: bool | None) -> None:
+def succeed_job(
+    *, session: Session, job: JobRecord, timings: dict[str, float], uncertain: bool | None
+) -> None:
     """Mark a job succeeded (called in the same transaction as its results)."""
     job.status = JobStatus.SUCCEEDED
     job.timings = timings
@@ -265,9 +272,7 @@ class SweepReport:
     failed: list[str]
 
 
-def sweep_jobs(
-    *, session: Session, resend_after: float, max_attempts: int
-) -> SweepReport:
+def sweep_jobs(*, session: Session, resend_after: float, max_attempts: int) -> SweepReport:
     """Find lost work: queued jobs never picked up, running jobs whose lease expired.
 
     Returns the ids to (re-)send; the caller sends them after committing.
@@ -296,7 +301,9 @@ def sweep_jobs(
     for job in expired:
         if job.attempts >= max_attempts:
             fail_job(
-                session=session, job=job, code="worker_lost",
+                session=session,
+                job=job,
+                code="worker_lost",
                 detail=f"the job's worker stopped responding {job.attempts} times; giving up",
             )
             failed.append(job.id)

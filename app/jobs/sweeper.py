@@ -30,8 +30,11 @@ def sweep_once(settings: Settings) -> SweepReport:
     if report.resent or report.reclaimed or report.failed:
         log.info(
             "sweep",
-            extra={"resent": len(report.resent), "reclaimed": len(report.reclaimed),
-                   "failed": len(report.failed)},
+            extra={
+                "resent": len(report.resent),
+                "reclaimed": len(report.reclaimed),
+                "failed": len(report.failed),
+            },
         )
     return report
 
@@ -50,7 +53,8 @@ def _loop(settings: Settings, stop: threading.Event) -> None:
 def start_sweeper(settings: Settings) -> threading.Event:
     """Start the sweeper thread; set the returned event to stop it."""
     stop = threading.Event()
-    thread = threading.Thread(target=_loop, args=(settings, stop), name="medcad-sweeper",
-                              daemon=True)
+    thread = threading.Thread(
+        target=_loop, args=(settings, stop), name="medcad-sweeper", daemon=True
+    )
     thread.start()
     return stop

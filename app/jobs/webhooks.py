@@ -36,7 +36,8 @@ def _payload(job: JobRecord, series_uid: str) -> bytes:
             "status": job.status,
             "series_instance_uid": series_uid,
             "error": {"code": job.error_code, "detail": job.error_detail}
-            if job.error_code else None,
+            if job.error_code
+            else None,
             "results_url": f"/api/v1/jobs/{job.id}/results",
         },
         sort_keys=True,
@@ -66,9 +67,13 @@ def deliver_due(settings: Settings, *, timeout: float = 5.0) -> int:
         ok = False
         try:
             response = httpx.post(
-                str(url), content=body, timeout=timeout,
-                headers={"Content-Type": "application/json",
-                         "X-Medcad-Signature": sign(body, secret)},
+                str(url),
+                content=body,
+                timeout=timeout,
+                headers={
+                    "Content-Type": "application/json",
+                    "X-Medcad-Signature": sign(body, secret),
+                },
             )
             ok = 200 <= response.status_code < 300
         except httpx.HTTPError:
@@ -84,5 +89,5 @@ def deliver_due(settings: Settings, *, timeout: float = 5.0) -> int:
             elif job.webhook_attempts >= settings.webhook_max_attempts:
                 job.webhook_status = "failed"
             else:
-                job.webhook_next_at = utcnow() + timedelta(seconds=2 ** job.webhook_attempts)
+                job.webhook_next_at = utcnow() + timedelta(seconds=2**job.webhook_attempts)
     return delivered

@@ -70,7 +70,9 @@ def verify_model(model: RegisteredModel) -> str | None:
         return f"{model.manifest.key}: missing {model.manifest.file}"
     actual = file_sha256(model.onnx_path)
     if actual != model.manifest.sha256:
-        return f"{model.manifest.key}: sha256 {actual} does not match manifest {model.manifest.sha256}"
+        return (
+            f"{model.manifest.key}: sha256 {actual} does not match manifest {model.manifest.sha256}"
+        )
     return None
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels.processing import apply_modality_lut
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -60,9 +60,9 @@ def get_results(*, session: Session, job: JobRecord) -> JobResults:
         instances=instances,
         findings=list(
             session.scalars(
-                select(FindingRecord).where(FindingRecord.job_id == job.id).order_by(
-                    FindingRecord.level, FindingRecord.sop_instance_uid, FindingRecord.frame
-                )
+                select(FindingRecord)
+                .where(FindingRecord.job_id == job.id)
+                .order_by(FindingRecord.level, FindingRecord.sop_instance_uid, FindingRecord.frame)
             )
         ),
         masks=list(session.scalars(select(MaskRecord).where(MaskRecord.job_id == job.id))),
@@ -140,8 +140,11 @@ def read_frame(*, store: BlobStore, instance: InstanceRecord, frame: int) -> Fra
         else:
             pixels = ds.pixel_array
     except Exception as exc:  # codec failures are the caller's input problem, not a 500
-        raise MedcadError("undecodable", f"the stored instance cannot be decoded: {type(exc).__name__}",
-                          status=422) from exc
+        raise MedcadError(
+            "undecodable",
+            f"the stored instance cannot be decoded: {type(exc).__name__}",
+            status=422,
+        ) from exc
     if pixels.ndim == 3:  # colour: luminance (ITU-R BT.601), the same policy as the workers
         pixels = pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114
     values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)

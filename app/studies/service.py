@@ -115,7 +115,9 @@ def _study_attributes(data: bytes) -> dict[str, str | None]:
     """Study-level attributes for the study record (QIDO-RS match keys); header only."""
     try:
         ds = pydicom.dcmread(
-            io.BytesIO(data), stop_before_pixels=True, force=True,
+            io.BytesIO(data),
+            stop_before_pixels=True,
+            force=True,
             specific_tags=list(_STUDY_ATTRS.values()),
         )
     except (InvalidDicomError, ValueError, EOFError, OSError):
@@ -124,12 +126,14 @@ def _study_attributes(data: bytes) -> dict[str, str | None]:
     for column, keyword in _STUDY_ATTRS.items():
         value = ds.get(keyword)
         text = str(value) if value is not None and str(value) != "" else None
-        limit = StudyRecord.__table__.c[column].type.length
+        limit = getattr(StudyRecord.__table__.c[column].type, "length", None)
         values[column] = text[:limit] if text and limit else text
     return values
 
 
-def expand_upload(files: list[UploadedFile], limits: IngestLimits) -> list[UploadedFile | FileOutcome]:
+def expand_upload(
+    files: list[UploadedFile], limits: IngestLimits
+) -> list[UploadedFile | FileOutcome]:
     """Expand zip archives into their members; a broken archive becomes a rejection."""
     expanded: list[UploadedFile | FileOutcome] = []
     for item in files:
@@ -218,9 +222,7 @@ def store_instance(
             outcome.outcome = "duplicate"
             return outcome, None
         outcome.outcome, outcome.error, outcome.status = "rejected", "conflict", 409
-        outcome.detail = (
-            f"SOP Instance UID {inspected.sop_instance_uid} is already stored with different content"
-        )
+        outcome.detail = f"SOP Instance UID {inspected.sop_instance_uid} is already stored with different content"
         return outcome, None
     store.put(data)  # durable before the row that names it can commit
     series = _get_or_create_series(session, inspected, data)
@@ -303,9 +305,9 @@ def _count_instances(session: Session, series_id: str) -> int:
 
     return int(
         session.scalar(
-            select(func.count()).select_from(InstanceRecord).where(
-                InstanceRecord.series_id == series_id
-            )
+            select(func.count())
+            .select_from(InstanceRecord)
+            .where(InstanceRecord.series_id == series_id)
         )
         or 0
     )

@@ -7,8 +7,9 @@ inflates Deflated datasets without a bound), so "pydicom read it" is not validat
 checks, in order:
 
 1. Container: a DICOM Part 10 file (128-byte preamble, ``DICM``, File Meta Information,
-   PS3.10 §7.1), a File Meta group without the preamble, or a raw data set (a stream of
-   data elements as exchanged over DIMSE, PS3.5 §7) recognised by its first tag.
+   PS3.10 §7.1) or a raw data set (a stream of data elements as exchanged over DIMSE,
+   PS3.5 §7) recognised by its first tag being in group 0008. A File Meta group without
+   its preamble is neither and is refused.
 2. Transfer syntax: on the allow-list *and* decodable by the installed pydicom plugins.
    Deflated data sets (PS3.5 §A.5) are inflated with a bounded ``decompressobj``.
 3. Structure: a bounded walk over every data element, sequence item and fragment, checking
@@ -34,7 +35,6 @@ Policies
 * Raw data sets (no File Meta Information) are stored wrapped in a Part 10 header whose
   Transfer Syntax UID is the encoding detected from the data (implicit VR little endian,
   explicit VR little or big endian); the data set bytes themselves are kept unchanged.
-  A File Meta group without the preamble is given a zero preamble and ``DICM``.
 * A Part 10 file whose File Meta Information has no Transfer Syntax UID is rejected: it
   claims to be a conformant file and is not.
 
@@ -97,6 +97,10 @@ class IngestLimits:
     codec_ratio_floor_bytes: int = 16 * MiB
     max_fragments: int = 65536
     max_elements: int = 500_000  # data elements + items walked, all nesting levels
+    # Every sequence item becomes a pydicom Dataset (tens of µs each) when the header is
+    # read, here and again in the worker: this cap bounds that time to about 2 s. An
+    # enhanced multi-frame object needs a few items per frame (functional groups).
+    max_sequence_items: int = 32_768
     max_sequence_depth: int = 32
     max_zip_members: int = 10_000
     max_zip_member_bytes: int = 1 * GiB
@@ -105,7 +109,7 @@ class IngestLimits:
     zip_ratio_floor_bytes: int = 1 * MiB
 
 
-Container = Literal["part10", "meta_without_preamble", "raw_dataset"]
+Container = Literal["part10", "raw_dataset"]
 
 
 @dataclass(frozen=True)
@@ -232,7 +236,8 @@ _CANDIDATE_SYNTAXES: Final = _NATIVE_SYNTAXES | _JPEG_SYNTAXES | _J2K_SYNTAXES |
 @cache
 def supported_transfer_syntaxes() -> frozenset[str]:
     """Transfer syntaxes we accept: the allow-list filtered by the installed decoders."""
-    from pydicom.pixels import get_decoder  # imports codec plugins: only when first needed
+    # imports codec plugins: only when first needed
+    from pydicom.pixels.decoders.base import get_decoder
 
     supported = set()
     for uid in _CANDIDATE_SYNTAXES:
@@ -386,7 +391,7 @@ def _read_file_meta(data: bytes, start: int) -> tuple[int, dict[int, bytes]]:
 
     Returns the offset of the first byte after the group and the raw element values.
     """
-    pos, values = start, {}
+    pos, values = start, dict[int, bytes]()
     while pos + 8 <= len(data) and data[pos : pos + 2] == b"\x02\x00":
         if len(values) > 64:
             raise _reject("invalid_file_meta", "File Meta Information has too many elements")
@@ -416,9 +421,11 @@ def _locate_dataset(data: bytes) -> _Container:
     if len(data) >= 132 and data[128:132] == b"DICM":
         end, meta = _read_file_meta(data, 132)
         return _container_from_meta("part10", end, meta, _preamble_kind(data[:128]))
-    if data[:4] in (b"\x02\x00\x00\x00", b"\x02\x00\x01\x00") and _is_vr(data[4:6]):
-        end, meta = _read_file_meta(data, 0)
-        return _container_from_meta("meta_without_preamble", end, meta, None)
+    if data[:2] == b"\x02\x00" and _is_vr(data[4:6]):
+        raise _reject(
+            "not_dicom",
+            "File Meta Information without the 128-byte preamble and DICM prefix (PS3.10 7.1)",
+        )
     # A raw data set starts with a group 0008 element, little or big endian; anything
     # else is not something we can recognise as DICOM.
     if len(data) >= 8 and data[:2] in (b"\x08\x00", b"\x00\x08"):
@@ -520,6 +527,7 @@ class _Walker:
         self._u32 = struct.Struct(f"{endian}L").unpack_from
         self._limits = limits
         self._count = 0
+        self._item_count = 0
 
     def walk(self, start: int, implicit: bool) -> _Structure:
         structure = _Structure(elements={}, fragments=None)
@@ -540,9 +548,11 @@ class _Walker:
             raise _reject("truncated", f"data ends inside an element header at byte {pos}")
         group, element = self._tag(self._buf, pos)
         tag = group << 16 | element
-        vr = self._buf[pos + 4 : pos + 6]
         # Items and delimiters never carry a VR (PS3.5 §7.5).
-        if implicit or group == 0xFFFE or not _is_vr(vr):
+        if implicit or group == 0xFFFE:
+            return tag, None, self._u32(self._buf, pos + 4)[0], pos + 8
+        vr = self._buf[pos + 4 : pos + 6]
+        if not _is_vr(vr):
             return tag, None, self._u32(self._buf, pos + 4)[0], pos + 8
         if vr in _LONG_VRS:
             if pos + 12 > end:
@@ -588,7 +598,9 @@ class _Walker:
             if top is not None:
                 if tag in top.elements:
                     raise _reject("malformed", f"element {_tag_str(tag)} appears twice")
-                top.elements[tag] = _Element(vr, value_pos, None if length == _UNDEFINED else length)
+                top.elements[tag] = _Element(
+                    vr, value_pos, None if length == _UNDEFINED else length
+                )
             pos = next_pos
         if delimited:
             raise _reject("truncated", "data ends inside a sequence item of undefined length")
@@ -651,6 +663,12 @@ class _Walker:
                 return value_pos
             if tag != _ITEM:
                 raise _reject("malformed", f"expected a sequence item at byte {pos}")
+            self._item_count += 1
+            if self._item_count > self._limits.max_sequence_items:
+                raise _reject(
+                    "dataset_too_complex",
+                    f"data set has more than {self._limits.max_sequence_items} sequence items",
+                )
             if length == _UNDEFINED:
                 pos = self._dataset(value_pos, end, implicit, depth, None, delimited=True)
                 continue
@@ -901,9 +919,7 @@ def _check_geometry(module: _PixelModule, limits: IngestLimits) -> None:
         if not 1 <= value <= limit:
             raise _reject("absurd_geometry", f"{name} is {value}; allowed 1 to {limit}")
     if module.samples not in (1, 3):
-        raise _reject(
-            "absurd_geometry", f"Samples per Pixel is {module.samples}; allowed 1 or 3"
-        )
+        raise _reject("absurd_geometry", f"Samples per Pixel is {module.samples}; allowed 1 or 3")
     if module.bits_allocated not in (1, 8, 16, 32):
         raise _reject(
             "absurd_geometry",
@@ -1117,7 +1133,9 @@ def _check_encapsulated(
         _check_codec_header(module, buf, offset, length, ts)
 
 
-def _check_codec_header(module: _PixelModule, buf: bytes, offset: int, length: int, ts: str) -> None:
+def _check_codec_header(
+    module: _PixelModule, buf: bytes, offset: int, length: int, ts: str
+) -> None:
     if ts == _RLE:
         _check_rle_header(module, buf, offset, length)
         return
@@ -1332,8 +1350,6 @@ def _normalize(
     """The bytes to store: zero preamble, and always a Part 10 file (module docstring)."""
     if container.kind == "part10":
         return data if not any(data[:128]) else bytes(128) + data[128:]
-    if container.kind == "meta_without_preamble":
-        return bytes(128) + b"DICM" + data
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance)

@@ -57,8 +57,13 @@ def test_same_uid_different_bytes_is_409(api: Any) -> None:
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(blobs[0]))
-    other = ct_slice(np.zeros((64, 64)), study_uid=ds.StudyInstanceUID,
-                     series_uid=ds.SeriesInstanceUID, index=0, sop_uid=ds.SOPInstanceUID)
+    other = ct_slice(
+        np.zeros((64, 64)),
+        study_uid=ds.StudyInstanceUID,
+        series_uid=ds.SeriesInstanceUID,
+        index=0,
+        sop_uid=ds.SOPInstanceUID,
+    )
     r = api.post("/api/v1/studies", files=_files([other]))
     assert r.status_code == 409
     assert r.json()["rejected"][0]["error"] == "conflict"
@@ -67,7 +72,7 @@ def test_same_uid_different_bytes_is_409(api: Any) -> None:
 
 def test_partial_rejection_names_the_file(api: Any) -> None:
     blobs, _ = bright_disc_series(n=1)
-    files = _files(blobs) + [("files", ("notes.txt", b"hello, not dicom", "text/plain"))]
+    files = [*_files(blobs), ("files", ("notes.txt", b"hello, not dicom", "text/plain"))]
     r = api.post("/api/v1/studies", files=files)
     assert r.status_code == 202
     rejected = r.json()["rejected"]
@@ -88,7 +93,9 @@ def test_zip_upload(api: Any) -> None:
     with zipfile.ZipFile(buffer, "w") as archive:
         for i, b in enumerate(blobs):
             archive.writestr(f"study/slice{i}.dcm", b)
-    r = api.post("/api/v1/studies", files=[("files", ("study.zip", buffer.getvalue(), "application/zip"))])
+    r = api.post(
+        "/api/v1/studies", files=[("files", ("study.zip", buffer.getvalue(), "application/zip"))]
+    )
     assert r.status_code == 202, r.text
     assert r.json()["stored"] == 3 and len(r.json()["jobs"]) == 1
 
@@ -122,7 +129,9 @@ def test_viewer_cannot_upload(api: Any) -> None:
     with session_scope() as session:
         _, token = create_key(session=session, name="v", role=Role.VIEWER)
     blobs, _ = bright_disc_series(n=1)
-    r = api.post("/api/v1/studies", files=_files(blobs), headers={"Authorization": f"Bearer {token}"})
+    r = api.post(
+        "/api/v1/studies", files=_files(blobs), headers={"Authorization": f"Bearer {token}"}
+    )
     assert r.status_code == 403 and r.json()["error"] == "forbidden"
 
 
@@ -146,8 +155,11 @@ def test_upload_writes_audit_event(api: Any) -> None:
     r = api.post("/api/v1/studies", files=_files(blobs))
     job_id = r.json()["jobs"][0]["id"]
     with session_scope() as session:
-        events = list(session.scalars(select(AuditEventRecord).where(
-            AuditEventRecord.resource == f"job/{job_id}")))
+        events = list(
+            session.scalars(
+                select(AuditEventRecord).where(AuditEventRecord.resource == f"job/{job_id}")
+            )
+        )
     assert [e.action for e in events] == ["upload"]
     assert events[0].actor_name and events[0].outcome == "success"
 

@@ -315,7 +315,7 @@ def test_upload_helpers_filter_batch_and_match_outcomes(page: Page, page_server:
           items.push({ name: 'big/0.dcm', size: 100 }, { name: 'big/1.dcm', size: 100 });
           const batches = m.planBatches(items, { maxFiles: 8, maxBytes: 150 })
             .map((b) => b.map((i) => i.name));
-          const fractions = m.fileFractions([100, 100, 200], 210, 420);
+          const fractions = [m.fileFractions([100, 100, 200], 220, 400), m.fileFractions([100, 100, 200], 55, 440)];
           const sent = ['s1/IM1.dcm', 's2/IM1.dcm', 'study.zip', 'other.dcm'];
           const reported = [
             { filename: 'IM1.dcm', outcome: 'stored' },
@@ -344,13 +344,15 @@ def test_upload_helpers_filter_batch_and_match_outcomes(page: Page, page_server:
         "s1/notes.txt": False,
         "x.IMA": True,
     }
-    # Folders stay whole while they fit; an oversized folder is cut at the byte limit.
+    # Whole folders share a request while they fit; a folder that does not fit starts a new
+    # request, and one larger than the byte limit is cut.
     assert result["batches"] == [
-        [f"s1/{i}.dcm" for i in range(5)],
-        [f"s2/{i}.dcm" for i in range(3)] + ["big/0.dcm"],
+        [f"s1/{i}.dcm" for i in range(5)] + [f"s2/{i}.dcm" for i in range(3)],
+        ["big/0.dcm"],
         ["big/1.dcm"],
     ]
-    assert result["fractions"] == [1, 0.05, 0]
+    # 440 bytes on the wire for 400 bytes of files: the framing is spread evenly.
+    assert result["fractions"] == [pytest.approx([1, 1, 0.1]), pytest.approx([0.5, 0, 0])]
     # Equal base names keep request order; the zip collects its member; the stray name goes
     # to the only zip of the request.
     assert result["perFile"] == [

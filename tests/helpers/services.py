@@ -20,7 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-PG_ADMIN_URL = os.environ.get("MEDCAD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "MEDCAD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("MEDCAD_TEST_REDIS", "redis://127.0.0.1:6379")
 ADMIN_KEY = "mc_testadmn_" + "k" * 40
 
@@ -46,19 +48,21 @@ def postgres_database() -> Iterator[str]:
 
     name = f"medcad_test_{uuid.uuid4().hex[:10]}"
     try:
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
-                              connect_args={"connect_timeout": 3})
+        admin = create_engine(
+            PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
+        )
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         unavailable(f"PostgreSQL at 127.0.0.1:5432 unreachable ({type(exc).__name__})")
     try:
         yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     finally:
         with admin.connect() as conn:
-            conn.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
-            ), {"n": name})
+            conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": name},
+            )
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
 
@@ -71,7 +75,7 @@ def redis_db_url(db: int) -> str:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=2)
         client.flushdb()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         unavailable(f"Redis at 127.0.0.1:6379 unreachable ({type(exc).__name__})")
     return url
 
@@ -88,8 +92,11 @@ class MedcadProcesses:
     log_dir: Path | None = None
 
     def client(self, key: str | None = None) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60,
-                            headers={"Authorization": f"Bearer {key or self.api_key}"})
+        return httpx.Client(
+            base_url=self.url,
+            timeout=60,
+            headers={"Authorization": f"Bearer {key or self.api_key}"},
+        )
 
     def start_worker(self, *extra: str) -> subprocess.Popen[bytes]:
         proc = _spawn(["worker", *extra], self.env, self._log(f"worker{len(self.procs)}"))
@@ -116,7 +123,10 @@ class MedcadProcesses:
 def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     handle = log.open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *args], env=env, stdout=handle, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
 
@@ -163,8 +173,13 @@ def medcad_deployment(
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = base_env(data_dir, models_dir, **env_extra)
-    deployment = MedcadProcesses(url=f"http://127.0.0.1:{port}", api_key=ADMIN_KEY,
-                                 data_dir=data_dir, env=env, log_dir=log_dir)
+    deployment = MedcadProcesses(
+        url=f"http://127.0.0.1:{port}",
+        api_key=ADMIN_KEY,
+        data_dir=data_dir,
+        env=env,
+        log_dir=log_dir,
+    )
     args = ["serve", "--port", str(port)] + ([] if embedded else ["--no-worker"])
     deployment.procs.append(_spawn(args, env, log_dir / "serve.log"))
     try:
@@ -176,7 +191,9 @@ def medcad_deployment(
         deployment.stop()
 
 
-def wait_for_jobs(client: httpx.Client, job_ids: list[str], timeout: float = 300) -> dict[str, dict]:
+def wait_for_jobs(
+    client: httpx.Client, job_ids: list[str], timeout: float = 300
+) -> dict[str, dict]:
     """Poll until every job is succeeded or failed; returns the final job bodies."""
     deadline = time.monotonic() + timeout
     final: dict[str, dict] = {}

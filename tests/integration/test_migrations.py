@@ -6,14 +6,22 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, inspect
 
-from app.db.base import Base
 from app.db import records  # noqa: F401
+from app.db.base import Base
 from app.db.migrate import downgrade, upgrade
 from tests.helpers.services import postgres_database
 
 TABLES = {
-    "studies", "series", "instances", "jobs", "findings", "masks", "saliency_maps",
-    "artifacts", "api_keys", "audit_events",
+    "studies",
+    "series",
+    "instances",
+    "jobs",
+    "findings",
+    "masks",
+    "saliency_maps",
+    "artifacts",
+    "api_keys",
+    "audit_events",
 }
 
 

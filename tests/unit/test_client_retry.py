@@ -31,8 +31,9 @@ class Reply:
 
     @classmethod
     def json(cls, status: int, payload: object, **headers: str) -> Reply:
-        return cls(status, json.dumps(payload).encode(),
-                   {"Content-Type": "application/json", **headers})
+        return cls(
+            status, json.dumps(payload).encode(), {"Content-Type": "application/json", **headers}
+        )
 
 
 @dataclass
@@ -63,8 +64,9 @@ class Peer:
                 body = self.rfile.read(length) if length else b""
                 path = self.path.split("?", 1)[0]
                 peer.seen.append(Seen(self.command, self.path, dict(self.headers), body))
-                replies = peer.script.get((self.command, path)) or [Reply.json(
-                    404, {"error": "not_found", "detail": path})]
+                replies = peer.script.get((self.command, path)) or [
+                    Reply.json(404, {"error": "not_found", "detail": path})
+                ]
                 reply = replies.pop(0) if len(replies) > 1 else replies[0]
                 self.send_response(reply.status)
                 for key, value in reply.headers.items():
@@ -77,8 +79,7 @@ class Peer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def requests_to(self, method: str, path: str) -> list[Seen]:
         return [s for s in self.seen if s.method == method and s.path.split("?")[0] == path]
@@ -99,8 +100,9 @@ ME = {"name": "ci", "role": "uploader", "key_prefix": "mcd_ab"}
 
 def test_503_with_retry_after_is_waited_out_then_succeeds(peer: Peer) -> None:
     peer.script[("GET", "/api/v1/me")] = [
-        Reply.json(503, {"error": "overloaded", "detail": "queue depth 500 > 100"},
-                   **{"Retry-After": "1"}),
+        Reply.json(
+            503, {"error": "overloaded", "detail": "queue depth 500 > 100"}, **{"Retry-After": "1"}
+        ),
         Reply.json(502, {"error": "bad_gateway", "detail": "upstream"}),
         Reply.json(200, ME),
     ]
@@ -118,17 +120,30 @@ def test_503_with_retry_after_is_waited_out_then_succeeds(peer: Peer) -> None:
 
 
 def test_upload_is_retried_with_the_whole_body_and_progress_is_not_double_counted(
-        peer: Peer, tmp_path: Path) -> None:
+    peer: Peer, tmp_path: Path
+) -> None:
     files = []
     for i in range(3):
         path = tmp_path / f"IM{i}.dcm"
         path.write_bytes(bytes([i]) * (100_000 + i))
         files.append(path)
-    accepted = {"jobs": [{"id": "j1", "series_instance_uid": "1.2.3", "status": "queued"}],
-                "stored": 3, "duplicates": 0, "rejected": [],
-                "files": [{"filename": p.name, "outcome": "stored", "sop_instance_uid": None,
-                           "series_instance_uid": "1.2.3", "error": None, "detail": None}
-                          for p in files]}
+    accepted = {
+        "jobs": [{"id": "j1", "series_instance_uid": "1.2.3", "status": "queued"}],
+        "stored": 3,
+        "duplicates": 0,
+        "rejected": [],
+        "files": [
+            {
+                "filename": p.name,
+                "outcome": "stored",
+                "sop_instance_uid": None,
+                "series_instance_uid": "1.2.3",
+                "error": None,
+                "detail": None,
+            }
+            for p in files
+        ],
+    }
     peer.script[("POST", "/api/v1/studies")] = [
         Reply.json(503, {"error": "service_unavailable", "detail": "db"}, **{"Retry-After": "0"}),
         Reply.json(202, accepted),
@@ -152,10 +167,22 @@ def test_upload_is_retried_with_the_whole_body_and_progress_is_not_double_counte
 
 
 def test_all_rejected_upload_returns_the_outcomes_instead_of_raising(peer: Peer) -> None:
-    body = {"jobs": [], "stored": 0, "duplicates": 0,
-            "rejected": [{"filename": "a.txt", "error": "not_dicom", "detail": "no DICM"}],
-            "files": [{"filename": "a.txt", "outcome": "rejected", "sop_instance_uid": None,
-                       "series_instance_uid": None, "error": "not_dicom", "detail": "no DICM"}]}
+    body = {
+        "jobs": [],
+        "stored": 0,
+        "duplicates": 0,
+        "rejected": [{"filename": "a.txt", "error": "not_dicom", "detail": "no DICM"}],
+        "files": [
+            {
+                "filename": "a.txt",
+                "outcome": "rejected",
+                "sop_instance_uid": None,
+                "series_instance_uid": None,
+                "error": "not_dicom",
+                "detail": "no DICM",
+            }
+        ],
+    }
     peer.script[("POST", "/api/v1/studies")] = [Reply.json(422, body)]
 
     with Client(peer.url, "k", retries=FAST) as client:
@@ -163,26 +190,32 @@ def test_all_rejected_upload_returns_the_outcomes_instead_of_raising(peer: Peer)
 
     assert result.http_status == 422
     assert [(f.filename, f.outcome, f.error) for f in result.files] == [
-        ("a.txt", "rejected", "not_dicom")]
+        ("a.txt", "rejected", "not_dicom")
+    ]
     assert len(peer.requests_to("POST", "/api/v1/studies")) == 1
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 413, 422, 500])
 def test_other_errors_are_raised_at_once_with_the_server_body(peer: Peer, status: int) -> None:
     peer.script[("GET", "/api/v1/jobs/abc")] = [
-        Reply.json(status, {"error": f"code_{status}", "detail": "job abc: nope"})]
+        Reply.json(status, {"error": f"code_{status}", "detail": "job abc: nope"})
+    ]
 
     with Client(peer.url, "k", retries=FAST) as client, pytest.raises(ClientError) as caught:
         client.job("abc")
 
     assert (caught.value.status, caught.value.code, caught.value.detail) == (
-        status, f"code_{status}", "job abc: nope")
+        status,
+        f"code_{status}",
+        "job abc: nope",
+    )
     assert len(peer.requests_to("GET", "/api/v1/jobs/abc")) == 1
 
 
 def test_retries_are_bounded(peer: Peer) -> None:
     peer.script[("GET", "/api/v1/models")] = [
-        Reply.json(429, {"error": "rate_limited", "detail": "slow down"})]
+        Reply.json(429, {"error": "rate_limited", "detail": "slow down"})
+    ]
 
     with Client(peer.url, "k", retries=FAST) as client, pytest.raises(ClientError) as caught:
         client.models()
@@ -193,7 +226,8 @@ def test_retries_are_bounded(peer: Peer) -> None:
 
 def test_a_retry_after_longer_than_allowed_is_not_slept_through(peer: Peer) -> None:
     peer.script[("GET", "/api/v1/me")] = [
-        Reply.json(503, {"error": "overloaded", "detail": "later"}, **{"Retry-After": "3600"})]
+        Reply.json(503, {"error": "overloaded", "detail": "later"}, **{"Retry-After": "3600"})
+    ]
     policy = RetryPolicy(attempts=4, backoff=0.02, max_retry_after=60)
 
     with Client(peer.url, "k", retries=policy) as client, pytest.raises(ClientError) as caught:
@@ -205,8 +239,9 @@ def test_a_retry_after_longer_than_allowed_is_not_slept_through(peer: Peer) -> N
 
 
 def test_non_json_error_bodies_still_give_a_client_error(peer: Peer) -> None:
-    peer.script[("GET", "/api/v1/me")] = [Reply(404, b"<html>nginx</html>",
-                                                {"Content-Type": "text/html"})]
+    peer.script[("GET", "/api/v1/me")] = [
+        Reply(404, b"<html>nginx</html>", {"Content-Type": "text/html"})
+    ]
 
     with Client(peer.url, "k", retries=FAST) as client, pytest.raises(ClientError) as caught:
         client.me()
@@ -219,8 +254,10 @@ def test_refused_connections_are_retried_then_reported() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
 
-    with Client(f"http://127.0.0.1:{port}", "k", retries=FAST) as client, \
-            pytest.raises(ClientError) as caught:
+    with (
+        Client(f"http://127.0.0.1:{port}", "k", retries=FAST) as client,
+        pytest.raises(ClientError) as caught,
+    ):
         client.me()
 
     assert caught.value.status == 0 and caught.value.code == "connection_error"
@@ -241,11 +278,14 @@ def test_download_survives_a_503_and_leaves_no_partial_file(peer: Peer, tmp_path
 
     assert dest.read_bytes() == payload and absolute.read_bytes() == payload
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [
-        "again.dcm", "seg_unet.dcm"]
+        "again.dcm",
+        "seg_unet.dcm",
+    ]
 
 
-def test_download_refuses_another_origin_so_the_key_never_leaves(peer: Peer,
-                                                                 tmp_path: Path) -> None:
+def test_download_refuses_another_origin_so_the_key_never_leaves(
+    peer: Peer, tmp_path: Path
+) -> None:
     with Client(peer.url, "k", retries=FAST) as client, pytest.raises(ClientError) as caught:
         client.download("http://example.invalid/steal.png", tmp_path / "x.png")
 
@@ -288,8 +328,11 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
 def test_retry_after_accepts_seconds_and_http_dates() -> None:
     now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert parse_retry_after("120") == 120.0
-    assert parse_retry_after(format_datetime(now + timedelta(seconds=30), usegmt=True),
-                             now=now) == 30.0
-    assert parse_retry_after(format_datetime(now - timedelta(seconds=30), usegmt=True),
-                             now=now) == 0.0
+    assert (
+        parse_retry_after(format_datetime(now + timedelta(seconds=30), usegmt=True), now=now)
+        == 30.0
+    )
+    assert (
+        parse_retry_after(format_datetime(now - timedelta(seconds=30), usegmt=True), now=now) == 0.0
+    )
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None

@@ -33,8 +33,15 @@ from app.submit import (
 PATIENT_NAME = "Doe^Jane"
 
 
-def write_ct(path: Path, *, study: str, series: str, number: int, size: int = 16,
-             sop_class: str = CTImageStorage) -> str:
+def write_ct(
+    path: Path,
+    *,
+    study: str,
+    series: str,
+    number: int,
+    size: int = 16,
+    sop_class: str = CTImageStorage,
+) -> str:
     """Write a small CT image (int16 HU) and return its SOP Instance UID."""
     sop = generate_uid()
     meta = FileMetaDataset()
@@ -71,21 +78,30 @@ def tree(tmp_path: Path) -> dict[str, object]:
     series = {name: generate_uid() for name in ("a1", "a2", "b1")}
     sops: dict[str, set[str]] = {name: set() for name in series}
     for i in range(3):
-        sops["a1"].add(write_ct(root / "A" / "s1" / f"IM{i:04d}", study=study_a,
-                                series=series["a1"], number=i))
+        sops["a1"].add(
+            write_ct(root / "A" / "s1" / f"IM{i:04d}", study=study_a, series=series["a1"], number=i)
+        )
         # Same base names in another folder: upload names must still be unique.
-        sops["a2"].add(write_ct(root / "A" / "s2" / f"IM{i:04d}", study=study_a,
-                                series=series["a2"], number=i))
+        sops["a2"].add(
+            write_ct(root / "A" / "s2" / f"IM{i:04d}", study=study_a, series=series["a2"], number=i)
+        )
     for i in range(2):
-        sops["b1"].add(write_ct(root / "B" / f"{i}.dcm", study=study_b, series=series["b1"],
-                                number=i))
+        sops["b1"].add(
+            write_ct(root / "B" / f"{i}.dcm", study=study_b, series=series["b1"], number=i)
+        )
     # Two files of one series in different folders.
-    sops["b1"].add(write_ct(root / "B" / "more" / "late.dcm", study=study_b,
-                            series=series["b1"], number=9))
+    sops["b1"].add(
+        write_ct(root / "B" / "more" / "late.dcm", study=study_b, series=series["b1"], number=9)
+    )
     (root / "notes.txt").write_text("not an image\n")
     (root / "A" / "mask.npy").write_bytes(b"\x93NUMPY fake")
-    write_ct(root / "DICOMDIR", study=study_a, series=generate_uid(), number=0,
-             sop_class=DICOMDIR_SOP_CLASS)
+    write_ct(
+        root / "DICOMDIR",
+        study=study_a,
+        series=generate_uid(),
+        number=0,
+        sop_class=DICOMDIR_SOP_CLASS,
+    )
     with zipfile.ZipFile(root / "extra.zip", "w") as zf:
         zf.write(root / "B" / "0.dcm", "member.dcm")
     return {"root": root, "series": series, "sops": sops, "studies": (study_a, study_b)}
@@ -136,8 +152,9 @@ def test_walk_excludes_state_and_output_and_yields_each_file_once(tmp_path: Path
     (root / STATE_NAME).write_text("{}")
     (root / f"{STATE_NAME}.abc.part").write_text("{}")
 
-    walked = list(iter_paths([root, root / "one.dcm"],
-                             exclude=[root / STATE_NAME, root / "results"]))
+    walked = list(
+        iter_paths([root, root / "one.dcm"], exclude=[root / STATE_NAME, root / "results"])
+    )
 
     assert [display for _, display in walked] == ["data/one.dcm"]
 
@@ -145,15 +162,23 @@ def test_walk_excludes_state_and_output_and_yields_each_file_once(tmp_path: Path
 def test_state_round_trip_and_refusal_of_another_run(tmp_path: Path) -> None:
     path = tmp_path / STATE_NAME
     state = SubmitState(server="http://127.0.0.1:8000", models=["unet", "classifier"])
-    state.files["/data/a.dcm"] = FileRecord(sha256="ab" * 32, size=10, outcome="stored", sent=1,
-                                            series_uids=["1.2.3"])
+    state.files["/data/a.dcm"] = FileRecord(
+        sha256="ab" * 32, size=10, outcome="stored", sent=1, series_uids=["1.2.3"]
+    )
     state.files["/data/b.zip"] = FileRecord(
-        sha256="cd" * 32, size=20, outcome="rejected", sent=2, error="partly_rejected",
-        detail="1 of 2 members rejected", series_uids=["1.2.4"],
+        sha256="cd" * 32,
+        size=20,
+        outcome="rejected",
+        sent=2,
+        error="partly_rejected",
+        detail="1 of 2 members rejected",
+        series_uids=["1.2.4"],
         member_counts={"1.2.4": {"stored": 1, "rejected": 1}},
-        members_rejected=[{"filename": "x.dcm", "error": "rejected", "detail": "no pixels"}])
-    state.series["1.2.3"] = SeriesRecord(study_instance_uid="1.2", job_ids=["j1", "j2"],
-                                         final_job_ids=["j2"])
+        members_rejected=[{"filename": "x.dcm", "error": "rejected", "detail": "no pixels"}],
+    )
+    state.series["1.2.3"] = SeriesRecord(
+        study_instance_uid="1.2", job_ids=["j1", "j2"], final_job_ids=["j2"]
+    )
 
     save_state(path, state)
     loaded = load_state(path, server="http://127.0.0.1:8000/", models=["classifier", "unet"])
@@ -180,8 +205,9 @@ def test_resume_plan_sends_only_what_the_server_does_not_hold(tmp_path: Path) ->
     state.files[files[1].key] = FileRecord(files[1].sha256, files[1].size, "duplicate", 1)
     # Sent but no answer recorded (the run was killed): must be sent again.
     state.files[files[2].key] = FileRecord(files[2].sha256, files[2].size, "pending", 1)
-    state.files[files[3].key] = FileRecord(files[3].sha256, files[3].size, "failed", 1,
-                                           error="connection_error")
+    state.files[files[3].key] = FileRecord(
+        files[3].sha256, files[3].size, "failed", 1, error="connection_error"
+    )
     # Recorded as stored, but the file changed since: must be sent again.
     state.files[files[4].key] = FileRecord("00" * 32, files[4].size, "stored", 1)
 

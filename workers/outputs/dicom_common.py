@@ -15,6 +15,7 @@ The rules every medcad result object follows:
 from __future__ import annotations
 
 import io
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -31,6 +32,9 @@ from app.registry.manifest import Label
 
 MANUFACTURER = "medcad"
 NOT_FOR_CLINICAL_USE = "AI-generated, not for clinical use"
+
+# Namespace of medcad's name-based UIDs (see derived_uid).
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:medcad:dicom-uid")
 
 # Long String (LO) values hold at most 64 characters (PS3.5 Table 6.2-1).
 _LO_MAX = 64
@@ -147,7 +151,10 @@ def derived_uid(*parts: str) -> str:
     """
     if not parts:
         raise ValueError("derived_uid needs at least one part")
-    return str(generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts]))
+    # A name-based (SHA-1, version 5) UUID as an integer under 2.25 (PS3.5 B.2). The unit
+    # separator keeps ("ab", "c") and ("a", "bc") apart.
+    name_based = uuid.uuid5(_UID_NAMESPACE, "\x1f".join(str(p) for p in parts))
+    return f"2.25.{name_based.int}"
 
 
 def to_code(code: ManifestCode) -> Code:
@@ -158,11 +165,13 @@ def to_code(code: ManifestCode) -> Code:
 def label_codes(label: Label) -> tuple[Code, Code]:
     """(category, type) codes of a label: the manifest's, else a fallback.
 
-    The fallback looks for a known anatomical word in the label name (``"lung"``,
-    ``"nodule"``, ``"vessel"``) and otherwise uses SNOMED CT "Tissue" for both.
+    The fallback looks for known words in the label name (``"lung"``, ``"nodule"``,
+    ``"vessel"``; the last one wins) and otherwise uses SNOMED CT "Tissue" for both.
     """
-    words = label.name.lower().replace("-", "_").split("_")
-    fallback = next((_FALLBACK_CODES[w] for w in words if w in _FALLBACK_CODES), _GENERIC_CODES)
+    words = label.name.lower().replace("-", "_").replace(" ", "_").split("_")
+    # The last known word wins: in "lung_nodule" the nodule is the thing, the lung its site.
+    known = [_FALLBACK_CODES[w] for w in words if w in _FALLBACK_CODES]
+    fallback = known[-1] if known else _GENERIC_CODES
     category = to_code(label.category) if label.category is not None else fallback[0]
     prop_type = to_code(label.type) if label.type is not None else fallback[1]
     return category, prop_type

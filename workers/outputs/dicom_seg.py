@@ -102,8 +102,8 @@ def build_segmentation(
         raise ValueError(f"label_maps contain values {unknown} that are not manifest labels")
 
     # Stacked-segments layout (F, H, W, S): label values need not be contiguous, and
-    # segment numbers must be (1..S, PS3.3 C.8.20.2.3).
-    stacked = np.stack([label_maps == lab.value for lab in described], axis=-1).astype(np.uint8)
+    # segment numbers must be (1..S, PS3.3 C.8.20.2.3). The bool → uint8 view is free.
+    stacked = np.stack([label_maps == lab.value for lab in described], axis=-1).view(np.uint8)
 
     algorithm = algorithm_identification(model_name, model_version)
     descriptions = []

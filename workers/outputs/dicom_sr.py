@@ -7,7 +7,7 @@ Document layout::
 
     Imaging Measurement Report (TID 1500)
     ├── observation context: device observer = the model (name, version, medcad)
-    ├── procedure reported: CT unspecified body region (or the source modality's)
+    ├── procedure reported: "<modality> unspecified body region" of the sources
     ├── Image Library (TID 1600): every source image (single-frame sources only)
     └── Imaging Measurements: one Measurement Group (TID 1501) per finding
         ├── tracking identifier + UID, finding = the label's code, algorithm = the model
@@ -48,6 +48,17 @@ PRESENT = codes.SCT.Present  # (52101004, SCT, "Present")
 ABSENT = codes.SCT.Absent  # (272519000, SCT, "Absent")
 CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding  # (111012, DCM)
 UNCERTAIN = codes.SCT.Uncertain  # (64957009, SCT)
+
+
+# Procedure Reported (CID 100) by source modality; anything else is "Imaging procedure".
+_PROCEDURES: dict[str, Code] = {
+    "CT": codes.LN.CTUnspecifiedBodyRegion,
+    "MR": codes.LN.MRIUnspecifiedBodyRegion,
+    "PT": codes.LN.PETUnspecifiedBodyRegion,
+    "NM": codes.LN.NMUnspecifiedBodyRegion,
+    "CR": codes.LN.XRUnspecifiedBodyRegion,
+    "DX": codes.LN.XRUnspecifiedBodyRegion,
+}
 
 
 def _finding_code(name: str, labels: Sequence[Label]) -> Code:
@@ -91,14 +102,13 @@ def _measurement_group(
     tracking_root: str,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     concept = _finding_code(finding.label, labels)
-    where = "series" if finding.level == "series" else f"image {index}"
     evaluations = [hd.sr.QualitativeEvaluation(concept, PRESENT if finding.positive else ABSENT)]
     if finding.uncertain:
         evaluations.append(hd.sr.QualitativeEvaluation(CERTAINTY_OF_FINDING, UNCERTAIN))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(tracking_root, str(index)),
-            identifier=f"{finding.label} ({where})"[:64],
+            identifier=f"{finding.label} ({finding.level} finding {index})"[:64],
         ),
         finding_type=concept,
         algorithm_id=algorithm,
@@ -145,7 +155,8 @@ def build_findings_sr(
         The model's manifest labels, used for the coded concept of each finding label;
         without a match the concept falls back to SNOMED CT codes.
     procedure_reported:
-        Procedure Reported (CID 100); defaults to "CT unspecified body region".
+        Procedure Reported (CID 100); defaults to "<modality> unspecified body region" of
+        the source modality (CT, MR, PET, NM, X-ray), else "Imaging procedure".
     series_number, instance_number, series_instance_uid, sop_instance_uid:
         Identity of the new series and instance; UIDs default to fresh random ones.
 
@@ -186,7 +197,10 @@ def build_findings_sr(
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=procedure_reported or codes.LN.CTUnspecifiedBodyRegion,
+        procedure_reported=procedure_reported
+        or _PROCEDURES.get(
+            str(source_datasets[0].get("Modality", "")), codes.cid100.ImagingProcedure
+        ),
         imaging_measurements=groups,
         # highdicom describes Image Library entries from classic single-frame attributes
         # (PixelSpacing at the top level), so enhanced multi-frame sources go without one.

@@ -36,9 +36,7 @@ def apply_window(frames: FloatArray, window: Window) -> FloatArray:
     float32 array of the same shape with values in [0, 1].
     """
     low = window.center - window.width / 2.0
-    out = (frames.astype(np.float32, copy=False) - np.float32(low)) * np.float32(
-        1.0 / window.width
-    )
+    out = (frames.astype(np.float32, copy=False) - np.float32(low)) * np.float32(1.0 / window.width)
     np.clip(out, 0.0, 1.0, out=out)
     return out
 
@@ -55,7 +53,8 @@ def resize_frames(frames: FloatArray, size: tuple[int, int], resample: str) -> F
         return frames
     if resample == "area" and h % th == 0 and w % tw == 0:
         fy, fx = h // th, w // tw
-        return frames.reshape(f, th, fy, tw, fx).mean(axis=(2, 4), dtype=np.float32)
+        blocks: FloatArray = frames.reshape(f, th, fy, tw, fx).mean(axis=(2, 4), dtype=np.float32)
+        return blocks
     pil_filter = _PIL_FILTERS[resample]
     out = np.empty((f, th, tw), dtype=np.float32)
     for i in range(f):

@@ -18,9 +18,7 @@ router = APIRouter(prefix="/api/v1", tags=["jobs"])
 Viewer = Annotated[Principal, require(Role.VIEWER)]
 
 
-def job_schema(
-    session: Session, job: JobRecord, series: SeriesRecord, study: StudyRecord
-) -> Job:
+def job_schema(session: Session, job: JobRecord, series: SeriesRecord, study: StudyRecord) -> Job:
     """The API view of a job."""
     position = jobs.queue_position(session=session, job=job)
     webhook = None
@@ -32,7 +30,7 @@ def job_schema(
         )
     return Job(
         id=job.id,
-        status=JobStatus(job.status).value,  # type: ignore[arg-type]
+        status=JobStatus(job.status).value,
         stage=job.stage,
         queue_position=position,
         eta_seconds=jobs.eta_seconds(session=session, job=job, position=position),
@@ -67,18 +65,27 @@ def list_jobs(
 ) -> JobPage:
     """Jobs, newest first, with filters and paging."""
     rows, total = jobs.list_jobs(
-        session=session, limit=limit, offset=offset,
+        session=session,
+        limit=limit,
+        offset=offset,
         status=status.value if status else None,
-        study_instance_uid=study_instance_uid, series_instance_uid=series_instance_uid,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
     )
     record_audit(
-        session=session, principal=principal, action="search", resource="jobs",
-        client=client_address(request), study_instance_uid=study_instance_uid,
+        session=session,
+        principal=principal,
+        action="search",
+        resource="jobs",
+        client=client_address(request),
+        study_instance_uid=study_instance_uid,
         series_instance_uid=series_instance_uid,
     )
     return JobPage(
         items=[job_schema(session, j, s, st) for j, s, st in rows],
-        total=total, limit=limit, offset=offset,
+        total=total,
+        limit=limit,
+        offset=offset,
     )
 
 
@@ -89,8 +96,12 @@ def get_job(job_id: str, request: Request, session: SessionDep, principal: Viewe
     """A job's status, queue position, stage, timings and error."""
     job, series, study = jobs.get_job_context(session=session, job_id=job_id)
     record_audit(
-        session=session, principal=principal, action="view", resource=f"job/{job.id}",
-        client=client_address(request), study_instance_uid=study.study_instance_uid,
+        session=session,
+        principal=principal,
+        action="view",
+        resource=f"job/{job.id}",
+        client=client_address(request),
+        study_instance_uid=study.study_instance_uid,
         series_instance_uid=series.series_instance_uid,
     )
     return job_schema(session, job, series, study)

@@ -22,7 +22,7 @@ from app.api.schemas import (
     SeriesInfo,
 )
 from app.auth.service import Principal, record_audit
-from app.db.records import JobStatus, Role
+from app.db.records import ArtifactRecord, JobStatus, Role
 from app.errors import MedcadError
 from app.jobs import service as jobs
 from app.results import service as results
@@ -44,43 +44,70 @@ def _results_schema(res: results.JobResults) -> Results:
             modality=res.series.modality,
             instances=[
                 InstanceInfo(
-                    sop_instance_uid=i.sop_instance_uid, instance_number=i.instance_number,
-                    frames=i.frames, rows=i.rows, columns=i.columns, window=None,
+                    sop_instance_uid=i.sop_instance_uid,
+                    instance_number=i.instance_number,
+                    frames=i.frames,
+                    rows=i.rows,
+                    columns=i.columns,
+                    window=None,
                 )
                 for i in res.instances
             ],
         ),
         findings=[
             FindingOut(
-                id=f.id, model=f.model, model_version=f.model_version, label=f.label,
-                probability=f.probability, positive=f.positive, uncertain=f.uncertain,
-                level=f.level,  # type: ignore[arg-type]
-                sop_instance_uid=f.sop_instance_uid, frame=f.frame,
+                id=f.id,
+                model=f.model,
+                model_version=f.model_version,
+                label=f.label,
+                probability=f.probability,
+                positive=f.positive,
+                uncertain=f.uncertain,
+                level=f.level,
+                sop_instance_uid=f.sop_instance_uid,
+                frame=f.frame,
                 saliency_id=(f.extra or {}).get("saliency_id"),
             )
             for f in res.findings
         ],
         masks=[
             MaskOut(
-                id=m.id, model=m.model, model_version=m.model_version,
-                sop_instance_uid=m.sop_instance_uid, frame=m.frame,
-                labels=[MaskLabel(**{k: v for k, v in lab.items() if k != "saliency_ids"})
-                        for lab in m.labels],
-                url=f"{API}/masks/{m.id}.png", overlay_url=f"{API}/masks/{m.id}/overlay.png",
-                saliency_ids=[s.id for s in res.saliency
-                              if s.model == m.model and s.sop_instance_uid == m.sop_instance_uid
-                              and s.frame == m.frame],
+                id=m.id,
+                model=m.model,
+                model_version=m.model_version,
+                sop_instance_uid=m.sop_instance_uid,
+                frame=m.frame,
+                labels=[
+                    MaskLabel(**{k: v for k, v in lab.items() if k != "saliency_ids"})
+                    for lab in m.labels
+                ],
+                url=f"{API}/masks/{m.id}.png",
+                overlay_url=f"{API}/masks/{m.id}/overlay.png",
+                saliency_ids=[
+                    s.id
+                    for s in res.saliency
+                    if s.model == m.model
+                    and s.sop_instance_uid == m.sop_instance_uid
+                    and s.frame == m.frame
+                ],
             )
             for m in res.masks
         ],
         saliency=[
             SaliencyOut(
-                id=s.id, model=s.model, model_version=s.model_version, method=s.method,
-                sop_instance_uid=s.sop_instance_uid, frame=s.frame,
-                url=f"{API}/saliency/{s.id}.npy", overlay_url=f"{API}/saliency/{s.id}/overlay.png",
+                id=s.id,
+                model=s.model,
+                model_version=s.model_version,
+                method=s.method,
+                sop_instance_uid=s.sop_instance_uid,
+                frame=s.frame,
+                url=f"{API}/saliency/{s.id}.npy",
+                overlay_url=f"{API}/saliency/{s.id}/overlay.png",
                 colorbar_url=f"{API}/saliency/{s.id}/colorbar.png",
-                display_range=(s.display_lo, s.display_hi), suppressed=s.suppressed,
-                target=s.target, params=s.params or {},
+                display_range=(s.display_lo, s.display_hi),
+                suppressed=s.suppressed,
+                target=s.target,
+                params=s.params or {},
             )
             for s in res.saliency
         ],
@@ -92,10 +119,12 @@ def _results_schema(res: results.JobResults) -> Results:
     )
 
 
-def _link(a: object) -> DicomLink:
+def _link(a: ArtifactRecord) -> DicomLink:
     return DicomLink(
-        model=a.model, url=f"{API}/artifacts/{a.id}", method=a.method,  # type: ignore[attr-defined]
-        sop_instance_uid=a.sop_instance_uid,  # type: ignore[attr-defined]
+        model=a.model,
+        url=f"{API}/artifacts/{a.id}",
+        method=a.method,
+        sop_instance_uid=a.sop_instance_uid,
     )
 
 
@@ -109,8 +138,12 @@ def get_results(job_id: str, request: Request, session: SessionDep, principal: V
     """Everything a succeeded job produced, with URLs for the bytes."""
     job, series, study = jobs.get_job_context(session=session, job_id=job_id)
     record_audit(
-        session=session, principal=principal, action="view", resource=f"job/{job.id}/results",
-        client=client_address(request), study_instance_uid=study.study_instance_uid,
+        session=session,
+        principal=principal,
+        action="view",
+        resource=f"job/{job.id}/results",
+        client=client_address(request),
+        study_instance_uid=study.study_instance_uid,
         series_instance_uid=series.series_instance_uid,
     )
     if job.status != JobStatus.SUCCEEDED:
@@ -130,64 +163,99 @@ def _blob_response(
     return Response(store.get(key), media_type=media_type, headers=headers)
 
 
-def _audit_download(session: SessionDep, request: Request, principal: Principal, what: str,
-                    job_id: str) -> None:
+def _audit_download(
+    session: SessionDep, request: Request, principal: Principal, what: str, job_id: str
+) -> None:
     uids = results.series_uids_of_job(session=session, job_id=job_id)
     record_audit(
-        session=session, principal=principal, action="download", resource=what,
+        session=session,
+        principal=principal,
+        action="download",
+        resource=what,
         client=client_address(request),
-        study_instance_uid=uids[0] if uids else None, series_instance_uid=uids[1] if uids else None,
+        study_instance_uid=uids[0] if uids else None,
+        series_instance_uid=uids[1] if uids else None,
     )
 
 
 BYTES = {**ERRORS, **NOT_FOUND}
 
 
-@router.get("/masks/{mask_id}.png", responses=BYTES, response_class=Response,
-            summary="Label map PNG (pixel value = label value)")
-def mask_png(mask_id: str, request: Request, session: SessionDep, store: StoreDep,
-             principal: Viewer) -> Response:
+@router.get(
+    "/masks/{mask_id}.png",
+    responses=BYTES,
+    response_class=Response,
+    summary="Label map PNG (pixel value = label value)",
+)
+def mask_png(
+    mask_id: str, request: Request, session: SessionDep, store: StoreDep, principal: Viewer
+) -> Response:
     """The mask as an 8-bit PNG in source geometry."""
     row = results.get_mask(session=session, mask_id=mask_id)
     _audit_download(session, request, principal, f"mask/{row.id}", row.job_id)
     return _blob_response(request, store, row.blob_sha256, "image/png")
 
 
-@router.get("/masks/{mask_id}/overlay.png", responses=BYTES, response_class=Response,
-            summary="Coloured mask overlay (RGBA PNG)")
-def mask_overlay(mask_id: str, request: Request, session: SessionDep, store: StoreDep,
-                 principal: Viewer) -> Response:
+@router.get(
+    "/masks/{mask_id}/overlay.png",
+    responses=BYTES,
+    response_class=Response,
+    summary="Coloured mask overlay (RGBA PNG)",
+)
+def mask_overlay(
+    mask_id: str, request: Request, session: SessionDep, store: StoreDep, principal: Viewer
+) -> Response:
     """The mask with one colour per label, transparent background."""
     row = results.get_mask(session=session, mask_id=mask_id)
     _audit_download(session, request, principal, f"mask/{row.id}/overlay", row.job_id)
     return _blob_response(request, store, row.overlay_sha256, "image/png")
 
 
-@router.get("/saliency/{saliency_id}.npy", responses=BYTES, response_class=Response,
-            summary="Saliency map (float16 .npy, source geometry)")
-def saliency_map(saliency_id: str, request: Request, session: SessionDep, store: StoreDep,
-                 principal: Viewer) -> Response:
+@router.get(
+    "/saliency/{saliency_id}.npy",
+    responses=BYTES,
+    response_class=Response,
+    summary="Saliency map (float16 .npy, source geometry)",
+)
+def saliency_map(
+    saliency_id: str, request: Request, session: SessionDep, store: StoreDep, principal: Viewer
+) -> Response:
     """The raw saliency map."""
     row = results.get_saliency(session=session, saliency_id=saliency_id)
     _audit_download(session, request, principal, f"saliency/{row.id}", row.job_id)
-    return _blob_response(request, store, row.blob_sha256, "application/octet-stream",
-                          f"{row.model}_{row.method}_{row.sop_instance_uid}_{row.frame}.npy")
+    return _blob_response(
+        request,
+        store,
+        row.blob_sha256,
+        "application/octet-stream",
+        f"{row.model}_{row.method}_{row.sop_instance_uid}_{row.frame}.npy",
+    )
 
 
-@router.get("/saliency/{saliency_id}/overlay.png", responses=BYTES, response_class=Response,
-            summary="Saliency heat overlay (RGBA PNG, fixed scale)")
-def saliency_overlay(saliency_id: str, request: Request, session: SessionDep, store: StoreDep,
-                     principal: Viewer) -> Response:
+@router.get(
+    "/saliency/{saliency_id}/overlay.png",
+    responses=BYTES,
+    response_class=Response,
+    summary="Saliency heat overlay (RGBA PNG, fixed scale)",
+)
+def saliency_overlay(
+    saliency_id: str, request: Request, session: SessionDep, store: StoreDep, principal: Viewer
+) -> Response:
     """The saliency map on the model's fixed scale, transparent below its minimum."""
     row = results.get_saliency(session=session, saliency_id=saliency_id)
     _audit_download(session, request, principal, f"saliency/{row.id}/overlay", row.job_id)
     return _blob_response(request, store, row.overlay_sha256, "image/png")
 
 
-@router.get("/artifacts/{artifact_id}", responses=BYTES, response_class=Response,
-            summary="A stored output (DICOM SEG, SR, Parametric Map)")
-def artifact(artifact_id: str, request: Request, session: SessionDep, store: StoreDep,
-             principal: Viewer) -> Response:
+@router.get(
+    "/artifacts/{artifact_id}",
+    responses=BYTES,
+    response_class=Response,
+    summary="A stored output (DICOM SEG, SR, Parametric Map)",
+)
+def artifact(
+    artifact_id: str, request: Request, session: SessionDep, store: StoreDep, principal: Viewer
+) -> Response:
     """The bytes of an output object."""
     row = results.get_artifact(session=session, artifact_id=artifact_id)
     _audit_download(session, request, principal, f"artifact/{row.id}", row.job_id)
@@ -195,32 +263,59 @@ def artifact(artifact_id: str, request: Request, session: SessionDep, store: Sto
     return _blob_response(request, store, row.blob_sha256, row.media_type, name)
 
 
-@router.get("/instances/{sop_instance_uid}/frames/{frame}/pixels", responses=BYTES,
-            response_class=Response, summary="One frame in modality units (int16 LE)")
-def frame_pixels(sop_instance_uid: str, frame: int, request: Request, session: SessionDep,
-                 store: StoreDep, principal: Viewer) -> Response:
+@router.get(
+    "/instances/{sop_instance_uid}/frames/{frame}/pixels",
+    responses=BYTES,
+    response_class=Response,
+    summary="One frame in modality units (int16 LE)",
+)
+def frame_pixels(
+    sop_instance_uid: str,
+    frame: int,
+    request: Request,
+    session: SessionDep,
+    store: StoreDep,
+    principal: Viewer,
+) -> Response:
     """Raw frame values (HU for CT) for client-side window/level."""
     instance = results.get_instance(session=session, sop_instance_uid=sop_instance_uid)
     pixels = results.read_frame(store=store, instance=instance, frame=frame)
     uids = _instance_uids(session, instance.series_id)
-    record_audit(session=session, principal=principal, action="view",
-                 resource=f"instance/{sop_instance_uid}/frames/{frame}",
-                 client=client_address(request), study_instance_uid=uids[0],
-                 series_instance_uid=uids[1])
+    record_audit(
+        session=session,
+        principal=principal,
+        action="view",
+        resource=f"instance/{sop_instance_uid}/frames/{frame}",
+        client=client_address(request),
+        study_instance_uid=uids[0],
+        series_instance_uid=uids[1],
+    )
     rows, cols = pixels.values.shape
     return Response(
-        pixels.values.tobytes(), media_type="application/octet-stream",
-        headers={"X-Rows": str(rows), "X-Columns": str(cols),
-                 "X-Window-Center": f"{pixels.window_center:g}",
-                 "X-Window-Width": f"{pixels.window_width:g}",
-                 "Cache-Control": "private, max-age=3600"},
+        pixels.values.tobytes(),
+        media_type="application/octet-stream",
+        headers={
+            "X-Rows": str(rows),
+            "X-Columns": str(cols),
+            "X-Window-Center": f"{pixels.window_center:g}",
+            "X-Window-Width": f"{pixels.window_width:g}",
+            "Cache-Control": "private, max-age=3600",
+        },
     )
 
 
-@router.get("/instances/{sop_instance_uid}/frames/{frame}/rendered", responses=BYTES,
-            response_class=Response, summary="One frame rendered to a grey PNG")
+@router.get(
+    "/instances/{sop_instance_uid}/frames/{frame}/rendered",
+    responses=BYTES,
+    response_class=Response,
+    summary="One frame rendered to a grey PNG",
+)
 def frame_rendered(
-    sop_instance_uid: str, frame: int, request: Request, session: SessionDep, store: StoreDep,
+    sop_instance_uid: str,
+    frame: int,
+    request: Request,
+    session: SessionDep,
+    store: StoreDep,
     principal: Viewer,
     center: Annotated[float | None, Query()] = None,
     width: Annotated[float | None, Query(gt=0)] = None,
@@ -239,10 +334,15 @@ def frame_rendered(
     buffer = io.BytesIO()
     Image.fromarray(scaled.astype(np.uint8), mode="L").save(buffer, format="PNG")
     uids = _instance_uids(session, instance.series_id)
-    record_audit(session=session, principal=principal, action="view",
-                 resource=f"instance/{sop_instance_uid}/frames/{frame}/rendered",
-                 client=client_address(request), study_instance_uid=uids[0],
-                 series_instance_uid=uids[1])
+    record_audit(
+        session=session,
+        principal=principal,
+        action="view",
+        resource=f"instance/{sop_instance_uid}/frames/{frame}/rendered",
+        client=client_address(request),
+        study_instance_uid=uids[0],
+        series_instance_uid=uids[1],
+    )
     return Response(buffer.getvalue(), media_type="image/png")
 
 
@@ -251,14 +351,21 @@ def _instance_uids(session: SessionDep, series_id: str) -> tuple[str | None, str
 
     series = session.get(SeriesRecord, series_id)
     study = session.get(StudyRecord, series.study_id) if series else None
-    return (study.study_instance_uid if study else None,
-            series.series_instance_uid if series else None)
+    return (
+        study.study_instance_uid if study else None,
+        series.series_instance_uid if series else None,
+    )
 
 
-@router.get("/saliency/{saliency_id}/colorbar.png", responses=BYTES, response_class=Response,
-            summary="Colour bar (legend) of a saliency overlay's fixed scale")
-def saliency_colorbar(saliency_id: str, request: Request, session: SessionDep, store: StoreDep,
-                      principal: Viewer) -> Response:
+@router.get(
+    "/saliency/{saliency_id}/colorbar.png",
+    responses=BYTES,
+    response_class=Response,
+    summary="Colour bar (legend) of a saliency overlay's fixed scale",
+)
+def saliency_colorbar(
+    saliency_id: str, request: Request, session: SessionDep, store: StoreDep, principal: Viewer
+) -> Response:
     """The legend PNG for the overlay: colormap and the fixed display range."""
     row = results.get_saliency(session=session, saliency_id=saliency_id)
     key = (row.params or {}).get("colorbar_sha256")

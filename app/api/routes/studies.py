@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -45,7 +45,7 @@ async def read_multipart(request: Request, max_bytes: int) -> list[tuple[str, st
             "unsupported_media_type", "the body must be multipart/form-data", status=415
         )
 
-    async def limited() -> AsyncIterator[bytes]:
+    async def limited() -> AsyncGenerator[bytes, None]:
         total = 0
         async for chunk in request.stream():
             total += len(chunk)
@@ -82,27 +82,43 @@ def _check_capacity(settings: Settings) -> None:
 
 
 def _ingest(
-    files: list[UploadedFile], model_names: list[str] | None, callback_url: str | None,
-    principal: Principal, client: str | None, settings: Settings,
+    files: list[UploadedFile],
+    model_names: list[str] | None,
+    callback_url: str | None,
+    principal: Principal,
+    client: str | None,
+    settings: Settings,
 ) -> IngestResult:
     registry = get_registry(settings)
     models = resolve_models(registry, model_names)
     store = get_store(settings)
     with session_scope() as session:
         result = ingest_files(
-            session=session, store=store, files=files, models=models, principal=principal,
-            limits=ingest_limits(settings), callback_url=callback_url,
+            session=session,
+            store=store,
+            files=files,
+            models=models,
+            principal=principal,
+            limits=ingest_limits(settings),
+            callback_url=callback_url,
         )
         for job in result.jobs:
             record_audit(
-                session=session, principal=principal, action="upload",
-                resource=f"job/{job.id}", client=client,
+                session=session,
+                principal=principal,
+                action="upload",
+                resource=f"job/{job.id}",
+                client=client,
                 series_instance_uid=job.series_instance_uid,
             )
         if not result.jobs:
             record_audit(
-                session=session, principal=principal, action="upload", resource="studies",
-                client=client, outcome="success" if result.duplicates else "rejected",
+                session=session,
+                principal=principal,
+                action="upload",
+                resource="studies",
+                client=client,
+                outcome="success" if result.duplicates else "rejected",
             )
     return result
 
@@ -173,10 +189,17 @@ async def upload_studies(request: Request) -> JSONResponse:
             callback = value
     if not files:
         raise BadRequest("no_files", "the request has no 'files' part")
-    model_names = [m.strip() for m in models_field.split(",") if m.strip()] if models_field else None
+    model_names = (
+        [m.strip() for m in models_field.split(",") if m.strip()] if models_field else None
+    )
     result = await run_in_threadpool(
-        _ingest, files, model_names, _validate_callback(callback), principal,
-        client_address(request), settings,
+        _ingest,
+        files,
+        model_names,
+        _validate_callback(callback),
+        principal,
+        client_address(request),
+        settings,
     )
     return _upload_response(result)
 
@@ -187,8 +210,10 @@ def _upload_response(result: IngestResult) -> JSONResponse:
         if f.error:
             REJECTIONS.labels(f.error).inc()
     body = UploadResponse(
-        jobs=[JobRef(id=j.id, series_instance_uid=j.series_instance_uid, status=j.status)
-              for j in result.jobs],
+        jobs=[
+            JobRef(id=j.id, series_instance_uid=j.series_instance_uid, status=j.status)
+            for j in result.jobs
+        ],
         stored=result.stored,
         duplicates=result.duplicates,
         rejected=[
@@ -197,9 +222,12 @@ def _upload_response(result: IngestResult) -> JSONResponse:
         ],
         files=[
             FileResult(
-                filename=f.filename, outcome=f.outcome,  # type: ignore[arg-type]
-                sop_instance_uid=f.sop_instance_uid, series_instance_uid=f.series_instance_uid,
-                error=f.error, detail=f.detail,
+                filename=f.filename,
+                outcome=f.outcome,
+                sop_instance_uid=f.sop_instance_uid,
+                series_instance_uid=f.series_instance_uid,
+                error=f.error,
+                detail=f.detail,
             )
             for f in result.files
         ],

@@ -47,8 +47,9 @@ def readyz(settings: SettingsDep, registry: RegistryDep) -> JSONResponse:
     checks["broker"] = _broker_check(settings)
     checks["models"] = "ok" if registry else "error: no valid model manifest"
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
-                        status_code=200 if ok else 503)
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
+    )
 
 
 def _broker_check(settings: SettingsDep) -> str:
@@ -57,8 +58,9 @@ def _broker_check(settings: SettingsDep) -> str:
     try:
         import redis
 
-        client = redis.Redis.from_url(settings.resolved_broker_url, socket_connect_timeout=2,
-                                      socket_timeout=2)
+        client = redis.Redis.from_url(
+            settings.resolved_broker_url, socket_connect_timeout=2, socket_timeout=2
+        )
         client.ping()
         return "ok"
     except Exception as exc:  # readiness reports, never raises
@@ -89,8 +91,9 @@ def me(principal: PrincipalDep) -> Me:
     return Me(name=principal.name, role=principal.role.value, key_prefix=principal.prefix)
 
 
-@router.get("/api/v1/models", response_model=ModelList, responses=ERRORS,
-            summary="Registered models")
+@router.get(
+    "/api/v1/models", response_model=ModelList, responses=ERRORS, summary="Registered models"
+)
 def models(registry: RegistryDep, _principal: PrincipalDep) -> ModelList:
     """Every registered model version, newest first per name."""
     latest = {m.manifest.key for m in latest_versions(registry).values()}
@@ -99,19 +102,25 @@ def models(registry: RegistryDep, _principal: PrincipalDep) -> ModelList:
         m = registry[key].manifest
         items.append(
             ModelOut(
-                name=m.name, version=m.version, task=m.task.value, description=m.description,
-                labels=[ModelLabel(value=lab.value, name=lab.name, color=lab.color)
-                        for lab in m.labels],
+                name=m.name,
+                version=m.version,
+                task=m.task.value,
+                description=m.description,
+                labels=[
+                    ModelLabel(value=lab.value, name=lab.name, color=lab.color) for lab in m.labels
+                ],
                 default=m.default and key in latest,
                 saliency_methods=[s.value for s in m.saliency.methods],
-                input_size=m.preprocessing.size, metrics=m.metrics,
+                input_size=m.preprocessing.size,
+                metrics=m.metrics,
             )
         )
     return ModelList(items=items)
 
 
-@router.get("/api/v1/audit", response_model=AuditPage, responses=ERRORS,
-            summary="Audit log (admins)")
+@router.get(
+    "/api/v1/audit", response_model=AuditPage, responses=ERRORS, summary="Audit log (admins)"
+)
 def audit(
     session: SessionDep,
     _principal: Annotated[Principal, require(Role.ADMIN)],
@@ -124,11 +133,19 @@ def audit(
     return AuditPage(
         items=[
             AuditEvent(
-                id=r.id, at=r.at, actor_name=r.actor_name, action=r.action, resource=r.resource,
-                outcome=r.outcome, client=r.client, study_instance_uid=r.study_instance_uid,
+                id=r.id,
+                at=r.at,
+                actor_name=r.actor_name,
+                action=r.action,
+                resource=r.resource,
+                outcome=r.outcome,
+                client=r.client,
+                study_instance_uid=r.study_instance_uid,
                 series_instance_uid=r.series_instance_uid,
             )
             for r in rows
         ],
-        total=total, limit=limit, offset=offset,
+        total=total,
+        limit=limit,
+        offset=offset,
     )

@@ -19,9 +19,16 @@ export function formatDuration(seconds) {
   return `${hours} h ${Math.round((s - hours * 3600) / 60)} min`;
 }
 
+/** Parse an ISO 8601 time; one without an offset is taken as UTC (the server's clock). */
+export function parseTime(iso) {
+  if (!iso) return Number.NaN;
+  const text = String(iso);
+  return Date.parse(/(Z|[+-]\d\d:?\d\d)$/i.test(text) ? text : `${text}Z`);
+}
+
 export function formatTime(iso) {
   if (!iso) return "";
-  const date = new Date(iso);
+  const date = new Date(parseTime(iso));
   if (Number.isNaN(date.getTime())) return "";
   return date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
 }
@@ -48,7 +55,7 @@ export function describeJob(job) {
     case "succeeded": {
       const parts = ["Results ready"];
       if (job.started_at && job.finished_at) {
-        parts.push(`took ${formatDuration((Date.parse(job.finished_at) - Date.parse(job.started_at)) / 1000)}`);
+        parts.push(`took ${formatDuration((parseTime(job.finished_at) - parseTime(job.started_at)) / 1000)}`);
       }
       return parts.join(" · ");
     }

@@ -512,7 +512,7 @@ export function initViewer({ announce, getModels }) {
     if (V.colorbarFor === V.saliencyChoice) return;
     V.colorbarFor = V.saliencyChoice;
     try {
-      const blob = await getBlob(`api/v1/saliency/${encodeURIComponent(any.id)}/colorbar.png`);
+      const blob = await getBlob(any.colorbar_url || `api/v1/saliency/${encodeURIComponent(any.id)}/colorbar.png`);
       if (V.colorbarUrl) URL.revokeObjectURL(V.colorbarUrl);
       V.colorbarUrl = URL.createObjectURL(blob);
       $("colorbar-img").src = V.colorbarUrl;

@@ -25,7 +25,10 @@ UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 @pytest.mark.parametrize(
     ("model_name", "model_version"),
-    [("lung-unet", "1.0.0"), ("a-very-long-model-name-that-goes-on-and-on" * 2, "2026.11.25+build7")],
+    [
+        ("lung-unet", "1.0.0"),
+        ("a-very-long-model-name-that-goes-on-and-on" * 2, "2026.11.25+build7"),
+    ],
 )
 def test_series_description_always_carries_the_warning(model_name, model_version):
     text = series_description("SEG", model_name, model_version)
@@ -72,7 +75,9 @@ def test_slice_normal_rejects_degenerate_orientation():
     ],
 )
 def test_sort_by_position_recovers_acquisition_order(ct_series_factory, orientation, order):
-    uploaded = ct_series_factory(n=5, rows=8, columns=8, orientation=orientation, upload_order=order)
+    uploaded = ct_series_factory(
+        n=5, rows=8, columns=8, orientation=orientation, upload_order=order
+    )
     ranked = sort_by_position(uploaded)
     # Acquisition order k was placed at origin + k * step * normal, so sorting along the
     # normal must give back k = 0, 1, 2, ...

@@ -42,11 +42,7 @@ def test_pmap_frames_follow_their_source_slices(
 ):
     sources = ct_series_factory(n=6, orientation=orientation, upload_order=order)
     maps = saliency_maps(6, 64, 64)
-    pm = reread(
-        build_parametric_map(
-            sources, maps, method="cam", value_range=(0.0, 1.0), **MODEL
-        )
-    )
+    pm = reread(build_parametric_map(sources, maps, method="cam", value_range=(0.0, 1.0), **MODEL))
 
     table = source_frames_of(sources)
     pixels = pm.pixel_array.reshape(int(pm.NumberOfFrames), int(pm.Rows), int(pm.Columns))
@@ -70,7 +66,9 @@ def test_pmap_frames_follow_their_source_slices(
 
 
 def test_pmap_fields(ct_series_factory, identity, site_values):
-    sources = ct_series_factory(n=6, orientation=(-1, 0, 0, 0, -1, 0), upload_order=[2, 0, 5, 1, 3, 4])
+    sources = ct_series_factory(
+        n=6, orientation=(-1, 0, 0, 0, -1, 0), upload_order=[2, 0, 5, 1, 3, 4]
+    )
     pm = reread(
         build_parametric_map(
             sources,
@@ -106,7 +104,10 @@ def test_pmap_fields(ct_series_factory, identity, site_values):
     assert mapping.MeasurementUnitsCodeSequence[0].CodingSchemeDesignator == "UCUM"
     assert float(mapping.DoubleFloatRealWorldValueFirstValueMapped) == 0.0
     assert float(mapping.DoubleFloatRealWorldValueLastValueMapped) == 1.0
-    assert (float(mapping.RealWorldValueSlope), float(mapping.RealWorldValueIntercept)) == (1.0, 0.0)
+    assert (float(mapping.RealWorldValueSlope), float(mapping.RealWorldValueIntercept)) == (
+        1.0,
+        0.0,
+    )
     quantity = mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
     assert (quantity.CodeValue, quantity.CodingSchemeDesignator) == ("130402", "DCM")
     assert quantity.CodeMeaning == "Class activation"
@@ -142,7 +143,9 @@ def test_pmap_quantity_per_method(ct_series_factory, method, code):
 @pytest.mark.parametrize("source", ["generated", "ct_small", "enhanced_ct"])
 def test_pmap_is_valid(source, ct_series_factory, ct_small, request):
     if source == "generated":
-        sources = ct_series_factory(n=6, orientation=(-1, 0, 0, 0, -1, 0), upload_order=[5, 3, 1, 0, 2, 4])
+        sources = ct_series_factory(
+            n=6, orientation=(-1, 0, 0, 0, -1, 0), upload_order=[5, 3, 1, 0, 2, 4]
+        )
     elif source == "ct_small":
         sources = [ct_small]
     else:
@@ -160,13 +163,13 @@ def test_pmap_is_valid(source, ct_series_factory, ct_small, request):
     assert sorted(f.tobytes() for f in stored) == sorted(f.tobytes() for f in maps)
 
 
-def test_pmap_of_multiframe_source_keeps_frame_order(enhanced_ct, source_frames_of, frame_reference_of):
+def test_pmap_of_multiframe_source_keeps_frame_order(
+    enhanced_ct, source_frames_of, frame_reference_of
+):
     frames = int(enhanced_ct.NumberOfFrames)
     maps = saliency_maps(frames, int(enhanced_ct.Rows), int(enhanced_ct.Columns))
     pm = reread(
-        build_parametric_map(
-            [enhanced_ct], maps, method="cam", value_range=(0.0, 1.0), **MODEL
-        )
+        build_parametric_map([enhanced_ct], maps, method="cam", value_range=(0.0, 1.0), **MODEL)
     )
     table = source_frames_of([enhanced_ct])
     pixels = pm.pixel_array.reshape(frames, int(pm.Rows), int(pm.Columns))
@@ -175,7 +178,9 @@ def test_pmap_of_multiframe_source_keeps_frame_order(enhanced_ct, source_frames_
         reference = frame_reference_of(item)
         index, position = table[reference]
         np.testing.assert_allclose(
-            [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient], position, atol=1e-4
+            [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
+            position,
+            atol=1e-4,
         )
         np.testing.assert_array_equal(pixels[k], maps[index])
         references.append(reference[1])

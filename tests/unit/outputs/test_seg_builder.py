@@ -73,7 +73,10 @@ def assert_matches_sources(
         np.testing.assert_array_equal(pixels[k].astype(bool), expected)
         seen.add((index, segment))
     nonempty = {
-        (i, s) for s, v in segment_values.items() for i in range(len(label_maps)) if np.any(label_maps[i] == v)
+        (i, s)
+        for s, v in segment_values.items()
+        for i in range(len(label_maps))
+        if np.any(label_maps[i] == v)
     }
     assert seen == nonempty
 
@@ -94,7 +97,11 @@ def test_seg_frames_land_on_the_slices_they_reference(
     normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
     for segment in (1, 2):
         distances = [
-            float(np.dot(np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, float), normal))
+            float(
+                np.dot(
+                    np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, float), normal
+                )
+            )
             for item in seg.PerFrameFunctionalGroupsSequence
             if item.SegmentIdentificationSequence[0].ReferencedSegmentNumber == segment
         ]
@@ -109,10 +116,14 @@ def test_seg_frames_land_on_the_slices_they_reference(
 
 
 def test_seg_fields(ct_series_factory, labels, label_maps_factory, identity, site_values):
-    sources = ct_series_factory(orientation=(-1, 0, 0, 0, -1, 0), upload_order=[3, 1, 6, 0, 2, 5, 4])
+    sources = ct_series_factory(
+        orientation=(-1, 0, 0, 0, -1, 0), upload_order=[3, 1, 6, 0, 2, 5, 4]
+    )
     label_maps = label_maps_factory((7, 64, 64))
     seg = reread(
-        build_segmentation(sources, label_maps, labels, series_number=77, instance_number=3, **MODEL)
+        build_segmentation(
+            sources, label_maps, labels, series_number=77, instance_number=3, **MODEL
+        )
     )
 
     assert seg.SOPClassUID == SegmentationStorage
@@ -137,7 +148,10 @@ def test_seg_fields(ct_series_factory, labels, label_maps_factory, identity, sit
     assert [int(s.SegmentNumber) for s in segments] == [1, 2]
     assert [s.SegmentLabel for s in segments] == ["lung", "nodule"]
     lung, nodule = segments
-    assert (lung.SegmentedPropertyTypeCodeSequence[0].CodeValue, lung.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator) == ("39607008", "SCT")
+    assert (
+        lung.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+        lung.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator,
+    ) == ("39607008", "SCT")
     assert lung.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
     # No codes in the manifest: SNOMED CT fallbacks.
     assert nodule.SegmentedPropertyTypeCodeSequence[0].CodeValue == "27925004"  # Nodule
@@ -198,7 +212,10 @@ def test_seg_of_multiframe_source(enhanced_ct, labels, source_frames_of, frame_r
         back, [enhanced_ct], label_maps, {1: 1, 2: 2}, source_frames_of, frame_reference_of
     )
     references = {frame_reference_of(item) for item in back.PerFrameFunctionalGroupsSequence}
-    assert references == {(str(enhanced_ct.SOPInstanceUID), 1), (str(enhanced_ct.SOPInstanceUID), 2)}
+    assert references == {
+        (str(enhanced_ct.SOPInstanceUID), 1),
+        (str(enhanced_ct.SOPInstanceUID), 2),
+    }
 
 
 def test_seg_absent_segment_is_described_without_frames(
@@ -281,7 +298,9 @@ def test_seg_non_contiguous_label_values(ct_series, label_maps_factory, labels):
         (lambda m: np.where(m == 2, 5, m).astype(np.uint8), r"\[5\]"),
     ],
 )
-def test_seg_rejects_inconsistent_label_maps(ct_series, labels, label_maps_factory, mutate, message):
+def test_seg_rejects_inconsistent_label_maps(
+    ct_series, labels, label_maps_factory, mutate, message
+):
     label_maps = mutate(label_maps_factory((7, 64, 64)))
     with pytest.raises(ValueError, match=message):
         build_segmentation(ct_series, label_maps, labels, **MODEL)

@@ -63,7 +63,9 @@ def measurement_groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
 
 
 def test_sr_fields(ct_series_factory, labels, identity, site_values):
-    sources = ct_series_factory(orientation=(-1, 0, 0, 0, -1, 0), upload_order=[5, 2, 0, 6, 3, 1, 4])
+    sources = ct_series_factory(
+        orientation=(-1, 0, 0, 0, -1, 0), upload_order=[5, 2, 0, 6, 3, 1, 4]
+    )
     findings = slice_findings(sources)
     sr = reread(
         build_findings_sr(
@@ -97,9 +99,22 @@ def test_sr_fields(ct_series_factory, labels, identity, site_values):
     }
     assert evidence == {str(ds.SOPInstanceUID) for ds in sources}
 
+    (procedure,) = [
+        item
+        for item in content_items(sr)
+        if item.ConceptNameCodeSequence[0].CodeValue == "121058"  # Procedure reported
+    ]
+    assert procedure.ConceptCodeSequence[0].CodeValue == "25045-6"  # CT unspecified body region
+    device_name = [
+        item.TextValue
+        for item in content_items(sr)
+        if item.ConceptNameCodeSequence[0].CodeValue == "121013"  # Device Observer Name
+    ]
+    assert device_name == ["nodule-cls 0.3.1"]
+
     # Read back with highdicom's TID 1500 parser.
     report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
-    (device,) = report.get_observer_contexts(observer_type=codes.DCM.Device)
+    assert len(report.get_observer_contexts(observer_type=codes.DCM.Device)) == 1
     groups = report.get_image_measurement_groups()
     assert len(groups) == len(findings)
     raw_groups = measurement_groups(sr)
@@ -121,16 +136,15 @@ def test_sr_fields(ct_series_factory, labels, identity, site_values):
         referenced = [str(s.referenced_sop_instance_uid) for s in group.source_images]
         if finding.level == "slice":
             assert referenced == [finding.sop_instance_uid]
-            assert group.source_images[0].referenced_sop_class_uid == by_uid[referenced[0]].SOPClassUID
+            assert (
+                group.source_images[0].referenced_sop_class_uid == by_uid[referenced[0]].SOPClassUID
+            )
         else:
             assert sorted(referenced) == sorted(by_uid)
     assert len({g.tracking_uid for g in groups}) == len(groups)
     # The measurement itself names the algorithm too (TID 300 row "Algorithm Name").
-    measurement = next(
-        c for c in content_items(raw_groups[0]) if c.ValueType == "NUM"
-    )
+    measurement = next(c for c in content_items(raw_groups[0]) if c.ValueType == "NUM")
     assert text_values(measurement)["111001"] == "nodule-cls"
-    del device
 
 
 def test_sr_uses_manifest_codes(ct_series, labels):

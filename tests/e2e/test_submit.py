@@ -1,0 +1,339 @@
+"""``medcad submit`` against a live ``medcad serve`` (API + worker + shipped models).
+
+Both tests run the real console script in a subprocess on a copy of the demo series whose UIDs
+are brand new, so the uploads are new to the (session-wide) server whatever ran before.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.uid import generate_uid
+
+from app.client import Client, Results
+
+pytestmark = pytest.mark.slow
+
+MEDCAD = Path(sys.executable).with_name("medcad")
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+WAIT_SECONDS = 1200
+
+
+def fresh_copy(src: Path, dest: Path) -> tuple[dict[str, list[Path]], int, str]:
+    """Copy ``src`` giving every study, series, instance and frame of reference a new UID and
+    the patient a recognisable name; other files are copied as they are.
+
+    Returns the DICOM files by new Series Instance UID, how many non-DICOM files were copied,
+    and the patient name written (it must never be printed).
+    """
+    patient = f"SUBMIT^PRIVATE^{uuid.uuid4().hex[:8].upper()}"
+    new_uid: dict[str, str] = {}
+    series: dict[str, list[Path]] = {}
+    others = 0
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = dest / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            ds = pydicom.dcmread(path)
+        except pydicom.errors.InvalidDicomError:
+            target.write_bytes(path.read_bytes())
+            others += 1
+            continue
+        for keyword in (
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "FrameOfReferenceUID",
+        ):
+            if keyword in ds:
+                old = str(ds.data_element(keyword).value)
+                setattr(ds, keyword, new_uid.setdefault(old, generate_uid()))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientName = patient
+        ds.PatientID = patient.replace("^", "-")
+        ds.save_as(target, enforce_file_format=True)
+        series.setdefault(str(ds.SeriesInstanceUID), []).append(target)
+    assert series, f"no DICOM files under {src}"
+    return series, others, patient
+
+
+def submit_command(server: Any, paths: list[Path], *extra: str) -> list[str]:
+    assert MEDCAD.exists(), f"the medcad console script is not installed beside {sys.executable}"
+    return [
+        str(MEDCAD),
+        "submit",
+        *map(str, paths),
+        "--server",
+        server.url,
+        "--api-key",
+        server.api_key,
+        *extra,
+    ]
+
+
+def read_summary(out: Path) -> list[dict[str, str]]:
+    with (out / "summary.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def jobs_of_series(client: Client, series_uid: str) -> list[Any]:
+    return list(client.jobs(series_instance_uid=series_uid))
+
+
+def check_result_tree(root: Path, results: Results) -> Counter[str]:
+    """Every output the results name is on disk where the tree layout says, and readable;
+    nothing else is there. Returns how many outputs of each kind were checked."""
+    geometry = {i.sop_instance_uid: (i.rows, i.columns) for i in results.series.instances}
+    expected = {root / "results.json"}
+    kinds: Counter[str] = Counter()
+    for mask in results.masks:
+        png = root / "masks" / mask.model / f"{mask.sop_instance_uid}_{mask.frame}.png"
+        with Image.open(png) as img:
+            rows, cols = geometry[mask.sop_instance_uid]
+            assert img.size == (cols, rows) and img.mode in ("L", "P")
+            assert set(np.unique(np.asarray(img))) <= {0} | {lab.value for lab in mask.labels}
+        expected.add(png)
+        if mask.overlay_url:
+            overlay = png.with_name(f"{png.stem}_overlay.png")
+            with Image.open(overlay) as img:
+                assert img.mode == "RGBA"
+            expected.add(overlay)
+        kinds["mask"] += 1
+    for sal in results.saliency:
+        npy = root / "saliency" / sal.model / sal.method / f"{sal.sop_instance_uid}_{sal.frame}.npy"
+        heat = np.load(npy)
+        assert heat.dtype == np.float16 and heat.shape == geometry[sal.sop_instance_uid]
+        expected.add(npy)
+        if sal.overlay_url:
+            overlay = npy.with_name(f"{npy.stem}_overlay.png")
+            with Image.open(overlay) as img:
+                assert img.mode == "RGBA"
+            expected.add(overlay)
+        kinds["saliency"] += 1
+    for kind, refs, sop_class in (
+        ("seg", results.dicom.seg, SEG_STORAGE),
+        ("sr", results.dicom.sr, COMPREHENSIVE_3D_SR),
+        ("pmap", results.dicom.pmap, PARAMETRIC_MAP),
+    ):
+        for ref in refs:
+            name = "_".join(p for p in (kind, ref.model, ref.method) if p)
+            ds = pydicom.dcmread(root / "dicom" / f"{name}.dcm")
+            assert ds.SOPClassUID == sop_class
+            assert ds.StudyInstanceUID == results.series.study_instance_uid
+            expected.add(root / "dicom" / f"{name}.dcm")
+            kinds[kind] += 1
+    assert {p for p in root.rglob("*") if p.is_file()} == expected
+    return kinds
+
+
+def test_submit_waits_and_downloads_every_result(
+    medcad_server: Any, demo_data_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "export"
+    series, others, patient = fresh_copy(demo_data_dir, data)
+    out = tmp_path / "results"
+
+    run = subprocess.run(
+        submit_command(
+            medcad_server,
+            [data],
+            "--wait",
+            "--out",
+            str(out),
+            "--concurrency",
+            "2",
+            "--wait-timeout",
+            str(WAIT_SECONDS),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=WAIT_SECONDS + 120,
+    )
+
+    printed = run.stdout + run.stderr
+    assert run.returncode == 0, printed
+    assert patient not in printed and patient.replace("^", "-") not in printed
+    assert f"skipped (not DICOM): {others}" in printed
+    rows = read_summary(out)
+    assert sorted(r["series_instance_uid"] for r in rows) == sorted(series)
+    totals: Counter[str] = Counter()
+    with Client(medcad_server.url, medcad_server.api_key) as client:
+        for row in rows:
+            uid = row["series_instance_uid"]
+            assert row["status"] == "succeeded", row
+            assert int(row["files"]) == int(row["stored"]) == len(series[uid])
+            (job,) = jobs_of_series(client, uid)
+            assert job.id == row["job_id"] and job.instance_count == len(series[uid])
+            root = out / row["results_dir"]
+            saved = json.loads((root / "results.json").read_text())
+            results = Results.model_validate(saved)
+            assert results.job_id == job.id and results.series.series_instance_uid == uid
+            assert root == out / results.series.study_instance_uid / uid
+            totals += check_result_tree(root, results)
+            probabilities = [f.probability for f in results.findings if f.probability is not None]
+            if probabilities:
+                series_level = [
+                    f.probability
+                    for f in results.findings
+                    if f.level == "series" and f.probability is not None
+                ]
+                assert float(row["max_probability"]) == pytest.approx(
+                    max(series_level or probabilities), abs=1e-4
+                )
+    # The shipped models segment, explain and write DICOM: an empty tree would prove nothing.
+    assert totals["mask"] and totals["saliency"] and totals["seg"] and totals["sr"], totals
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def test_killed_run_resumes_without_sending_a_stored_file_again(
+    medcad_server: Any, demo_data_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "export"
+    series, _, _ = fresh_copy(demo_data_dir, data)
+    assert len(series) >= 3, "the resume test needs several series"
+    all_files = {str(p.resolve()) for files in series.values() for p in files}
+    state_path = tmp_path / "submit-state.json"
+    out = tmp_path / "results"
+    command = submit_command(
+        medcad_server,
+        [data],
+        "--concurrency",
+        "1",
+        "--wait",
+        "--out",
+        str(out),
+        "--state",
+        str(state_path),
+        "--wait-timeout",
+        str(WAIT_SECONDS),
+    )
+
+    # First run: SIGKILL it as soon as the state file shows a batch acknowledged.
+    log = (tmp_path / "first-run.log").open("wb")
+    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            state = _read_state(state_path)
+            if state and any(r["outcome"] == "stored" for r in state["files"].values()):
+                first.kill()
+                break
+            if first.poll() is not None:
+                pytest.fail(
+                    f"the first run ended (code {first.returncode}) before a batch was "
+                    "acknowledged: " + (tmp_path / "first-run.log").read_text()
+                )
+            time.sleep(0.01)
+        else:
+            pytest.fail("no batch was acknowledged within 300 s")
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+        log.close()
+    snapshot = _read_state(state_path)
+    assert snapshot is not None
+    before = {k: v for k, v in snapshot["files"].items() if k in all_files}
+    stored_before = {k for k, v in before.items() if v["outcome"] == "stored"}
+    in_flight = {k for k, v in before.items() if v["outcome"] == "pending"}
+    assert stored_before and len(stored_before) < len(all_files), "nothing left to resume"
+    assert not out.exists() or not any(out.rglob("results.json"))
+
+    # Second run, same command: finishes the uploads, waits, downloads.
+    second = subprocess.run(command, capture_output=True, text=True, timeout=WAIT_SECONDS + 120)
+
+    assert second.returncode == 0, second.stdout + second.stderr
+    after = json.loads(state_path.read_text())["files"]
+    assert set(after) >= all_files
+    for key in all_files:
+        record = after[key]
+        if key in stored_before:
+            assert record["sent"] == 1 and record["outcome"] == "stored", (key, record)
+        elif key in in_flight:
+            # Sent when the first run died, answer never recorded: sent once more, and the
+            # server either had it (duplicate) or not (stored).
+            assert record["sent"] == 2 and record["outcome"] in ("stored", "duplicate")
+        else:
+            assert record["sent"] == 1 and record["outcome"] == "stored", (key, record)
+    duplicates = sum(after[k]["outcome"] == "duplicate" for k in all_files)
+    assert duplicates <= len(in_flight)
+
+    # The server agrees: one job per series, covering every instance, all succeeded; the
+    # downloads of the first run's job happened in the second run.
+    rows = read_summary(out)
+    assert sorted(r["series_instance_uid"] for r in rows) == sorted(series)
+    with Client(medcad_server.url, medcad_server.api_key) as client:
+        for uid, files in series.items():
+            (job,) = jobs_of_series(client, uid)
+            assert job.status == "succeeded" and job.instance_count == len(files)
+            row = next(r for r in rows if r["series_instance_uid"] == uid)
+            assert row["job_id"] == job.id and row["status"] == "succeeded"
+            assert (out / row["results_dir"] / "results.json").is_file()
+
+    # A third run has nothing to send and still exits 0 (its jobs are already done).
+    third = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stdout + third.stderr
+    final = json.loads(state_path.read_text())["files"]
+    assert all(final[k]["sent"] == after[k]["sent"] for k in all_files)
+
+
+def test_rejected_files_and_unknown_models_give_a_non_zero_exit(
+    medcad_server: Any, demo_data_dir: Path, tmp_path: Path
+) -> None:
+    series, _, _ = fresh_copy(demo_data_dir, tmp_path / "export")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = []
+    for path in sorted(next(iter(series.values())))[:2]:
+        good.append(folder / path.name)
+        good[-1].write_bytes(path.read_bytes())
+    broken = folder / "broken.dcm"  # claims to be DICOM (PS3.10 prefix), holds no data set
+    broken.write_bytes(bytes(128) + b"DICM" + os.urandom(64))
+    state_path = tmp_path / "state.json"
+
+    unknown = subprocess.run(
+        submit_command(
+            medcad_server, [folder], "--models", "no-such-model", "--state", str(state_path)
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unknown.returncode != 0 and "no-such-model" in unknown.stdout + unknown.stderr
+
+    run = subprocess.run(
+        submit_command(medcad_server, [folder], "--state", str(state_path)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    printed = run.stdout + run.stderr
+    assert run.returncode == 1, printed
+    assert "mixed/broken.dcm" in printed and "problem" in printed
+    files = json.loads(state_path.read_text())["files"]
+    record = files[str(broken.resolve())]
+    assert record["outcome"] == "rejected" and record["error"], record
+    assert all(files[str(p.resolve())]["outcome"] == "stored" for p in good)
