@@ -597,15 +597,21 @@ class Submission:
                 self._send(batch[half:])
                 return
             outcome = "rejected" if exc.status == 413 else "failed"
-            with self._lock:
-                for item in batch:
-                    record = self._record(item)
-                    record.outcome, record.error, record.detail = outcome, exc.code, exc.detail
-                self._save()
-            self.ui.advance("files", len(batch))
+            self._mark(batch, outcome, exc.code, exc.detail)
+            return
+        except OSError as exc:  # a file vanished or became unreadable since the scan
+            self._mark(batch, "failed", "unreadable", exc.strerror or str(exc))
             return
         with self._lock:
             self._apply(batch, names, result)
+            self._save()
+        self.ui.advance("files", len(batch))
+
+    def _mark(self, batch: list[LocalFile], outcome: str, code: str, detail: str) -> None:
+        with self._lock:
+            for item in batch:
+                record = self._record(item)
+                record.outcome, record.error, record.detail = outcome, code, detail
             self._save()
         self.ui.advance("files", len(batch))
 
@@ -1122,6 +1128,14 @@ def run_submit(args: argparse.Namespace) -> int:
 
 def _run(options: SubmitOptions, client: Client, state: SubmitState, console: Console) -> int:
     sub = Submission(options, client, state, console)
+    try:
+        save_state(options.state_path, state)
+    except OSError as exc:
+        console.print(
+            f"[red]cannot write the state file {options.state_path} ({exc.strerror}); "
+            "choose a writable place with --state[/red]"
+        )
+        return EXIT_USAGE
     exclude = [options.state_path] + ([options.out] if options.out else [])
     with sub.ui.progress:
         sub.ui.add("scanning", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -124,11 +125,40 @@ class JobRun:
         self.store = BlobStore(settings.blob_dir)
         self.timings: dict[str, float] = {}
         self.current = "claimed"
+        self.lost = False
         self._stage_start = time.perf_counter()
+
+    def start_heartbeat(self) -> threading.Event:
+        """Renew the lease every third of its length while the job runs (long stages included)."""
+        stop = threading.Event()
+        interval = max(0.5, self.settings.job_lease_seconds / 3)
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    with session_scope() as session:
+                        owned = jobs.renew_lease(
+                            session=session,
+                            job_id=self.job_id,
+                            owner=self.owner,
+                            lease_seconds=self.settings.job_lease_seconds,
+                            stage=self.current,
+                        )
+                except Exception:  # a missed beat is retried; the lease is 3 beats long
+                    log.warning("lease renewal failed", extra={"job_id": self.job_id})
+                    continue
+                if not owned:
+                    self.lost = True
+                    return
+
+        threading.Thread(target=beat, name=f"lease-{self.job_id[:8]}", daemon=True).start()
+        return stop
 
     def stage(self, name: str) -> None:
         """Record the stage (renews the lease); stop if the job was taken away from us."""
         self.current = name
+        if self.lost:
+            raise PipelineError("lease_lost", "the job's lease was reclaimed by another worker")
         with session_scope() as session:
             owned = jobs.renew_lease(
                 session=session,
@@ -171,6 +201,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         return claim.reason
     log.info("job claimed", extra={"job_id": job_id, "attempt": claim.attempts})
     run = JobRun(job_id, settings, owner)
+    heartbeat = run.start_heartbeat()
     try:
         _execute(run)
     except (MedcadError, DecodeError) as exc:
@@ -187,6 +218,8 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
             job_id, owner, "internal_error", f"{type(exc).__name__} during stage {run.current}"
         )
         return "failed: internal_error"
+    finally:
+        heartbeat.set()
     return "succeeded"
 
 

@@ -96,7 +96,7 @@ class IngestLimits:
     max_codec_ratio: float = 1000.0  # decoded bytes / compressed fragment bytes
     codec_ratio_floor_bytes: int = 16 * MiB
     max_fragments: int = 65536
-    max_elements: int = 500_000  # data elements + items walked, all nesting levels
+    max_elements: int = 250_000  # data elements + items walked (about 1 s of walking)
     # Every sequence item becomes a pydicom Dataset (tens of µs each) when the header is
     # read, here and again in the worker: this cap bounds that time to about 2 s. An
     # enhanced multi-frame object needs a few items per frame (functional groups).

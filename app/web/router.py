@@ -80,4 +80,3 @@ class RevalidatedStaticFiles(StaticFiles):
 def mount_static(app: FastAPI) -> None:
     """Mount the page's CSS, JavaScript modules and icons under ``/static``."""
     app.mount("/static", RevalidatedStaticFiles(directory=STATIC_DIR), name="static")
-

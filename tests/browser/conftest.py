@@ -25,6 +25,7 @@ from .support import CHROMIUM_ARGS, find_chromium
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT_DIR = REPO_ROOT / "test-artifacts" / "screenshots"
 
+
 @pytest.fixture(scope="session")
 def chromium_executable() -> str:
     path = find_chromium()

@@ -24,7 +24,7 @@ from .support import VIEWPORTS, horizontal_overflow, watch_console
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-JOB_TIMEOUT_MS = 240_000
+JOB_TIMEOUT_MS = 360_000
 
 CANVAS_DIGEST = """
 () => {
@@ -115,6 +115,29 @@ def test_upload_demo_series_and_review_results(
     expect(succeeded).to_contain_text("Results ready")
     page.screenshot(path=str(screenshot_dir / "flow-03-jobs.png"), full_page=True)
     job_id = succeeded.get_attribute("data-job-id")
+
+    # Filter and paging: only succeeded jobs, a range that matches the list.
+    page.get_by_label("Status", exact=True).select_option("succeeded")
+    expect(page.locator(f"#job-list li[data-job-id='{job_id}']")).to_be_visible()
+    statuses = page.locator("#job-list li[data-status]").evaluate_all(
+        "(items) => items.map((li) => li.dataset.status)"
+    )
+    assert statuses and set(statuses) == {"succeeded"}
+    shown = len(statuses)
+    expect(page.locator("#jobs-range")).to_have_text(re.compile(rf"^1–{shown} of \d+$"))
+    total = int(page.locator("#jobs-range").inner_text().rsplit(" ", 1)[1])
+    page_size = int(page.get_by_label("Per page").input_value())
+    assert shown == min(total, page_size)
+    expect(page.get_by_role("button", name="Previous")).to_be_disabled()
+    if total > page_size:
+        page.get_by_role("button", name="Next").click()
+        expect(page.locator("#jobs-range")).to_have_text(
+            re.compile(rf"^{page_size + 1}–\d+ of {total}$")
+        )
+        page.get_by_role("button", name="Previous").click()
+    else:
+        expect(page.get_by_role("button", name="Next")).to_be_disabled()
+    succeeded = page.locator(f"#job-list li[data-job-id='{job_id}']")
     succeeded.get_by_role("link").click()
 
     # Viewer: a real slice is drawn.
@@ -124,6 +147,7 @@ def test_upload_demo_series_and_review_results(
     _wait_for_drawn_slice(page)
     first = _canvas(page)
     assert first["std"] > 5, "the slice looks blank"
+    expect(page.get_by_role("note")).to_contain_text("Not for clinical use")
 
     # Window presets by button and by key.
     page.get_by_role("button", name=re.compile(r"^Lung")).click()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,12 @@ def test_submit_waits_and_downloads_every_result(
 ) -> None:
     data = tmp_path / "export"
     series, others, patient = fresh_copy(demo_data_dir, data)
+    # One series travels as a zip (sent as it is; the server expands it).
+    zipped = sorted(series[sorted(series)[-1]])
+    with zipfile.ZipFile(data / "zipped-series.zip", "w") as archive:
+        for path in zipped:
+            archive.write(path, f"slices/{path.name}")
+            path.unlink()
     out = tmp_path / "results"
 
     run = subprocess.run(

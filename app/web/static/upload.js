@@ -322,6 +322,8 @@ export function initUpload({ announce, onJobsCreated }) {
       state.items.push({ file, name, size: file.size });
       added += 1;
     }
+    // Folder listings come in no useful order; show and send files in natural name order.
+    state.items.sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
     errorBox.textContent = "";
     refreshSelection();
     announce(`${plural(added, "file")} added. ${plural(state.items.length, "file")} ready to upload.`);

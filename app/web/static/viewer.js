@@ -392,16 +392,17 @@ export function initViewer({ announce, getModels }) {
     const blob = await getBlob(mask.url);
     // No colour management: the PNG's grey value is the label value and must arrive unchanged.
     const bitmap = await createImageBitmap(blob, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+    const { width, height } = bitmap;
     const scratch = document.createElement("canvas");
-    scratch.width = bitmap.width;
-    scratch.height = bitmap.height;
+    scratch.width = width;
+    scratch.height = height;
     const sctx = scratch.getContext("2d", { willReadFrequently: true });
     sctx.drawImage(bitmap, 0, 0);
-    const rgba = sctx.getImageData(0, 0, bitmap.width, bitmap.height).data;
+    const rgba = sctx.getImageData(0, 0, width, height).data;
     bitmap.close();
-    const labels = new Uint8Array(bitmap.width * bitmap.height);
+    const labels = new Uint8Array(width * height);
     for (let i = 0; i < labels.length; i += 1) labels[i] = rgba[i * 4];
-    const entry = { labels, width: scratch.width, height: scratch.height };
+    const entry = { labels, width, height };
     labelCache.set(mask.id, entry);
     return entry;
   }
@@ -505,9 +506,8 @@ export function initViewer({ announce, getModels }) {
       return;
     }
     const range = Array.isArray(any.display_range) ? any.display_range : [];
-    $("colorbar-lo").textContent = range.length ? formatNumber(range[0]) : "";
-    $("colorbar-hi").textContent = range.length ? formatNumber(range[1]) : "";
-    $("colorbar-label").textContent = `${any.method}${any.target ? ` · ${any.target}` : ""}`;
+    const scale = range.length === 2 ? `Fixed scale ${formatNumber(range[0])} to ${formatNumber(range[1])}` : "Fixed scale";
+    $("colorbar-caption").textContent = `${scale} · ${any.method}${any.target ? ` · ${any.target}` : ""}`;
     figure.hidden = false;
     if (V.colorbarFor === V.saliencyChoice) return;
     V.colorbarFor = V.saliencyChoice;
@@ -757,8 +757,7 @@ export function initViewer({ announce, getModels }) {
 
   function describeSeries() {
     const series = V.results.series || {};
-    const uncertain = V.job && V.job.uncertain ? " · uncertain: please review" : "";
-    return `${series.modality || "DICOM"} · ${V.slices.length} slices · series …${String(series.series_instance_uid || "").slice(-16)} · ${(V.job?.models || []).join(", ")}${uncertain}`;
+    return `${series.modality || "DICOM"} · ${V.slices.length} slices · series …${String(series.series_instance_uid || "").slice(-16)} · ${(V.job?.models || []).join(", ")}`;
   }
 
   async function loadResults() {
@@ -766,6 +765,7 @@ export function initViewer({ announce, getModels }) {
     V.results = results;
     V.slices = buildSlices(results.series);
     $("viewer-meta").textContent = describeSeries();
+    $("viewer-uncertain").hidden = !(results.uncertain || (V.job && V.job.uncertain));
     if (!V.slices.length) {
       $("viewer-status").textContent = "These results have no image slices.";
       return;
@@ -821,6 +821,7 @@ export function initViewer({ announce, getModels }) {
     V.pixels = null;
     V.slices = [];
     $("viewer-grid").hidden = true;
+    $("viewer-uncertain").hidden = true;
     $("viewer-title").textContent = `Job ${shortId(jobId)}`;
     $("viewer-meta").textContent = "";
     $("viewer-status").textContent = "Loading…";
