@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -47,8 +48,21 @@ def _first_start_key(settings: Settings) -> str | None:
     return token
 
 
+def _die_with_parent() -> None:
+    # Linux: the embedded worker gets SIGTERM if `medcad serve` dies, even by SIGKILL.
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _spawn_worker() -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--no-sweeper"])
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker", "--no-sweeper"],
+        preexec_fn=_die_with_parent,
+    )
 
 
 def _supervise(proc_holder: list[subprocess.Popen[bytes]], stop: threading.Event) -> None:
@@ -110,14 +124,47 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     concurrency = args.concurrency or settings.worker_concurrency
     argv = [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-        "--loglevel", settings.log_level, "--pool", args.pool,
-        "--concurrency", str(concurrency), "-Q", "medcad",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "--hostname", f"medcad-{os.getpid()}@%h",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "--loglevel",
+        settings.log_level,
+        "--pool",
+        args.pool,
+        "--concurrency",
+        str(concurrency),
+        "-Q",
+        "medcad",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "--hostname",
+        f"medcad-{os.getpid()}@%h",
     ]
     if args.no_sweeper:
         os.environ["MEDCAD_WORKER_SWEEPER"] = "false"
+    os.execv(sys.executable, argv)  # noqa: S606
+    return 0  # pragma: no cover
+
+
+def cmd_dicom_listener(args: argparse.Namespace) -> int:
+    """Replace this process with the DICOM listener (C-STORE SCP + C-ECHO).
+
+    Like ``worker``, it runs as ``python -m workers.listener`` so the API package never imports
+    the worker package.
+    """
+    argv = [sys.executable, "-m", "workers.listener"]
+    for flag, value in (
+        ("--host", args.host),
+        ("--port", args.port),
+        ("--ae-title", args.ae_title),
+        ("--allowed-callers", args.allowed_callers),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
     os.execv(sys.executable, argv)  # noqa: S606
     return 0  # pragma: no cover
 
@@ -250,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
     worker.add_argument("--no-sweeper", action="store_true")
     worker.set_defaults(func=cmd_worker)
+
+    listener = sub.add_parser(
+        "dicom-listener", help="DICOM C-STORE SCP and C-ECHO feeding the ingest (DIMSE)"
+    )
+    listener.add_argument("--host", default=None, help="bind address (MEDCAD_LISTENER_HOST)")
+    listener.add_argument("--port", type=int, default=None, help="TCP port (default 11112)")
+    listener.add_argument("--ae-title", default=None, help="our AE title (default MEDCAD)")
+    listener.add_argument(
+        "--allowed-callers", default=None, help="comma list of calling AE titles (default: any)"
+    )
+    listener.set_defaults(func=cmd_dicom_listener)
 
     keys = sub.add_parser("keys", help="API keys")
     keys_sub = keys.add_subparsers(dest="action", required=True)

@@ -15,6 +15,7 @@ from app.api.routes import jobs, results, studies, system
 from app.auth.service import ensure_key
 from app.db.records import Role
 from app.db.session import session_scope
+from app.dicomweb.router import router as dicomweb_router
 from app.jobs.sweeper import start_sweeper
 from app.settings import Settings, get_settings
 
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = False) -
         )
     for module in (system, studies, jobs, results):
         app.include_router(module.router)
+    app.include_router(dicomweb_router)
     _mount_optional(app)
     return app
 

@@ -53,6 +53,24 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = 5
     deidentify_on_ingest: bool = False
 
+    # DICOM listener (``medcad dicom-listener``: C-STORE SCP + C-ECHO)
+    listener_host: str = "127.0.0.1"  # 0.0.0.0 to accept modalities from the network
+    listener_port: int = 11112
+    listener_ae_title: str = "MEDCAD"
+    listener_allowed_callers: str = ""  # comma list of calling AE titles; empty = any caller
+    listener_models: str = ""  # comma list of model names; empty = the default models
+
+    # Forwarding of result objects (SEG, SR, Parametric Map) after a job succeeds
+    forward_stow_url: str | None = None  # DICOMweb root, e.g. https://pacs/dicom-web
+    forward_authorization: SecretStr | None = None  # Authorization header value for STOW-RS
+    forward_dimse: str | None = None  # "AETITLE@host:port" of a C-STORE SCP
+    forward_timeout_seconds: float = 30.0
+
+    @property
+    def allowed_callers(self) -> list[str]:
+        """Calling AE titles the listener accepts (empty: every caller)."""
+        return [t.strip() for t in self.listener_allowed_callers.split(",") if t.strip()]
+
     @property
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL, defaulting to SQLite in ``data_dir``."""

@@ -508,7 +508,7 @@ class Submission:
         self.skipped: list[SkippedFile] = []
         self.files: list[LocalFile] = []
 
-    # -- state helpers (call with the lock held) -------------------------------------------
+    # -- state bookkeeping (call with the lock held) ---------------------------------------
 
     def _record(self, item: LocalFile) -> FileRecord:
         record = self.state.files.get(item.key)

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,7 @@ class JobRun:
         self.timings: dict[str, float] = {}
         self.current = "claimed"
         self.lost = False
+        self.warnings: list[dict[str, str]] = []
         self._stage_start = time.perf_counter()
 
     def start_heartbeat(self) -> threading.Event:
@@ -281,12 +283,42 @@ def build_records(run: JobRun, series: DecodedSeries, analyses: list[ModelAnalys
             saliency_ids[(sal.index, sal.method.value)] = record.id
         if analysis.segmentation is not None:
             records.extend(_mask_records(run, series, analysis, saliency_ids))
-            records.append(_seg_artifact(run, series, analysis))
+            records.extend(
+                _dicom_output(run, "seg", manifest.name, _seg_artifact, series, analysis)
+            )
         if analysis.classification is not None:
             records.extend(_finding_records(run, series, analysis, saliency_ids))
-            records.append(_sr_artifact(run, series, analysis))
-        records.extend(_pmap_artifacts(run, series, analysis))
+            records.extend(_dicom_output(run, "sr", manifest.name, _sr_artifact, series, analysis))
+        records.extend(_dicom_output(run, "pmap", manifest.name, _pmap_artifacts, series, analysis))
     return records
+
+
+def _dicom_output(
+    run: JobRun,
+    kind: str,
+    model: str,
+    build: Callable[[JobRun, DecodedSeries, ModelAnalysis], ArtifactRecord | list[ArtifactRecord]],
+    series: DecodedSeries,
+    analysis: ModelAnalysis,
+) -> list[ArtifactRecord]:
+    """Build a DICOM output; if the source headers cannot support it, warn instead of failing.
+
+    DICOM SEG/SR/PM need source attributes some valid images lack (Frame of Reference, plane
+    positions, Patient ID...). The masks, findings and saliency maps are still delivered; the
+    job carries a warning naming the object that could not be built and why.
+    """
+    try:
+        built = build(run, series, analysis)
+    except (ValueError, AttributeError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+        # highdicom's messages describe structure (missing attributes, duplicate planes), not values.
+        run.warnings.append(
+            {
+                "code": f"dicom_{kind}_not_built",
+                "detail": f"{model}: {type(exc).__name__}: {str(exc)[:200]}",
+            }
+        )
+        return []
+    return built if isinstance(built, list) else [built]
 
 
 def _all_saliency(analysis: ModelAnalysis) -> list[SaliencyResult]:
@@ -558,6 +590,7 @@ def _commit_results(run: JobRun, records: list[Any], analyses: list[ModelAnalysi
         jobs.succeed_job(
             session=session, job=job, timings=dict(run.timings), uncertain=_uncertain(analyses)
         )
+        job.warnings = list(run.warnings)
 
 
 def fail_on_time_limit(job_id: str) -> None:

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, Field
+
+
+def _as_utc(value: Any) -> Any:
+    # SQLite returns naive datetimes; everything medcad stores is UTC, so say so on the wire.
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+UtcDatetime = Annotated[AwareDatetime, BeforeValidator(_as_utc)]
 
 
 class ErrorBody(BaseModel):
@@ -51,6 +61,11 @@ class JobError(BaseModel):
     detail: str
 
 
+class JobWarning(BaseModel):
+    code: str
+    detail: str
+
+
 class Webhook(BaseModel):
     url_host: str
     status: str
@@ -68,10 +83,11 @@ class Job(BaseModel):
     models: list[str]
     timings: dict[str, float]
     error: JobError | None
+    warnings: list[JobWarning] = []
     attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
     study_instance_uid: str
     series_instance_uid: str
     modality: str | None
@@ -216,7 +232,7 @@ class Me(BaseModel):
 
 class AuditEvent(BaseModel):
     id: int
-    at: datetime
+    at: UtcDatetime
     actor_name: str | None
     action: str
     resource: str

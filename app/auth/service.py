@@ -41,7 +41,8 @@ def _hash(secret: str) -> str:
 
 
 def _split(token: str) -> tuple[str, str] | None:
-    parts = token.split("_")
+    # The secret part is urlsafe base64 and may itself contain "_": split at the first two only.
+    parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
         return None
     return parts[1], token

@@ -138,6 +138,7 @@ class JobRecord(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_detail: Mapped[str | None] = mapped_column(Text)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    warnings: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     uncertain: Mapped[bool | None] = mapped_column(Boolean)
     created_by: Mapped[str | None] = mapped_column(String(32))

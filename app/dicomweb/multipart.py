@@ -217,7 +217,7 @@ class MultipartRelatedParser:
             raise PayloadTooLarge(detail=f"the body has more than {self._max_parts} parts")
         self._current = BodyPart(
             headers=_parse_headers(raw),
-            body=tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES),  # noqa: SIM115
+            body=tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES),
         )
         self._state = _State.BODY
         return True

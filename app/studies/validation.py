@@ -65,7 +65,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
-from pydicom.valuerep import TEXT_VR_DELIMS
+from pydicom.valuerep import TEXT_VR_DELIMS, VR
 
 from app.errors import IngestRejected
 
@@ -195,6 +195,14 @@ def _reject(code: str, detail: str) -> IngestRejected:
 def _short(value: object, limit: int = 72) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe_uid(text: str) -> str:
+    """A UID for an error detail: quoted when it is digits and dots, else only described,
+    so that free text placed in a UID field (possibly PHI) is never echoed or logged."""
+    if text and len(text) <= 80 and all(ch in "0123456789." for ch in text):
+        return repr(text)
+    return f"of {len(text)} characters (not shown: it holds more than digits and dots)"
 
 
 def _tag_str(tag: int) -> str:
@@ -334,7 +342,6 @@ _PLANAR_CONFIGURATION: Final = 0x00280006
 _NUMBER_OF_FRAMES: Final = 0x00280008
 _BITS_ALLOCATED: Final = 0x00280100
 _BITS_STORED: Final = 0x00280101
-_HIGH_BIT: Final = 0x00280102
 _PIXEL_REPRESENTATION: Final = 0x00280103
 
 # Values that pydicom's reading of the header must agree on with ours.
@@ -352,13 +359,16 @@ _CROSS_CHECKED_TAGS: Final = (
     _PIXEL_REPRESENTATION,
 )
 
+# Every VR pydicom knows (PS3.5 Table 6.2-1); an unknown one cannot be converted later.
+_KNOWN_VRS: Final = frozenset(vr.value.encode() for vr in VR if len(vr.value) == 2)
+
 # VRs with a 2-byte reserved field and a 4-byte length in explicit VR (PS3.5 §7.1.2).
 _LONG_VRS: Final = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
 
 # --------------------------------------------------------------------------------------
-# Container: Part 10 / File Meta without preamble / raw data set
+# Container: Part 10 file or raw data set
 # --------------------------------------------------------------------------------------
 
 
@@ -554,6 +564,10 @@ class _Walker:
         vr = self._buf[pos + 4 : pos + 6]
         if not _is_vr(vr):
             return tag, None, self._u32(self._buf, pos + 4)[0], pos + 8
+        if vr not in _KNOWN_VRS:
+            raise _reject(
+                "malformed", f"element {_tag_str(tag)} has an unknown VR {vr.decode('ascii')!r}"
+            )
         if vr in _LONG_VRS:
             if pos + 12 > end:
                 raise _reject("truncated", f"data ends inside an element header at byte {pos}")
@@ -739,9 +753,19 @@ class _Header:
         self._buf = buf
         self._elements = structure.elements
         self._little = little_endian
+        self._encodings = self._character_sets()
+
+    def _character_sets(self) -> list[str]:
+        """Python codecs for (0008,0005); a damaged value falls back to the default
+        repertoire (it only affects how descriptions are decoded, PS3.5 6.1.2.3)."""
         charset = self.ascii(_SPECIFIC_CHARACTER_SET)
-        terms = [t.strip() for t in charset.split("\\")] if charset else None
-        self._encodings = convert_encodings(terms)
+        terms = [t.strip() for t in charset.split("\\")] if charset else []
+        if not all(_CS_RE.fullmatch(t) or t == "" for t in terms):
+            terms = []
+        try:
+            return convert_encodings(terms or None)
+        except (LookupError, ValueError):
+            return convert_encodings(None)
 
     def raw(self, tag: int) -> bytes | None:
         element = self._elements.get(tag)
@@ -766,7 +790,11 @@ class _Header:
         raw = self.raw(tag)
         if raw is None:
             return None
-        text = decode_bytes(raw, self._encodings, TEXT_VR_DELIMS).rstrip("\x00 ").strip()
+        try:
+            decoded = decode_bytes(raw, self._encodings, TEXT_VR_DELIMS)
+        except (LookupError, ValueError):  # UnicodeError is a ValueError
+            return None
+        text = decoded.rstrip("\x00 ").strip()
         return text[:limit] or None
 
     def us(self, tag: int) -> int | None:
@@ -817,7 +845,7 @@ def _validate_uid(raw: bytes, name: str) -> str:
     if len(value) > 64 or not _UID_RE.fullmatch(text):
         raise _reject(
             "invalid_uid",
-            f"{name} {_short(text)} is not a valid UID "
+            f"{name} {_describe_uid(text)} is not a valid UID "
             "(at most 64 characters, digits and dots, no leading zeros; PS3.5 9.1)",
         )
     return text
@@ -835,16 +863,18 @@ def _check_sop_class(sop_class: str) -> None:
         )
     raise _reject(
         "unsupported_sop_class",
-        f"SOP Class {_short(sop_class)} ({name}) is not an image storage class medcad decodes",
+        f"SOP Class {_describe_uid(sop_class)} ({name}) is not an image storage class medcad "
+        "decodes",
     )
 
 
 def _check_transfer_syntax(ts: str) -> None:
     if ts not in supported_transfer_syntaxes():
         supported = ", ".join(sorted(supported_transfer_syntaxes()))
+        known = UID(ts).name if _UID_RE.fullmatch(ts) else "not a valid UID"
         raise _reject(
             "unsupported_transfer_syntax",
-            f"Transfer Syntax {_short(ts)} ({UID(ts).name}) is not supported; "
+            f"Transfer Syntax {_describe_uid(ts)} ({known}) is not supported; "
             f"supported: {supported}",
         )
 
@@ -1025,7 +1055,7 @@ def _jpeg_header(buf: bytes, start: int, end: int) -> _CodecHeader | None:
 
 def _j2k_header(buf: bytes, start: int, end: int) -> _CodecHeader | None:
     """Image size from the SIZ marker segment (ISO/IEC 15444-1 A.5.1)."""
-    window = buf[start : min(end, start + 4096)]
+    window = buf[start : min(end, start + 65536)]  # JP2 boxes may precede the codestream
     at = window.find(b"\xff\x4f\xff\x51")  # SOC then SIZ; also finds it inside a JP2 box
     if at < 0 or at + 42 > len(window):
         return None
@@ -1467,13 +1497,18 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: Ingest
 def iter_zip_members(data: bytes, *, limits: IngestLimits) -> Iterator[tuple[str, bytes]]:
     """Yield ``(name, bytes)`` for each regular file in a ZIP upload.
 
-    The whole central directory is checked before the first member is yielded (entry
-    count, symlinks, unsafe names, encryption, compression method, declared sizes and
-    ratios, overlapping members), so a hostile archive is refused as a whole. Member
-    names are returned as labels only: they are never used as paths. Directories and
-    macOS residue (``__MACOSX/``, ``.DS_Store``, ``._*``) are skipped; nested archives
-    are not opened (they are just members that are not DICOM).
+    The central directory is checked first (entry count, symlinks, unsafe names,
+    encryption, compression method, declared sizes and ratios, overlapping members),
+    then every member is read under the size caps, and only then is the first member
+    yielded: an archive is refused as a whole or accepted as a whole, never half
+    ingested. Member names are returned as labels only: they are never used as paths.
+    Directories and macOS residue (``__MACOSX/``, ``.DS_Store``, ``._*``) are skipped;
+    nested archives are not opened (they are just members that are not DICOM).
     """
+    yield from _read_zip_members(data, limits)
+
+
+def _read_zip_members(data: bytes, limits: IngestLimits) -> list[tuple[str, bytes]]:
     declared = _declared_entry_count(data)
     if declared is not None and declared > limits.max_zip_members:
         raise _reject(
@@ -1490,20 +1525,22 @@ def iter_zip_members(data: bytes, *, limits: IngestLimits) -> Iterator[tuple[str
                 "zip_bomb", f"archive has {len(infos)} entries (limit {limits.max_zip_members})"
             )
         _check_zip_entries(infos, len(data), limits)
+        members: list[tuple[str, bytes]] = []
         total = 0
         for info in infos:
             if info.is_dir() or _is_junk(info.filename):
                 continue
             try:
                 content = _read_member(archive, info, limits)
-            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
+            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as exc:
                 raise _reject(
                     "invalid_zip", f"archive member {_short(info.filename)} is corrupt: {exc}"
                 ) from None
             total += len(content)
             if total > limits.max_zip_total_bytes:
                 raise _reject("zip_bomb", "archive expands beyond the total size cap")
-            yield info.filename, content
+            members.append((info.filename, content))
+    return members
 
 
 # Exposed for tests and the fuzz harness: the rejection codes this module can raise.

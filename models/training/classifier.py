@@ -39,6 +39,8 @@ class NoduleClassifier(nn.Module):
         )
         self.pool = nn.MaxPool2d(2)
         self.project = nn.Conv2d(base * 6, 1, 1, bias=False)
+        # Start with (almost) no evidence anywhere: the logit begins at the bias.
+        nn.init.normal_(self.project.weight, std=1e-3)
         self.bias = nn.Parameter(torch.tensor([-4.0]))
         positions = (input_size // 4) ** 2
         self.register_buffer("scale", torch.tensor(float(positions)), persistent=False)

@@ -883,9 +883,9 @@ def write_dicom_series(
 
     Returns the paths of the DICOM files, in slice order.
     """
-    from pydicom.dataset import FileMetaDataset
     from pydicom.dataset import Dataset as _Dataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -982,7 +982,9 @@ def _series_json(series: PhantomSeries, series_uid: str) -> dict[str, Any]:
     }
 
 
-def write_demo_data(out_dir: str | Path, n: int = 3, seed: int = 0, n_slices: int = 40) -> list[Path]:
+def write_demo_data(
+    out_dir: str | Path, n: int = 3, seed: int = 0, n_slices: int = 40
+) -> list[Path]:
     """Write ``n`` phantom series as DICOM folders ``series_000`` … under ``out_dir``.
 
     Series ``i`` is generated from seed ``seed * 1000 + i``, so runs are reproducible and

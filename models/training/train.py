@@ -33,11 +33,11 @@ MODEL_NAMES = ("unet", "segnet", "classifier")
 CHECKPOINTS = CACHE_DIR / "checkpoints"
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "unet": {"base": 16, "minutes": 14.0, "lr": 2e-3, "batch": 12, "crop": 128},
-    "segnet": {"base": 16, "minutes": 14.0, "lr": 2e-3, "batch": 12, "crop": 128},
-    "classifier": {"base": 16, "minutes": 14.0, "lr": 2e-3, "batch": 12, "crop": 128},
+    "unet": {"base": 12, "minutes": 25.0, "lr": 2e-3, "batch": 12, "crop": 96},
+    "segnet": {"base": 12, "minutes": 25.0, "lr": 2e-3, "batch": 12, "crop": 96},
+    "classifier": {"base": 12, "minutes": 25.0, "lr": 2e-3, "batch": 12, "crop": 96},
 }
-FINAL_FULL_FRACTION = 0.15  # share of the time budget spent on whole 256 × 256 slices
+FINAL_FULL_FRACTION = 0.1  # share of the time budget spent on whole 256 × 256 slices
 LOC_WEIGHT = 0.02  # classifier: L1 weight on evidence away from nodules
 
 
@@ -127,7 +127,10 @@ def seg_val_dice(net: nn.Module, data: Split, batch: int = 16) -> dict[str, floa
             inter[k] += np.sum((pred == k) & (y == k))
             denom[k] += np.sum(pred == k) + np.sum(y == k)
     net.train()
-    return {"lung_dice": float(2 * inter[1] / denom[1]), "nodule_dice": float(2 * inter[2] / denom[2])}
+    return {
+        "lung_dice": float(2 * inter[1] / denom[1]),
+        "nodule_dice": float(2 * inter[2] / denom[2]),
+    }
 
 
 @torch.no_grad()
@@ -155,21 +158,47 @@ def auc(score: np.ndarray, label: np.ndarray) -> float:
     return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def train(name: str, *, minutes: float | None = None, seed: int = 0, threads: int = 2,
-          data: Split | None = None, val: Split | None = None, out: Path | None = None,
-          log_every: int = 50) -> dict[str, Any]:
-    """Train ``name`` within a time budget; save ``<out>/<name>.pt`` and a JSON log."""
+def train(
+    name: str,
+    *,
+    minutes: float | None = None,
+    seed: int = 0,
+    threads: int = 2,
+    data: Split | None = None,
+    val: Split | None = None,
+    out: Path | None = None,
+    log_every: int = 50,
+    resume: bool = False,
+    lr: float | None = None,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train ``name`` within a wall-clock budget; save ``<out>/<name>.pt`` and a JSON log.
+
+    With ``resume`` the checkpoint in ``out`` is trained further (a new cosine cycle from
+    ``lr``); steps, time and commands of all sessions add up in the log.
+    """
+    out = out or CHECKPOINTS
     cfg = dict(DEFAULTS[name])
     if minutes is not None:
         cfg["minutes"] = minutes
+    if lr is not None:
+        cfg["lr"] = lr
+    previous: dict[str, Any] | None = None
+    net = build_model(name, cfg["base"])
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=1e-4)
+    if resume:
+        ckpt = torch.load(out / f"{name}.pt", map_location="cpu", weights_only=False)
+        net.load_state_dict(ckpt["state_dict"])
+        if "optimizer" in ckpt:
+            opt.load_state_dict(ckpt["optimizer"])
+        previous = ckpt["log"]
+        seed = seed + len(_sessions(previous)) * 1000
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
     data = data if data is not None else load_split("train")
     val = val if val is not None else load_split("val")
-    net = build_model(name, cfg["base"])
     net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=1e-4)
     sampler = CropSampler(data, rng)
     budget = cfg["minutes"] * 60.0
     t0 = time.time()
@@ -178,9 +207,11 @@ def train(name: str, *, minutes: float | None = None, seed: int = 0, threads: in
     running = 0.0
     while True:
         elapsed = time.time() - t0
-        if elapsed >= budget:
+        if elapsed >= budget or (max_steps is not None and step >= max_steps):
             break
         frac = elapsed / budget
+        if max_steps is not None:
+            frac = max(frac, step / max_steps)
         # Cosine decay on wall-clock progress (the step count is not known in advance).
         lr = cfg["lr"] * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
@@ -197,7 +228,8 @@ def train(name: str, *, minutes: float | None = None, seed: int = 0, threads: in
         loss.backward()
         opt.step()
         step += 1
-        running = 0.98 * running + 0.02 * float(loss) if step > 1 else float(loss)
+        lv = float(loss.detach())
+        running = 0.98 * running + 0.02 * lv if step > 1 else lv
         if step % log_every == 0:
             history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(running, 4)})
             print(f"{name} step {step} t={elapsed:.0f}s lr={lr:.2e} loss={running:.4f}", flush=True)
@@ -208,27 +240,64 @@ def train(name: str, *, minutes: float | None = None, seed: int = 0, threads: in
     else:
         metrics = seg_val_dice(net, val)
     print(f"{name}: {step} steps in {seconds:.0f} s; validation {metrics}", flush=True)
+    command = (
+        f"python -m models.training.train {name} --minutes {cfg['minutes']:g} --lr {cfg['lr']:g}"
+    )
+    command += " --resume" if resume else f" --seed {seed}"
+    session = {
+        "command": command,
+        "seed": seed,
+        "steps": step,
+        "seconds": round(seconds, 1),
+        "validation": metrics,
+    }
+    sessions = [*_sessions(previous), session]
     log = {
         "model": name,
         "config": cfg,
-        "seed": seed,
+        "seed": sessions[0]["seed"],
         "threads": threads,
-        "steps": step,
-        "train_seconds": round(seconds, 1),
+        "steps": sum(int(s["steps"]) for s in sessions),
+        "train_seconds": round(sum(float(s["seconds"]) for s in sessions), 1),
         "validation": metrics,
-        "history": history,
+        "history": [*(previous.get("history", []) if previous else []), *history],
+        "sessions": sessions,
         "data": {k: {kk: str(vv) for kk, vv in v.items()} for k, v in SPLITS.items()},
-        "train_slices": int(len(data.x)),
-        "command": f"python -m models.training.train {name} --seed {seed}",
+        "train_slices": len(data.x),
+        "commands": [s["command"] for s in sessions],
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu_threads": threads,
     }
-    out = out or CHECKPOINTS
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": net.state_dict(), "base": cfg["base"], "log": log}, out / f"{name}.pt")
+    torch.save(
+        {
+            "state_dict": net.state_dict(),
+            "optimizer": opt.state_dict(),
+            "base": cfg["base"],
+            "log": log,
+        },
+        out / f"{name}.pt",
+    )
     (out / f"{name}.json").write_text(json.dumps(log, indent=2))
     return log
+
+
+def _sessions(log: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The training sessions recorded in a checkpoint log (older logs hold exactly one)."""
+    if not log:
+        return []
+    if "sessions" in log:
+        return list(log["sessions"])
+    return [
+        {
+            "command": log.get("command", ""),
+            "seed": log["seed"],
+            "steps": log["steps"],
+            "seconds": log["train_seconds"],
+            "validation": log["validation"],
+        }
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,8 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=None, help="wall-clock training budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of the cycle")
+    p.add_argument("--resume", action="store_true", help="continue the saved checkpoint")
     args = p.parse_args(argv)
-    train(args.model, minutes=args.minutes, seed=args.seed, threads=args.threads)
+    train(
+        args.model,
+        minutes=args.minutes,
+        seed=args.seed,
+        threads=args.threads,
+        resume=args.resume,
+        lr=args.lr,
+    )
     return 0
 
 

@@ -22,9 +22,6 @@ from app.web import mount_static, router
 
 from .support import CHROMIUM_ARGS, find_chromium
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOT_DIR = REPO_ROOT / "test-artifacts" / "screenshots"
-
 
 @pytest.fixture(scope="session")
 def chromium_executable() -> str:
@@ -53,13 +50,11 @@ def browser(playwright_driver: Playwright, chromium_executable: str) -> Iterator
 
 
 @pytest.fixture(scope="session")
-def screenshot_dir() -> Path:
-    """``test-artifacts/screenshots`` at the repository root, kept out of git."""
-    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-    ignore = SCREENSHOT_DIR.parent / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text("*\n", encoding="utf-8")
-    return SCREENSHOT_DIR
+def screenshot_dir(artifacts_dir: Path) -> Path:
+    """``test-artifacts/screenshots`` at the repository root (git-ignored)."""
+    path = artifacts_dir / "screenshots"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _free_socket() -> socket.socket:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from .support import VIEWPORTS, horizontal_overflow, watch_console
+from .support import CONTRAST_SCRIPT, VIEWPORTS, horizontal_overflow, watch_console
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -197,6 +197,7 @@ def test_upload_demo_series_and_review_results(
         page.get_by_label("Segmentation model").select_option("")
         assert _canvas(page)["hash"] != with_mask["hash"]
         page.get_by_label("Segmentation model").select_option(mask_models[1])
+    page.evaluate("() => window.scrollTo(0, 0)")
     page.screenshot(path=str(screenshot_dir / "flow-04-viewer-mask.png"))
 
     # Saliency heatmap with its colour bar.
@@ -210,10 +211,15 @@ def test_upload_demo_series_and_review_results(
     if "Suppressed" in note:
         expect(page.locator("#suppressed-badge")).to_be_visible()
     page.wait_for_timeout(500)
+    page.evaluate("() => window.scrollTo(0, 0)")
     page.screenshot(path=str(screenshot_dir / "flow-05-viewer-heatmap.png"))
 
     # Findings with probabilities.
     expect(page.locator("#findings-series li").first).to_contain_text("%")
+
+    # The populated viewer (chips, badges, findings, legends) keeps AA contrast.
+    contrast = page.evaluate(CONTRAST_SCRIPT)
+    assert contrast["failures"] == []
 
     # Downloads carry the key in the header and save real files.
     with page.expect_download() as results_download:

@@ -17,67 +17,11 @@ import numpy as np
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from .support import VIEWPORTS, horizontal_overflow, watch_console
+from .support import CONTRAST_SCRIPT, VIEWPORTS, horizontal_overflow, watch_console
 
 pytestmark = pytest.mark.browser
 
 NOTICE = "Not for clinical use — research and demonstration only"
-
-# WCAG 2.x contrast of every visible text element against its composited background.
-CONTRAST_SCRIPT = """
-() => {
-  const parse = (s) => {
-    const m = /rgba?\\(([^)]+)\\)/.exec(s);
-    if (!m) return null;
-    const p = m[1].split(/[\\s,\\/]+/).filter(Boolean).map(Number);
-    return { r: p[0], g: p[1], b: p[2], a: p.length > 3 ? p[3] : 1 };
-  };
-  const blend = (top, bottom) => ({
-    r: top.r * top.a + bottom.r * (1 - top.a),
-    g: top.g * top.a + bottom.g * (1 - top.a),
-    b: top.b * top.a + bottom.b * (1 - top.a),
-    a: 1,
-  });
-  const channel = (c) => { c /= 255; return c <= 0.04045 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4; };
-  const lum = (c) => 0.2126 * channel(c.r) + 0.7152 * channel(c.g) + 0.0722 * channel(c.b);
-  const background = (el) => {
-    const layers = [];
-    for (let n = el; n; n = n.parentElement) {
-      const c = parse(getComputedStyle(n).backgroundColor);
-      if (c && c.a > 0) { layers.push(c); if (c.a >= 1) break; }
-    }
-    let bg = { r: 255, g: 255, b: 255, a: 1 };
-    for (let i = layers.length - 1; i >= 0; i -= 1) bg = blend(layers[i], bg);
-    return bg;
-  };
-  const out = { checked: 0, failures: [] };
-  const seen = new Set();
-  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
-  while (walker.nextNode()) {
-    const node = walker.currentNode;
-    if (!node.textContent.trim()) continue;
-    const el = node.parentElement;
-    if (!el || seen.has(el)) continue;
-    seen.add(el);
-    if (!el.checkVisibility({ opacityProperty: true, visibilityProperty: true })) continue;
-    if (el.closest(':disabled, .visually-hidden, option, noscript')) continue;
-    const rect = el.getBoundingClientRect();
-    if (!rect.width || !rect.height) continue;
-    const cs = getComputedStyle(el);
-    const bg = background(el);
-    const fg = blend(parse(cs.color), bg);
-    const l1 = lum(fg), l2 = lum(bg);
-    const ratio = (Math.max(l1, l2) + 0.05) / (Math.min(l1, l2) + 0.05);
-    const size = parseFloat(cs.fontSize);
-    const large = size >= 24 || (Number(cs.fontWeight) >= 700 && size >= 18.66);
-    out.checked += 1;
-    if (ratio < (large ? 3 : 4.5)) {
-      out.failures.push({ text: node.textContent.trim().slice(0, 60), ratio: ratio.toFixed(2), color: cs.color });
-    }
-  }
-  return out;
-}
-"""
 
 SHOW_ALL_VIEWS = """
 () => {

@@ -1,7 +1,7 @@
 """``medcad submit`` against a live ``medcad serve`` (API + worker + shipped models).
 
 Both tests run the real console script in a subprocess on a copy of the demo series whose UIDs
-are brand new, so the uploads are new to the (session-wide) server whatever ran before.
+are brand new, so the uploads are new to the shared server whatever ran before it.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from pydicom.uid import generate_uid
 
 from app.client import Client, Results
 
-pytestmark = pytest.mark.slow
+# Three demo series through the shipped models on two cores, twice over in the resume test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 MEDCAD = Path(sys.executable).with_name("medcad")
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
-WAIT_SECONDS = 1200
+WAIT_SECONDS = 600
 
 
 def fresh_copy(src: Path, dest: Path) -> tuple[dict[str, list[Path]], int, str]:

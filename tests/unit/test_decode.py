@@ -109,8 +109,10 @@ def test_modality_lut_sequence_is_applied() -> None:
     decoded = decode_frames(ds)
     item = ds.ModalityLUTSequence[0]
     entries, first, _ = item.LUTDescriptor
-    lut = np.frombuffer(item.LUTData, dtype="<u2") if isinstance(item.LUTData, bytes) else (
-        np.asarray(item.LUTData)
+    lut = (
+        np.frombuffer(item.LUTData, dtype="<u2")
+        if isinstance(item.LUTData, bytes)
+        else (np.asarray(item.LUTData))
     )
     index = np.clip(ds.pixel_array.astype(np.int64) - first, 0, (entries or 65536) - 1)
     np.testing.assert_array_equal(decoded.frames[0], lut[index].astype(np.float32))
@@ -292,7 +294,8 @@ def test_ybr_full_luminance_is_its_y_channel_and_matches_the_rgb_original() -> N
     raw = pydicom.pixels.pixel_array(ds, raw=True)
     np.testing.assert_array_equal(decoded.frames[0], raw[..., 0].astype(np.float32))
     rgb = _decode("SC_rgb.dcm")
-    assert float(np.abs(decoded.frames - rgb.frames).max()) <= 1.0  # Y is rounded to 8 bits
+    # the encoder rounded Y to 8 bits; the RGB route weights already-rounded samples
+    assert float(np.abs(decoded.frames - rgb.frames).max()) <= 2.0
 
 
 def test_ybr_full_422_native_is_upsampled() -> None:

@@ -324,6 +324,13 @@ def test_evaluate_saliency_command_end_to_end(models_dir: Path, tmp_path: Path) 
     assert seg["methods"]["occlusion_region"]["n"] > 0
     assert seg["methods"]["occlusion_region"]["deletion_insertion"]["n"] >= 1
     assert "entropy" in seg["randomisation"]["stages"][0]
+    assert (
+        unc["entropy"]["boundary_baseline_error_auc"]["n_slices"]
+        == unc["entropy"]["error_auc"]["n_slices"]
+    )
+    assert unc["tta_std"]["image_edge_baseline_error_auc"]["n_slices"] > 0
+    assert "beats_boundary_and_edge_baselines(ci_low>best)" in seg["targets"]["entropy"]
+    assert cls["plan"]["occlusion"] >= 1 and cls["plan"]["budget_seconds"] > 0
     assert math.isfinite(report["seconds_total"]) and report["seconds_total"] < 300
 
     text = proc.stdout
@@ -338,3 +345,12 @@ def test_randomised_maps_that_became_constant_count_as_uncorrelated() -> None:
     assert E.target_stage(res)["layers_randomised"] == 2
     assert E.perturbation_stages([1, 2, 5]) == {2, 5}
     assert E.perturbation_stages([1]) == {1}
+
+
+def test_boundary_proximity_is_highest_on_predicted_edges() -> None:
+    pred = np.zeros((20, 20), np.uint8)
+    pred[:, 10:] = 1
+    b = E.boundary_proximity(pred)
+    assert b[5, 9] == b[5, 10] == pytest.approx(1.0)
+    assert b[5, 9] > b[5, 7] > b[5, 3] > 0.0
+    assert not E.boundary_proximity(np.zeros((5, 5), np.uint8)).any()

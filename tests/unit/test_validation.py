@@ -136,7 +136,7 @@ def test_dicomdir_is_refused_as_non_image() -> None:
 
 _BOUNDED_MEMORY = {"deflate_bomb", "deflate_bomb_absolute_cap", "zip_ratio_bomb", "zip_overlap",
                    "rle_codec_bomb", "rle_100000_frames_within_limits", "over_budget",
-                   "absurd_frames", "huge_declared_length"}  # fmt: skip
+                   "absurd_frames", "huge_declared_length", "zip_size_lie"}  # fmt: skip
 
 
 def _run(case: corpus.HostileCase, data: bytes) -> None:
@@ -157,7 +157,7 @@ def test_hostile_input_is_rejected_with_its_code_quickly(case: corpus.HostileCas
     assert caught.value.code == case.code, caught.value.detail
     assert caught.value.status == REJECTION_STATUS[case.code]
     assert elapsed < 3.0, f"{case.name} took {elapsed:.2f} s"
-    for canary in (CANARY_ID, CANARY_BIRTH):
+    for canary in (CANARY_NAME, CANARY_ID, CANARY_BIRTH):
         assert canary not in caught.value.detail
 
 
@@ -314,6 +314,20 @@ def test_zip_members_are_yielded_and_junk_skipped() -> None:
     assert sorted(members) == ["study/a.dcm", "study/b.dcm"]
     for content in members.values():
         inspect_instance(content, limits=LIMITS)
+
+
+def test_a_member_that_fails_late_rejects_the_whole_archive() -> None:
+    good = corpus.valid_ct()
+    archive = bytearray(corpus.zip_of({"a.dcm": good, "b.dcm": good}))
+    # corrupt the second member's data: the first must not be handed out either
+    second = archive.index(b"PK\x03\x04", archive.index(b"PK\x03\x04") + 4)
+    archive[second + 30 + 5 + 20 : second + 30 + 5 + 60] = bytes(40)
+    yielded: list[str] = []
+    with pytest.raises(IngestRejected) as caught:
+        for name, _ in iter_zip_members(bytes(archive), limits=LIMITS):
+            yielded.append(name)
+    assert caught.value.code == "invalid_zip"
+    assert yielded == []
 
 
 def test_nested_archives_are_not_opened() -> None:

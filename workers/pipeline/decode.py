@@ -23,6 +23,7 @@ finds) does the codec work; everything else is numpy. Policies:
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -40,7 +41,19 @@ DEFAULT_MAX_DECODED_BYTES: Final = 512 * 1024 * 1024
 _BT601: Final = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _PERCENTILES: Final = (0.5, 99.5)
 _PERCENTILE_SAMPLES: Final = 1_000_000
-_VALUE_ERRORS: Final = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError)
+# What pydicom may raise while converting a damaged value on access: optional attributes
+# that fail to convert are treated as absent.
+_VALUE_ERRORS: Final = (
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    NotImplementedError,
+    EOFError,
+    struct.error,
+)
 
 
 class DecodeError(Exception):
@@ -52,6 +65,7 @@ class DecodeError(Exception):
         self.detail = detail
 
 
+SpacingSource = Literal["PixelSpacing", "ImagerPixelSpacing"]
 Position = tuple[float, float, float]
 Orientation = tuple[float, float, float, float, float, float]
 
@@ -86,7 +100,7 @@ class DecodedImage:
     window: tuple[float, float]
     window_source: Literal["header", "percentile"]
     pixel_spacing: tuple[float, float] | None
-    pixel_spacing_source: Literal["PixelSpacing", "ImagerPixelSpacing"] | None
+    pixel_spacing_source: SpacingSource | None
     image_positions: tuple[Position | None, ...]
     image_orientations: tuple[Orientation | None, ...]
     slice_thickness: float | None
@@ -125,6 +139,13 @@ def _text(item: Dataset | None, keyword: str) -> str | None:
         return None
     text = str(value).strip() if value is not None else ""
     return text or None
+
+
+def _present(ds: Dataset, keyword: str) -> bool:
+    try:
+        return bool(ds.get(keyword))
+    except _VALUE_ERRORS:
+        return False
 
 
 def _int(ds: Dataset, keyword: str, default: int) -> int:
@@ -221,15 +242,35 @@ def _decode_array(ds: Dataset) -> tuple[NDArray[Any], str]:
         raise DecodeError(
             "unsupported_transfer_syntax", f"no installed plugin decodes {UID(ts).name}"
         )
-    try:
-        # raw: keep YBR as decoded; luminance is its Y component (module docstring)
-        array, properties = decoder.as_array(ds, raw=True)
-    except MemoryError:
-        raise DecodeError("decode_failed", "out of memory while decoding") from None
-    except Exception as exc:  # codec plugins raise assorted types; all mean undecodable
-        raise DecodeError("decode_failed", f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    array, properties = _as_array(decoder, ds)
     photometric = str(properties.get("photometric_interpretation", ""))
     return array, photometric
+
+
+def _as_array(decoder: Any, ds: Dataset) -> tuple[NDArray[Any], dict[str, Any]]:
+    """Decode with each available plugin in turn; the first that succeeds wins.
+
+    pydicom tries plugins itself, but only catches ``Exception``: the Rust-based plugins
+    (pylibjpeg-rle, pylibjpeg-openjpeg) report corrupt input with a ``PanicException``
+    that derives from ``BaseException``. Anything a codec raises, panics included, is a
+    decode failure of this data set, not of the worker. ``raw=True`` keeps YBR samples
+    as decoded; luminance is their Y component (module docstring).
+    """
+    plugins: tuple[str, ...] = tuple(decoder.available_plugins) or ("",)
+    failures: list[str] = []
+    for plugin in plugins:
+        try:
+            result: tuple[NDArray[Any], dict[str, Any]] = decoder.as_array(
+                ds, raw=True, decoding_plugin=plugin
+            )
+            return result
+        except MemoryError:
+            raise DecodeError("decode_failed", "out of memory while decoding") from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # codec panics derive from BaseException
+            failures.append(f"{plugin or 'native'}: {type(exc).__name__}: {str(exc)[:160]}")
+    raise DecodeError("decode_failed", "; ".join(failures))
 
 
 def _to_stack(array: NDArray[Any], geometry: _Geometry) -> NDArray[Any]:
@@ -299,7 +340,7 @@ def _grayscale(
 ) -> tuple[FloatArray, NDArray[np.float64], NDArray[np.float64]]:
     """Modality values (F, H, W) float32 and, per frame, the modality range (lo, hi)."""
     smin, smax = _stored_range(ds)
-    if ds.get("ModalityLUTSequence"):
+    if _present(ds, "ModalityLUTSequence"):
         try:
             values = apply_modality_lut(stack, ds).astype(np.float32)
             ends = apply_modality_lut(np.array([smin, smax]), ds).astype(np.float64)
@@ -310,11 +351,13 @@ def _grayscale(
         return values, lo, hi
     slopes, intercepts = _rescale_per_frame(ds, geometry.frames)
     values = stack.astype(np.float32)
-    if np.any(slopes != 1.0) or np.any(intercepts != 0.0):
-        # float64 coefficients, float32 result: exact for 16-bit data (PS3.3 C.11.1.1.2)
-        values *= slopes.astype(np.float32)[:, None, None]
-        values += intercepts.astype(np.float32)[:, None, None]
-    a, b = slopes * smin + intercepts, slopes * smax + intercepts
+    # overflow shows up as non-finite values, refused by the caller
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.any(slopes != 1.0) or np.any(intercepts != 0.0):
+            # float32 result: exact for 16-bit stored values and integer coefficients
+            values *= slopes.astype(np.float32)[:, None, None]
+            values += intercepts.astype(np.float32)[:, None, None]
+        a, b = slopes * smin + intercepts, slopes * smax + intercepts
     return values, np.minimum(a, b), np.maximum(a, b)
 
 
@@ -361,17 +404,15 @@ def _orientations(ds: Dataset, frames: int) -> tuple[Orientation | None, ...]:
     return tuple(out)
 
 
-def _spacing(
-    ds: Dataset,
-) -> tuple[tuple[float, float] | None, Literal["PixelSpacing", "ImagerPixelSpacing"] | None]:
-    measured = _floats(_macro(ds, 0, "PixelMeasuresSequence"), "PixelSpacing", 2)
-    for value, source in (
-        (measured, "PixelSpacing"),
+def _spacing(ds: Dataset) -> tuple[tuple[float, float] | None, SpacingSource | None]:
+    candidates: list[tuple[tuple[float, ...] | None, SpacingSource]] = [
+        (_floats(_macro(ds, 0, "PixelMeasuresSequence"), "PixelSpacing", 2), "PixelSpacing"),
         (_floats(ds, "PixelSpacing", 2), "PixelSpacing"),
         (_floats(ds, "ImagerPixelSpacing", 2), "ImagerPixelSpacing"),
-    ):
+    ]
+    for value, source in candidates:
         if value is not None and value[0] > 0 and value[1] > 0:
-            return (value[0], value[1]), source  # type: ignore[return-value]
+            return (value[0], value[1]), source
     return None, None
 
 
@@ -421,7 +462,8 @@ def decode_frames(
         window = _header_window(ds)
         if stored_photometric == "MONOCHROME1":
             # v' = lo + hi - v keeps the range; mirror the window centre the same way
-            frames = (lo + hi).astype(np.float32)[:, None, None] - frames
+            with np.errstate(over="ignore", invalid="ignore"):
+                frames = (lo + hi).astype(np.float32)[:, None, None] - frames
             if window is not None:
                 window = (float(lo[0] + hi[0] - window[0]), window[1])
     else:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from sqlalchemy.orm import Session
 
 from app.api.deps import SessionDep, client_address, require
-from app.api.schemas import ERRORS, NOT_FOUND, Job, JobError, JobPage, Webhook
+from app.api.schemas import ERRORS, NOT_FOUND, Job, JobError, JobPage, JobWarning, Webhook
 from app.auth.service import Principal, record_audit
 from app.db.records import JobRecord, JobStatus, Role, SeriesRecord, StudyRecord
 from app.jobs import service as jobs
@@ -39,6 +39,7 @@ def job_schema(session: Session, job: JobRecord, series: SeriesRecord, study: St
         error=JobError(code=job.error_code, detail=job.error_detail or "")
         if job.error_code
         else None,
+        warnings=[JobWarning(**w) for w in (job.warnings or [])],
         attempts=job.attempts,
         created_at=job.created_at,
         started_at=job.started_at,

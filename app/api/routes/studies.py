@@ -11,28 +11,17 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.api.deps import bearer_token, client_address, get_registry, get_store
+from app.api.ingest_guards import authenticate_uploader, check_capacity, ingest_limits
 from app.api.schemas import ERRORS, ErrorBody, FileResult, JobRef, RejectedFile, UploadResponse
-from app.auth.service import Principal, authenticate, record_audit
-from app.db.records import Role
+from app.auth.service import Principal, record_audit
 from app.db.session import session_scope
-from app.errors import BadRequest, Overloaded, PayloadTooLarge
-from app.jobs.service import queue_depth
+from app.errors import BadRequest, PayloadTooLarge
 from app.metrics import FILES, REJECTIONS, UPLOADS
 from app.registry.service import resolve_models
 from app.settings import Settings, get_settings
 from app.studies.service import IngestResult, UploadedFile, ingest_files
-from app.studies.validation import IngestLimits
 
 router = APIRouter(prefix="/api/v1", tags=["studies"])
-
-
-def ingest_limits(settings: Settings) -> IngestLimits:
-    """The ingest budgets configured in ``settings``."""
-    return IngestLimits(
-        max_decoded_bytes=settings.max_decoded_bytes,
-        max_zip_members=settings.max_zip_members,
-        max_zip_member_ratio=settings.max_zip_ratio,
-    )
 
 
 async def read_multipart(request: Request, max_bytes: int) -> list[tuple[str, str | UploadFile]]:
@@ -61,24 +50,6 @@ async def read_multipart(request: Request, max_bytes: int) -> list[tuple[str, st
     except MultiPartException as exc:
         raise BadRequest("malformed_multipart", str(exc)[:200]) from exc
     return list(form.multi_items())
-
-
-def _authenticate(token: str | None) -> Principal:
-    with session_scope() as session:
-        principal = authenticate(session=session, token=token)
-    principal.require(Role.UPLOADER)
-    return principal
-
-
-def _check_capacity(settings: Settings) -> None:
-    with session_scope() as session:
-        depth = queue_depth(session=session)
-    if depth >= settings.max_queue_depth:
-        raise Overloaded(
-            detail=f"{depth} jobs are queued (limit {settings.max_queue_depth}); retry later",
-            retry_after=30,
-            status=429,
-        )
 
 
 def _ingest(
@@ -172,8 +143,8 @@ def _validate_callback(url: str | None) -> str | None:
 async def upload_studies(request: Request) -> JSONResponse:
     """Store each file durably (or reject it with a reason) and queue one job per series."""
     settings = get_settings()
-    principal = await run_in_threadpool(_authenticate, bearer_token(request))
-    await run_in_threadpool(_check_capacity, settings)
+    principal = await run_in_threadpool(authenticate_uploader, bearer_token(request))
+    await run_in_threadpool(check_capacity, settings)
     items = await read_multipart(request, settings.max_upload_bytes)
     files: list[UploadedFile] = []
     models_field: str | None = None

@@ -14,6 +14,8 @@ export const PRESETS = Object.freeze([
   { id: "bone", label: "Bone", center: 400, width: 1800, key: "4" },
 ]);
 
+const MAX_FINDING_SLICES = 12;
+
 const FALLBACK_COLORS = [[255, 99, 71], [77, 171, 247], [255, 212, 59], [105, 219, 124], [218, 119, 242], [255, 169, 77]];
 
 const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
@@ -607,16 +609,23 @@ export function initViewer({ announce, getModels }) {
       const prior = best.get(index);
       if (!prior || Number(f.probability) > Number(prior.probability)) best.set(index, f);
     }
-    const entries = [...best.entries()].sort((a, b) => a[0] - b[0]).slice(0, 60);
-    $("finding-slices").replaceChildren(
-      ...(entries.length
-        ? entries.map(([index, f]) => {
-            const button = el("button", { type: "button", class: "button small", text: `Slice ${index + 1}: ${f.label} ${percent(f.probability)}${f.uncertain ? " ⚑" : ""}` });
-            button.addEventListener("click", () => showSlice(index));
-            return button;
-          })
-        : [el("p", { class: "muted small", text: "No slice has a positive or uncertain finding." })]),
-    );
+    // The most probable slices, in series order, keep the panel short on long series.
+    const top = [...best.entries()]
+      .sort((a, b) => Number(b[1].probability) - Number(a[1].probability))
+      .slice(0, MAX_FINDING_SLICES)
+      .sort((a, b) => a[0] - b[0]);
+    const buttons = top.map(([index, f]) => {
+      const text = `${index + 1} · ${Math.round(Number(f.probability) * 100)} %${f.uncertain ? " ⚑" : ""}`;
+      const label = `Go to slice ${index + 1}: ${f.label} ${percent(f.probability)}${f.uncertain ? ", uncertain" : ""}`;
+      const button = el("button", { type: "button", class: "button small", text, "aria-label": label });
+      button.title = label;
+      button.addEventListener("click", () => showSlice(index));
+      return button;
+    });
+    const note = best.size > top.length
+      ? el("p", { class: "muted small", text: `The ${top.length} most probable of ${best.size} slices. ⚑ = uncertain.` })
+      : el("p", { class: "muted small", text: best.size ? "Slice · probability. ⚑ = uncertain." : "No slice has a positive or uncertain finding." });
+    $("finding-slices").replaceChildren(...buttons, note);
   }
 
   function downloadButton(text, action) {

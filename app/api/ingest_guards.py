@@ -1,0 +1,45 @@
+"""Checks every upload route makes before it reads a body: caller, capacity, ingest budgets.
+
+Shared by the REST upload (``POST /api/v1/studies``) and STOW-RS (``POST /dicomweb/studies``):
+both authenticate and refuse work while the queue is full before the first byte of the body is
+read, and both ingest under the same budgets.
+"""
+
+from __future__ import annotations
+
+from app.auth.service import Principal, authenticate
+from app.db.records import Role
+from app.db.session import session_scope
+from app.errors import Overloaded
+from app.jobs.service import queue_depth
+from app.settings import Settings
+from app.studies.validation import IngestLimits
+
+
+def ingest_limits(settings: Settings) -> IngestLimits:
+    """The ingest budgets configured in ``settings``."""
+    return IngestLimits(
+        max_decoded_bytes=settings.max_decoded_bytes,
+        max_zip_members=settings.max_zip_members,
+        max_zip_member_ratio=settings.max_zip_ratio,
+    )
+
+
+def authenticate_uploader(token: str | None) -> Principal:
+    """The caller of an upload route; 401 without a valid key, 403 below the uploader role."""
+    with session_scope() as session:
+        principal = authenticate(session=session, token=token)
+    principal.require(Role.UPLOADER)
+    return principal
+
+
+def check_capacity(settings: Settings) -> None:
+    """Refuse new work (429) while the queue is over its configured depth."""
+    with session_scope() as session:
+        depth = queue_depth(session=session)
+    if depth >= settings.max_queue_depth:
+        raise Overloaded(
+            detail=f"{depth} jobs are queued (limit {settings.max_queue_depth}); retry later",
+            retry_after=30,
+            status=429,
+        )

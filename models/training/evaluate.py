@@ -1,0 +1,465 @@
+"""Evaluate exported models on held-out phantoms, with bootstrap 95 % CIs.
+
+    python -m models.training.evaluate unet segnet classifier [--series 64]
+
+The ONNX files are run with onnxruntime exactly as the workers run them: each test series is
+generated at 512 × 512 in HU (seeds disjoint from training and validation, see
+``data.SPLITS["test"]``), preprocessed by ``workers.pipeline.preprocess.preprocess_frames``
+with the model's manifest, and segmentation logits are up-sampled (bilinear, ×2) back to
+512 × 512 before the argmax, so Dice is measured against the original labels.
+
+Segmentation: lung and nodule Dice (voxels pooled over the test set), per-lesion sensitivity
+at ≤ 1 false-positive component per series by lesion diameter band (3-D connected components
+of the predicted nodule mask, scored by their maximum nodule probability). Classification:
+slice AUC, sensitivity/specificity at the manifest threshold on calibrated probabilities,
+expected calibration error (15 bins) after temperature scaling, series-level AUC with the
+manifest's aggregation, and CAM localisation on true-positive slices. CIs: percentile
+bootstrap over whole series (1,000 resamples). Metrics are written into the manifest (the
+ONNX file and its sha256 are untouched) and the card, and the U-Net vs SegNet table in
+``models/README.md`` is refreshed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from app.registry.manifest import Manifest, Task
+from models.training.card import write_card
+from models.training.data import CACHE_DIR, MODELS_DIR, SPLITS, labels_to_grid, make_series
+from models.training.phantoms import LABEL_LUNG, LABEL_NODULE
+from workers.pipeline.preprocess import preprocess_frames
+
+VERSION = "1.0.0"
+SIZE_BANDS = [(3.0, 6.0), (6.0, 10.0), (10.0, 20.0), (20.0, 30.01)]
+RESAMPLES = 1000
+
+
+def load_manifest(name: str) -> tuple[Manifest, Path]:
+    directory = MODELS_DIR / name / VERSION
+    manifest = Manifest.model_validate_json((directory / "manifest.json").read_text())
+    return manifest, directory
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run(
+    sess: ort.InferenceSession, x: NDArray[np.float32], batch: int
+) -> list[NDArray[np.float32]]:
+    outs = [
+        sess.run(None, {sess.get_inputs()[0].name: x[i : i + batch]})
+        for i in range(0, len(x), batch)
+    ]
+    return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+
+
+def upsample2(a: NDArray[np.float32], axis: int) -> NDArray[np.float32]:
+    """×2 linear up-sampling along ``axis`` with half-pixel centres (edge-clamped).
+
+    Equals bilinear interpolation with ``align_corners=False`` when applied to both axes.
+    """
+    a = np.moveaxis(a, axis, -1)
+    prev = np.concatenate([a[..., :1], a[..., :-1]], axis=-1)
+    nxt = np.concatenate([a[..., 1:], a[..., -1:]], axis=-1)
+    out = np.empty((*a.shape[:-1], a.shape[-1] * 2), np.float32)
+    out[..., 0::2] = 0.75 * a + 0.25 * prev
+    out[..., 1::2] = 0.75 * a + 0.25 * nxt
+    return np.moveaxis(out, -1, axis)
+
+
+def softmax(z: NDArray[np.float32], axis: int = 1) -> NDArray[np.float32]:
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-series records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegSeries:
+    counts: NDArray[np.float64]  # [lung inter, lung pred+gt, nodule inter, nodule pred+gt]
+    lesion_diam: list[float]
+    lesion_score: list[float]  # best score of a predicted component touching the lesion (0: none)
+    fp_scores: list[float]
+
+
+@dataclass
+class ClsSeries:
+    logits: NDArray[np.float32]
+    labels: NDArray[np.bool_]
+    pointing: list[bool] = field(default_factory=list)
+    energy_ratio: list[float] = field(default_factory=list)
+
+
+def seg_series(
+    logits: NDArray[np.float32],
+    labels: NDArray[np.uint8],
+    lesion_map: NDArray[np.uint16],
+    lesions: list[Any],
+) -> SegSeries:
+    up = upsample2(upsample2(logits, 2), 3)  # (Z, 3, 512, 512)
+    pred = up.argmax(1).astype(np.uint8)
+    p_nod = softmax(up)[:, LABEL_NODULE]
+    counts = np.zeros(4)
+    for j, k in enumerate((LABEL_LUNG, LABEL_NODULE)):
+        counts[2 * j] = np.sum((pred == k) & (labels == k))
+        counts[2 * j + 1] = np.sum(pred == k) + np.sum(labels == k)
+    comps, n = ndimage.label(pred == LABEL_NODULE, structure=np.ones((3, 3, 3), bool))
+    scores = ndimage.maximum(p_nod, comps, index=np.arange(1, n + 1)) if n else np.zeros(0)
+    hit_any = np.zeros(n + 1, bool)
+    diam, lscore = [], []
+    for les in lesions:
+        if les.voxels == 0:
+            continue  # fell between slices: nothing to detect
+        touching = np.unique(comps[lesion_map == les.lesion_id])
+        touching = touching[touching > 0]
+        hit_any[touching] = True
+        diam.append(les.diameter_mm)
+        lscore.append(float(scores[touching - 1].max()) if len(touching) else 0.0)
+    fp = [float(scores[i - 1]) for i in range(1, n + 1) if not hit_any[i]]
+    return SegSeries(counts, diam, lscore, fp)
+
+
+def cam_localisation(cam: NDArray[np.float32], nodule: NDArray[np.bool_]) -> tuple[bool, float]:
+    """Strict pointing game and (positive energy in lesion) / (lesion area fraction)."""
+    hit = bool(nodule.flat[int(np.argmax(cam))])
+    pos = np.clip(cam, 0, None)
+    total = float(pos.sum())
+    frac = float(nodule.mean())
+    energy = float(pos[nodule].sum()) / total if total > 0 else 0.0
+    return hit, energy / frac if frac > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregate metrics with bootstrap CIs
+# ---------------------------------------------------------------------------------------------
+
+
+def _ci(values: list[float]) -> list[float] | None:
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)])
+    if len(v) == 0:
+        return None
+    return [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)]
+
+
+def _boot(n: int, rng: np.random.Generator) -> Iterator[NDArray[np.int64]]:
+    for _ in range(RESAMPLES):
+        yield rng.integers(0, n, n)
+
+
+def froc_sensitivity(series: list[SegSeries], max_fp: float = 1.0) -> dict[str, Any]:
+    """Per-lesion sensitivity by size band at the lowest score threshold with ≤ max_fp FP/series."""
+    fps = np.sort(np.concatenate([np.asarray(s.fp_scores) for s in series]) if series else [])[::-1]
+    allowed = math.floor(max_fp * len(series))
+    # Threshold just above the (allowed+1)-th highest FP score; 0.5 is the argmax floor anyway.
+    thr = float(fps[allowed]) + 1e-6 if len(fps) > allowed else 0.0
+    diam = np.concatenate([np.asarray(s.lesion_diam) for s in series]) if series else np.zeros(0)
+    score = np.concatenate([np.asarray(s.lesion_score) for s in series]) if series else np.zeros(0)
+    det = score >= max(thr, 1e-9)
+    out: dict[str, Any] = {
+        "threshold": thr,
+        "fp_per_series": float(np.sum(fps >= thr) / max(len(series), 1)),
+    }
+    for lo, hi in SIZE_BANDS:
+        sel = (diam >= lo) & (diam < hi)
+        out[f"{lo:g}-{min(hi, 30):g} mm"] = (
+            int(sel.sum()),
+            float(det[sel].mean()) if sel.any() else float("nan"),
+        )
+    sel = diam >= 6.0
+    out[">=6 mm"] = (int(sel.sum()), float(det[sel].mean()) if sel.any() else float("nan"))
+    sel = diam >= 0
+    out["all"] = (int(sel.sum()), float(det[sel].mean()) if sel.any() else float("nan"))
+    return out
+
+
+def seg_metrics(series: list[SegSeries], rng: np.random.Generator) -> dict[str, Any]:
+    counts = np.stack([s.counts for s in series])
+
+    def dice(idx: NDArray[np.int64]) -> tuple[float, float]:
+        c = counts[idx].sum(0)
+        return 2 * c[0] / c[1], 2 * c[2] / max(c[3], 1)
+
+    lung, nod = dice(np.arange(len(series)))
+    boots = [dice(i) for i in _boot(len(series), rng)]
+    froc = froc_sensitivity(series)
+    froc_boot = [froc_sensitivity([series[j] for j in i]) for i in _boot(len(series), rng)]
+    per_band = {
+        band: {
+            "lesions": froc[band][0],
+            "value": round(froc[band][1], 4),
+            "ci95": _ci([b[band][1] for b in froc_boot]),
+        }
+        for band in froc
+        if band not in ("threshold", "fp_per_series")
+    }
+    return {
+        "lung_dice": {"value": round(lung, 4), "ci95": _ci([b[0] for b in boots])},
+        "nodule_dice": {"value": round(nod, 4), "ci95": _ci([b[1] for b in boots])},
+        "lesion_sensitivity_ge6mm_at_1fp": {
+            "value": per_band[">=6 mm"]["value"],
+            "ci95": per_band[">=6 mm"]["ci95"],
+        },
+        "lesion_sensitivity_all_at_1fp": {
+            "value": per_band["all"]["value"],
+            "ci95": per_band["all"]["ci95"],
+        },
+        "lesion_sensitivity_by_size": per_band,
+        "froc_operating_point": {
+            "component_score_threshold": round(froc["threshold"], 4),
+            "fp_per_series": round(froc["fp_per_series"], 3),
+        },
+    }
+
+
+def auc(score: NDArray[np.float64], label: NDArray[np.bool_]) -> float:
+    from scipy.stats import rankdata
+
+    n1, n0 = int(label.sum()), int((~label).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = rankdata(score)
+    return float((r[label].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def ece(prob: NDArray[np.float64], label: NDArray[np.bool_], bins: int = 15) -> float:
+    """Expected calibration error with equal-width bins (Guo et al. 2017)."""
+    idx = np.minimum((prob * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            total += sel.mean() * abs(prob[sel].mean() - label[sel].mean())
+    return float(total)
+
+
+def cls_metrics(
+    series: list[ClsSeries], manifest: Manifest, rng: np.random.Generator
+) -> dict[str, Any]:
+    c = manifest.classification
+    assert c is not None
+
+    def compute(idx: NDArray[np.int64]) -> dict[str, float]:
+        z = np.concatenate([series[i].logits for i in idx]).astype(np.float64)
+        y = np.concatenate([series[i].labels for i in idx])
+        p = 1 / (1 + np.exp(-z / c.temperature))
+        pred = p >= c.threshold
+        agg = {"max": np.max, "mean": np.mean}.get(c.series_aggregation)
+        ps = np.array(
+            [
+                agg(1 / (1 + np.exp(-series[i].logits / c.temperature)))
+                if agg
+                else 1 - np.prod(1 - 1 / (1 + np.exp(-series[i].logits / c.temperature)))
+                for i in idx
+            ]
+        )
+        ys = np.array([series[i].labels.any() for i in idx])
+        return {
+            "auc": auc(z, y),
+            "sensitivity": float(pred[y].mean()) if y.any() else float("nan"),
+            "specificity": float((~pred[~y]).mean()) if (~y).any() else float("nan"),
+            "ece": ece(p, y),
+            "ece_uncalibrated": ece(1 / (1 + np.exp(-z)), y),
+            "series_auc": auc(ps, ys),
+            "series_sensitivity": float((ps[ys] >= c.threshold).mean())
+            if ys.any()
+            else float("nan"),
+            "series_specificity": float((ps[~ys] < c.threshold).mean())
+            if (~ys).any()
+            else float("nan"),
+        }
+
+    point = compute(np.arange(len(series)))
+    boots = [compute(i) for i in _boot(len(series), rng)]
+    out: dict[str, Any] = {
+        k: {"value": round(v, 4), "ci95": _ci([b[k] for b in boots])} for k, v in point.items()
+    }
+    pg = [h for s in series for h in s.pointing]
+    er = [r for s in series for r in s.energy_ratio]
+    out["cam_pointing_game_tp"] = {
+        "value": round(float(np.mean(pg)), 4) if pg else None,
+        "ci95": _ci([float(np.mean(rng.choice(pg, len(pg)))) for _ in range(RESAMPLES)])
+        if pg
+        else None,
+        "slices": len(pg),
+    }
+    out["cam_energy_over_area_fraction_median"] = {
+        "value": round(float(np.median(er)), 2) if er else None,
+        "ci95": _ci([float(np.median(rng.choice(er, len(er)))) for _ in range(RESAMPLES)])
+        if er
+        else None,
+    }
+    out["slice_definition"] = (
+        "a slice is positive when its nodule label covers at least one 256 x 256 network pixel "
+        "(area majority of the 512 x 512 label)"
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def _gen(index: int) -> tuple[int, Any]:
+    return index, make_series("test", index)
+
+
+def evaluate(
+    names: list[str], n_series: int, threads: int = 1, workers: int = 1, write: bool = True
+) -> dict[str, dict[str, Any]]:
+    models = {n: load_manifest(n) for n in names}
+    sessions = {n: session(d / m.file, threads) for n, (m, d) in models.items()}
+    seg: dict[str, list[SegSeries]] = {n: [] for n in names}
+    cls: dict[str, list[ClsSeries]] = {n: [] for n in names}
+    t0 = time.time()
+    slices = 0
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    it = pool.imap(_gen, range(n_series)) if pool else map(_gen, range(n_series))
+    for i, s in it:
+        slices += s.n_slices
+        frames = s.hu.astype(np.float32)
+        for name, (m, _d) in models.items():
+            x = preprocess_frames(frames, m.preprocessing)
+            outs = run(sessions[name], x, m.preprocessing.batch_size)
+            if m.task is Task.SEGMENTATION:
+                seg[name].append(seg_series(outs[0], s.labels, s.lesion_map, s.lesions))
+            else:
+                grid = labels_to_grid(s.labels, m.preprocessing.size) == LABEL_NODULE
+                y = grid.any(axis=(1, 2))
+                rec = ClsSeries(outs[0][:, 0], y)
+                c = m.classification
+                assert c is not None
+                prob = 1 / (1 + np.exp(-outs[0][:, 0] / c.temperature))
+                for k in np.nonzero(y & (prob >= c.threshold))[0]:
+                    hit, ratio = cam_localisation(outs[1][k, 0], grid[k])
+                    rec.pointing.append(hit)
+                    rec.energy_ratio.append(ratio)
+                cls[name].append(rec)
+        print(f"series {i + 1}/{n_series} done ({time.time() - t0:.0f} s)", flush=True)
+    if pool:
+        pool.close()
+    results = {}
+    for name, (m, d) in models.items():
+        rng = np.random.default_rng(12345)
+        metrics = (
+            seg_metrics(seg[name], rng)
+            if m.task is Task.SEGMENTATION
+            else cls_metrics(cls[name], m, rng)
+        )
+        metrics.update(
+            {
+                "test_series": n_series,
+                "test_slices": slices,
+                "test_seeds": f"{SPLITS['test']['seed']}..{int(SPLITS['test']['seed']) + n_series - 1}",  # type: ignore[call-overload]
+                "bootstrap": {
+                    "resamples": RESAMPLES,
+                    "unit": "series",
+                    "ci": "percentile 2.5-97.5",
+                },
+                "command": f"python -m models.training.evaluate {name} --series {n_series}",
+                "seconds": round(time.time() - t0, 1),
+            }
+        )
+        results[name] = metrics
+        if write:
+            updated = Manifest.model_validate({**m.model_dump(mode="json"), "metrics": metrics})
+            (d / "manifest.json").write_text(
+                json.dumps(updated.model_dump(mode="json"), indent=2) + "\n"
+            )
+            write_card(updated, d)
+        out = CACHE_DIR / "eval" / f"{name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2))
+        print(
+            name,
+            json.dumps(
+                {k: v for k, v in metrics.items() if isinstance(v, dict) and "value" in v}, indent=1
+            ),
+        )
+    return results
+
+
+README_START = "<!-- comparison:start -->"
+README_END = "<!-- comparison:end -->"
+
+
+def _cell(m: dict[str, Any], key: str) -> str:
+    v = m.get(key)
+    if not isinstance(v, dict) or v.get("value") is None:
+        return "–"
+    ci = v.get("ci95")
+    return f"{v['value']:.3f} ({ci[0]:.3f}–{ci[1]:.3f})" if ci else f"{v['value']:.3f}"
+
+
+def comparison_table() -> str:
+    """Markdown table U-Net vs SegNet from the shipped manifests."""
+    rows = [
+        "| model | lung Dice (95% CI) | nodule Dice (95% CI) | lesion sens. ≥ 6 mm @ ≤ 1 FP/series "
+        "| parameters | GFLOP / slice | ORT latency, 1 thread (ms) | ONNX MiB | training |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("unet", "segnet"):
+        path = MODELS_DIR / name / VERSION / "manifest.json"
+        if not path.exists():
+            continue
+        m = Manifest.model_validate_json(path.read_text())
+        p = m.provenance
+        arch, tr = p.get("architecture", {}), p.get("training", {})
+        rows.append(
+            f"| {name} | {_cell(m.metrics, 'lung_dice')} | {_cell(m.metrics, 'nodule_dice')} | "
+            f"{_cell(m.metrics, 'lesion_sensitivity_ge6mm_at_1fp')} | {arch.get('parameters', 0):,} | "
+            f"{arch.get('gflops_per_slice')} | {p.get('latency_ms_1x256_1thread')} | "
+            f"{p.get('export', {}).get('bytes', 0) / 2**20:.2f} | "
+            f"{tr.get('steps')} steps, {float(tr.get('seconds') or 0) / 60:.0f} min |"
+        )
+    return "\n".join(rows)
+
+
+def refresh_readme() -> None:
+    readme = MODELS_DIR / "README.md"
+    if not readme.exists():
+        return
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{comparison_table()}\n{README_END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Evaluate exported models on held-out phantoms.")
+    p.add_argument("models", nargs="+", choices=("unet", "segnet", "classifier"))
+    p.add_argument("--series", type=int, default=int(SPLITS["test"]["series"]))  # type: ignore[call-overload]
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="processes generating test series")
+    args = p.parse_args(argv)
+    evaluate(args.models, args.series, args.threads, args.workers)
+    refresh_readme()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The export path: ONNX (onnxruntime) equals PyTorch for all three architectures.
+
+Small-width networks with seeded random weights go through exactly the code that exported the
+shipped models (``models.training.export.export_onnx``); the shipped models' own parity on 100
+validation slices is recorded in their manifests and checked in ``test_manifests``.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+
+from models.training import export as ex  # noqa: E402
+from models.training.train import build_model  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["unet", "segnet", "classifier"])
+def test_onnx_matches_pytorch_on_100_inputs(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = build_model(name, base=4).eval()
+    # Non-trivial BatchNorm statistics, as after training.
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "model.onnx"
+    ex.export_onnx(net, name, path)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    if name == "segnet":
+        assert ops["MaxUnpool"] == 4 and ops["ScatterND"] == 0
+    sess = ex.ort_session(path)
+    x = np.random.default_rng(1).random((100, 1, 256, 256), dtype=np.float32)
+    result = ex.parity(net, name, sess, x)
+    assert result["inputs"] == 100
+    first = ex.output_names(name)[0]
+    assert result["max_abs_diff"][first] < ex.PARITY_TOLERANCE
+    if name == "classifier":
+        # logit == mean(cam at stride 4) + bias exactly, inside the exported graph too.
+        logit, cam = sess.run(["logit", "cam"], {"image": x[:4]})
+        assert logit.shape == (4, 1) and cam.shape == (4, 1, 256, 256)
+        low = net.cam_lowres(torch.from_numpy(x[:4])).detach().numpy()
+        assert np.allclose(logit[:, 0], low.mean(axis=(1, 2, 3)) + float(net.bias), atol=1e-4)

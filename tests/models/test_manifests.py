@@ -1,0 +1,76 @@
+"""Every shipped model: its manifest validates, its sha256 matches, the graph matches it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from app.registry.manifest import Manifest, OutputRole, Task
+
+from .conftest import load, manifest_paths
+
+PATHS = manifest_paths()
+
+
+def test_the_three_models_are_shipped() -> None:
+    names = {load(p).name for p in PATHS}
+    assert {"unet", "segnet", "classifier"} <= names
+
+
+@pytest.mark.parametrize(
+    "path", PATHS, ids=[str(p.parent.relative_to(p.parents[2])) for p in PATHS]
+)
+def test_manifest_validates_and_hash_matches(path: Path) -> None:
+    raw = json.loads(path.read_text())
+    manifest = Manifest.model_validate(raw)
+    assert path.parent.name == manifest.version
+    assert path.parent.parent.name == manifest.name
+    onnx_file = path.parent / manifest.file
+    data = onnx_file.read_bytes()
+    assert len(data) <= 25 * 1024 * 1024
+    assert hashlib.sha256(data).hexdigest() == manifest.sha256
+
+
+@pytest.mark.parametrize(
+    "path", PATHS, ids=[str(p.parent.relative_to(p.parents[2])) for p in PATHS]
+)
+def test_graph_matches_manifest(path: Path) -> None:
+    manifest = load(path)
+    sess = ort.InferenceSession(
+        str(path.parent / manifest.file), providers=["CPUExecutionProvider"]
+    )
+    (inp,) = sess.get_inputs()
+    assert inp.name == manifest.inputs[0].name
+    assert inp.shape[1:] == manifest.inputs[0].shape[1:]
+    graph_outputs = {o.name: o.shape for o in sess.get_outputs()}
+    for spec in manifest.outputs:
+        assert spec.name in graph_outputs
+        assert graph_outputs[spec.name][1:] == spec.shape[1:]
+    logits = manifest.output(OutputRole.LOGITS)
+    assert logits is not None
+    if manifest.task is Task.SEGMENTATION:
+        assert logits.shape[1] == len(manifest.labels)
+    else:
+        assert manifest.classification is not None
+        assert manifest.output(OutputRole.CAM) is not None
+
+
+@pytest.mark.parametrize(
+    "path", PATHS, ids=[str(p.parent.relative_to(p.parents[2])) for p in PATHS]
+)
+def test_manifest_records_provenance_and_metrics(path: Path) -> None:
+    manifest = load(path)
+    prov = manifest.provenance
+    assert prov["export"]["parity"]["passed"] is True
+    assert prov["export"]["parity"]["inputs"] >= 100
+    assert {"torch", "onnx", "onnxruntime"} <= set(prov["versions"])
+    assert prov["training"]["seconds"] > 0
+    assert manifest.metrics.get("test_series", 0) >= 60
+    assert manifest.metrics.get("test_slices", 0) >= 2000
+    card = (path.parent / "card.md").read_text()
+    assert "not for clinical use" in card.lower()
+    assert manifest.sha256 in card

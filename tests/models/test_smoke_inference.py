@@ -1,0 +1,87 @@
+"""The shipped ONNX models, run with onnxruntime on a fresh phantom through the serving code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from app.registry.manifest import Manifest, OutputRole, Task
+from models.training.phantoms import LABEL_LUNG, LABEL_NODULE, PhantomSeries, generate_series
+from workers.pipeline.preprocess import preprocess_frames
+
+
+@pytest.fixture(scope="module")
+def with_nodule() -> PhantomSeries:
+    # Seed outside every training/validation/test range; one large nodule.
+    return generate_series(7_777_001, n_slices=12, n_nodules=1, size_range_mm=(16.0, 22.0))
+
+
+@pytest.fixture(scope="module")
+def without_nodule() -> PhantomSeries:
+    return generate_series(7_777_002, n_slices=6, n_nodules=0)
+
+
+def _run(manifest: Manifest, directory: Path, hu: np.ndarray) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(str(directory / manifest.file), providers=["CPUExecutionProvider"])
+    x = preprocess_frames(hu.astype(np.float32), manifest.preprocessing)
+    names = [o.name for o in manifest.outputs]
+    return dict(zip(names, sess.run(names, {manifest.inputs[0].name: x}), strict=True))
+
+
+def _largest_nodule_slice(series: PhantomSeries) -> int:
+    areas = (series.labels == LABEL_NODULE).sum(axis=(1, 2))
+    assert areas.max() > 0, "the phantom has no visible nodule"
+    return int(areas.argmax())
+
+
+def _grid(mask: np.ndarray, factor: int) -> np.ndarray:
+    h, w = mask.shape
+    return mask.reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3)) >= 0.5
+
+
+@pytest.mark.parametrize("name", ["unet", "segnet"])
+def test_segmentation_finds_lung_and_nodule(
+    name: str, shipped: dict[str, tuple[Manifest, Path]], with_nodule: PhantomSeries
+) -> None:
+    manifest, directory = shipped[name]
+    assert manifest.task is Task.SEGMENTATION
+    k = _largest_nodule_slice(with_nodule)
+    out = _run(manifest, directory, with_nodule.hu[k : k + 1])
+    logits = out[manifest.output(OutputRole.LOGITS).name][0]  # type: ignore[union-attr]
+    pred = logits.argmax(0)
+    factor = with_nodule.hu.shape[1] // pred.shape[0]
+    lung_gt = _grid(with_nodule.labels[k] >= LABEL_LUNG, factor)
+    nod_gt = _grid(with_nodule.labels[k] == LABEL_NODULE, factor)
+    lung_pred = pred >= LABEL_LUNG
+    lung_dice = 2 * np.sum(lung_pred & lung_gt) / (lung_pred.sum() + lung_gt.sum())
+    nod_pred = pred == LABEL_NODULE
+    nod_dice = 2 * np.sum(nod_pred & nod_gt) / (nod_pred.sum() + nod_gt.sum())
+    assert lung_dice > 0.95
+    assert nod_dice > 0.6
+
+
+def test_classifier_positive_on_nodule_negative_without(
+    shipped: dict[str, tuple[Manifest, Path]],
+    with_nodule: PhantomSeries,
+    without_nodule: PhantomSeries,
+) -> None:
+    manifest, directory = shipped["classifier"]
+    c = manifest.classification
+    assert c is not None
+    k = _largest_nodule_slice(with_nodule)
+    pos = _run(manifest, directory, with_nodule.hu[k : k + 1])
+    mid = without_nodule.n_slices // 2
+    neg = _run(manifest, directory, without_nodule.hu[mid : mid + 1])
+    logit_name = manifest.output(OutputRole.LOGITS).name  # type: ignore[union-attr]
+    p_pos = 1 / (1 + np.exp(-pos[logit_name][0, 0] / c.temperature))
+    p_neg = 1 / (1 + np.exp(-neg[logit_name][0, 0] / c.temperature))
+    assert p_pos >= c.threshold > p_neg
+    # The CAM of the positive slice peaks on the nodule.
+    cam = pos[manifest.output(OutputRole.CAM).name][0, 0]  # type: ignore[union-attr]
+    factor = with_nodule.hu.shape[1] // cam.shape[0]
+    nod = with_nodule.labels[k] == LABEL_NODULE
+    nod_grid = nod.reshape(cam.shape[0], factor, cam.shape[1], factor).any(axis=(1, 3))
+    assert nod_grid.flat[int(cam.argmax())]
