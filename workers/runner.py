@@ -11,8 +11,8 @@ import io
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,6 @@ from app.db.records import (
 from app.db.session import session_scope
 from app.errors import MedcadError, PipelineError
 from app.jobs import service as jobs
-from app.registry.manifest import Window
 from app.registry.service import RegisteredModel, load_registry
 from app.settings import Settings, get_settings
 from app.storage import BlobStore
@@ -45,7 +44,6 @@ from workers.outputs import dicom_pmap, dicom_seg, dicom_sr, overlays
 from workers.outputs.dicom_common import Finding
 from workers.pipeline import saliency as saliency_maps
 from workers.pipeline.decode import DecodeError, decode_frames
-from workers.pipeline.preprocess import apply_window
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +64,6 @@ class DecodedSeries:
     frames: NDArray[np.float32]  # (F, H, W)
     refs: list[SourceFrame]
     datasets: list[pydicom.Dataset]  # headers, in the same order as their first frame
-    window: tuple[float, float]
 
 
 def _load_instances(job_id: str) -> tuple[list[InstanceRecord], list[str]]:
@@ -89,12 +86,9 @@ def decode_series(rows: list[InstanceRecord], store: BlobStore) -> DecodedSeries
     datasets: list[pydicom.Dataset] = []
     stacks: list[NDArray[np.float32]] = []
     refs: list[SourceFrame] = []
-    window: tuple[float, float] | None = None
     for row in rows:
         ds = pydicom.dcmread(io.BytesIO(store.get(row.blob_sha256)))
         decoded = decode_frames(ds)
-        if window is None and decoded.window is not None:
-            window = (float(decoded.window[0]), float(decoded.window[1]))
         index = len(datasets)
         if "PixelData" in ds:
             del ds.PixelData  # outputs need the header only; frees memory early
@@ -112,7 +106,6 @@ def decode_series(rows: list[InstanceRecord], store: BlobStore) -> DecodedSeries
         frames=frames,
         refs=[refs[i] for i in keep],
         datasets=datasets,
-        window=window or (float(np.percentile(frames, 50)), float(np.ptp(frames) or 1.0)),
     )
 
 
@@ -266,11 +259,6 @@ def _execute(run: JobRun) -> None:
     run.timed("commit", time.perf_counter() - t)
 
 
-def _display01(series: DecodedSeries, index: int) -> NDArray[np.float32]:
-    center, width = series.window
-    return apply_window(series.frames[index], Window(center=center, width=max(width, 1.0)))
-
-
 def build_records(run: JobRun, series: DecodedSeries, analyses: list[ModelAnalysis]) -> list[Any]:
     """Render PNGs/maps/DICOM objects, store their blobs, and return the rows to insert."""
     records: list[Any] = []
@@ -404,7 +392,7 @@ def _mask_records(
                 frame=ref.frame,
                 blob_sha256=run.store.put(overlays.render_label_png(labels)),
                 overlay_sha256=run.store.put(
-                    overlays.render_mask_overlay(_display01(series, i), labels, colors, alpha=0.45)
+                    overlays.render_label_overlay(labels, colors, alpha=0.45)
                 ),
                 labels=[dict(s, saliency_ids=linked) for s in stats] if stats else [],
             )

@@ -407,10 +407,10 @@ def _read_file_meta(data: bytes, start: int) -> tuple[int, dict[int, bytes]]:
             raise _reject("invalid_file_meta", "File Meta Information has too many elements")
         group, element = struct.unpack_from("<HH", data, pos)
         vr = data[pos + 4 : pos + 6]
-        if not _is_vr(vr):
+        if vr not in _KNOWN_VRS:
             raise _reject(
                 "invalid_file_meta",
-                f"File Meta element {_tag_str(group << 16 | element)} is not explicit VR",
+                f"File Meta element {_tag_str(group << 16 | element)} has no valid explicit VR",
             )
         if vr in _LONG_VRS:
             if pos + 12 > len(data):

@@ -453,6 +453,7 @@ def export(
         provenance,
         classification=classification,
         display_range=display,
+        review_entropy=review_entropy,
     )
     write_manifest(manifest, directory)
     write_card(manifest, directory)
