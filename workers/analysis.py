@@ -8,7 +8,7 @@ into records, blobs and DICOM objects.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,11 +75,44 @@ def _in_band(p: float, band: tuple[float, float]) -> bool:
     return band[0] <= p <= band[1]
 
 
+PERTURBATION = (SaliencyMethod.OCCLUSION, SaliencyMethod.RISE)
+
+
+def effective_methods(
+    manifest: Manifest, requested: Sequence[SaliencyMethod] = ()
+) -> tuple[SaliencyMethod, ...]:
+    """The saliency methods to compute: the manifest's, plus perturbation methods on request.
+
+    A classifier without a CAM output and without a perturbation method in its manifest (a
+    user-supplied model) still gets occlusion sensitivity: no finding goes unexplained.
+    """
+    methods = list(manifest.saliency.methods)
+    methods += [m for m in requested if m in PERTURBATION and m not in methods]
+    if (
+        manifest.task is Task.CLASSIFICATION
+        and manifest.output(OutputRole.CAM) is None
+        and not any(m in PERTURBATION for m in methods)
+    ):
+        methods.append(SaliencyMethod.OCCLUSION)
+    return tuple(methods)
+
+
 def analyze_series(
-    run: RunFn, manifest: Manifest, frames: FloatArray, *, max_forward_passes: int
+    run: RunFn,
+    manifest: Manifest,
+    frames: FloatArray,
+    *,
+    max_forward_passes: int,
+    extra_methods: Sequence[SaliencyMethod] = (),
 ) -> ModelAnalysis:
-    """Run one model over a (F, H, W) float32 stack in modality units."""
+    """Run one model over a (F, H, W) float32 stack in modality units.
+
+    ``max_forward_passes`` bounds the perturbation saliency cost of this model on this series
+    (its manifest may set a lower bound); ``extra_methods`` are perturbation methods the request
+    asked for on top of the manifest's defaults.
+    """
     analysis = ModelAnalysis(manifest=manifest)
+    methods = effective_methods(manifest, extra_methods)
     t0 = time.perf_counter()
     x = preprocess_frames(frames, manifest.preprocessing)
     t1 = time.perf_counter()
@@ -87,11 +120,11 @@ def analyze_series(
     t2 = time.perf_counter()
     analysis.timings = {"preprocess": t1 - t0, "infer": t2 - t1}
     source_size = (int(frames.shape[1]), int(frames.shape[2]))
-    budget = min(max_forward_passes, manifest.saliency.max_forward_passes)
+    budget = max_forward_passes
     if manifest.task is Task.SEGMENTATION:
-        analysis.segmentation = _segment(run, manifest, x, outputs, source_size, budget)
+        analysis.segmentation = _segment(run, manifest, x, outputs, source_size, budget, methods)
     else:
-        analysis.classification = _classify(run, manifest, x, outputs, source_size, budget)
+        analysis.classification = _classify(run, manifest, x, outputs, source_size, budget, methods)
     analysis.timings["postprocess_saliency"] = time.perf_counter() - t2
     return analysis
 
@@ -103,6 +136,7 @@ def _segment(
     outputs: dict[OutputRole, FloatArray],
     size: tuple[int, int],
     budget: int,
+    methods: Sequence[SaliencyMethod],
 ) -> SegmentationResult:
     logits = outputs[OutputRole.LOGITS]
     probs = postprocess.probabilities_from_logits(logits, axis=1)
@@ -121,7 +155,7 @@ def _segment(
     entropy_small = np.stack([saliency.softmax_entropy(p) for p in probs])
     foreground = small > 0
     mean_entropy = float(entropy_small[foreground].mean()) if foreground.any() else 0.0
-    if SaliencyMethod.ENTROPY in manifest.saliency.methods:
+    if SaliencyMethod.ENTROPY in methods:
         for i, e in enumerate(entropy_small):
             maps.append(
                 SaliencyResult(
@@ -132,7 +166,7 @@ def _segment(
                     params={"normalised_by": "log(K)"},
                 )
             )
-    if SaliencyMethod.OCCLUSION in manifest.saliency.methods:
+    if SaliencyMethod.OCCLUSION in methods:
         maps.extend(_segmentation_occlusion(run, manifest, x, small, size, budget))
     limit = manifest.review.max_mean_entropy
     uncertain = limit is not None and mean_entropy > limit
@@ -212,6 +246,7 @@ def _classify(
     outputs: dict[OutputRole, FloatArray],
     size: tuple[int, int],
     budget: int,
+    methods: Sequence[SaliencyMethod],
 ) -> ClassificationResult:
     spec = manifest.classification
     assert spec is not None
@@ -226,7 +261,7 @@ def _classify(
     series_index = int(np.argmax(probs))
     maps: list[SaliencyResult] = []
     sal = manifest.saliency
-    if SaliencyMethod.CAM in sal.methods and OutputRole.CAM in outputs:
+    if SaliencyMethod.CAM in methods and OutputRole.CAM in outputs:
         cams = outputs[OutputRole.CAM]
         for i in range(cams.shape[0]):
             cam = cams[i].reshape(-1, *cams.shape[-2:])[-1]
@@ -241,8 +276,11 @@ def _classify(
                     params={"source": "graph output", "units": "logit contribution"},
                 )
             )
-    if SaliencyMethod.OCCLUSION in sal.methods or SaliencyMethod.RISE in sal.methods:
-        maps.extend(_classifier_perturbation(run, manifest, x, probs, positive, size, budget))
+    wanted = [m for m in PERTURBATION if m in methods]
+    if wanted:
+        maps.extend(
+            _classifier_perturbation(run, manifest, x, probs, positive, size, budget, wanted)
+        )
     return ClassificationResult(
         probabilities=probs,
         positive=positive,
@@ -263,6 +301,7 @@ def _classifier_perturbation(
     positive: NDArray[np.bool_],
     size: tuple[int, int],
     budget: int,
+    wanted: Sequence[SaliencyMethod],
 ) -> list[SaliencyResult]:
     """Occlusion / RISE for a classifier, spent on the most probable frames within budget."""
     input_name = manifest.inputs[0].name
@@ -278,8 +317,8 @@ def _classifier_perturbation(
     for i in [int(j) for j in np.argsort(-probs)]:
         if remaining <= 1:
             break
-        for method in (SaliencyMethod.OCCLUSION, SaliencyMethod.RISE):
-            if method not in sal.methods or remaining <= 1:
+        for method in wanted:
+            if remaining <= 1:
                 continue
             values, passes = _perturb(method, predict, x[i], manifest, remaining)
             remaining -= passes

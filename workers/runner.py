@@ -35,6 +35,7 @@ from app.db.records import (
 from app.db.session import session_scope
 from app.errors import MedcadError, PipelineError
 from app.jobs import service as jobs
+from app.registry.manifest import SaliencyMethod
 from app.registry.service import RegisteredModel, load_registry
 from app.settings import Settings, get_settings
 from app.storage import BlobStore
@@ -66,13 +67,13 @@ class DecodedSeries:
     datasets: list[pydicom.Dataset]  # headers, in the same order as their first frame
 
 
-def _load_instances(job_id: str) -> tuple[list[InstanceRecord], list[str]]:
+def _load_instances(job_id: str) -> tuple[list[InstanceRecord], list[str], dict[str, Any]]:
     with session_scope() as session:
         job = jobs.get_job(session=session, job_id=job_id)
         rows = list(
             session.scalars(select(InstanceRecord).where(InstanceRecord.series_id == job.series_id))
         )
-        return rows, list(job.models)
+        return rows, list(job.models), dict(job.options or {})
 
 
 def _sort_key(row: InstanceRecord) -> tuple[float, int, str]:
@@ -227,7 +228,9 @@ def _record_failure(job_id: str, owner: str, code: str, detail: str) -> None:
 
 
 def _execute(run: JobRun) -> None:
-    rows, model_keys = _load_instances(run.job_id)
+    rows, model_keys, options = _load_instances(run.job_id)
+    extra = [SaliencyMethod(m) for m in options.get("saliency", [])]
+    requested_budget = options.get("saliency_budget")
     models = resolve_job_models(model_keys, run.settings)
     run.stage("decode")
     t = time.perf_counter()
@@ -245,7 +248,13 @@ def _execute(run: JobRun) -> None:
             session.run,
             model.manifest,
             series.frames,
-            max_forward_passes=run.settings.saliency_max_forward_passes,
+            max_forward_passes=int(requested_budget)
+            if requested_budget
+            else min(
+                run.settings.saliency_max_forward_passes,
+                model.manifest.saliency.max_forward_passes,
+            ),
+            extra_methods=extra,
         )
         for name, seconds in analysis.timings.items():
             run.timed(f"{name}:{model.manifest.name}", seconds)

@@ -145,3 +145,27 @@ def test_sweeper_reclaims_expired_lease(api: Any) -> None:
     assert report.reclaimed == [job_id]
     assert runner.run_job(job_id) == "succeeded"
     assert api.get(f"/api/v1/jobs/{job_id}").json()["attempts"] == 2
+
+
+def test_perturbation_saliency_on_request_respects_budget(api: Any) -> None:
+    blobs, disc = bright_disc_series(n=2, radius=10)
+    job_id = _upload(api, blobs, models="tinycls", saliency="occlusion,rise", saliency_budget="60")
+    assert runner.run_job(job_id) == "succeeded"
+    res = api.get(f"/api/v1/jobs/{job_id}/results").json()
+    methods = [s["method"] for s in res["saliency"]]
+    assert methods.count("cam") == 2 and "occlusion" in methods and "rise" in methods
+    passes = sum(s["params"]["passes"] for s in res["saliency"] if s["method"] != "cam")
+    assert passes <= 60
+    occ = next(s for s in res["saliency"] if s["method"] == "occlusion")
+    values = np.load(io.BytesIO(api.get(occ["url"]).content)).astype(np.float32)
+    # occluding the bright disc lowers the mean-intensity score most: the map peaks there
+    assert disc[np.unravel_index(np.argmax(values), values.shape)]
+
+
+def test_bad_saliency_request_is_400(api: Any) -> None:
+    blobs, _ = bright_disc_series(n=1)
+    files = [("files", ("a.dcm", blobs[0], "application/dicom"))]
+    r = api.post("/api/v1/studies", files=files, data={"saliency": "gradcam"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_saliency"
+    r = api.post("/api/v1/studies", files=files, data={"saliency_budget": "999999"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_saliency_budget"

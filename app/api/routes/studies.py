@@ -59,6 +59,7 @@ def _ingest(
     principal: Principal,
     client: str | None,
     settings: Settings,
+    options: dict[str, object],
 ) -> IngestResult:
     registry = get_registry(settings)
     models = resolve_models(registry, model_names)
@@ -72,6 +73,7 @@ def _ingest(
             principal=principal,
             limits=ingest_limits(settings),
             callback_url=callback_url,
+            options=options,
         )
         for job in result.jobs:
             record_audit(
@@ -92,6 +94,33 @@ def _ingest(
                 outcome="success" if result.duplicates else "rejected",
             )
     return result
+
+
+def saliency_options(fields: dict[str, str], settings: Settings) -> dict[str, object]:
+    """Perturbation saliency asked for on upload: ``saliency=occlusion,rise``, ``saliency_budget=N``.
+
+    The budget is the number of forward passes per model and series, so the cost is predictable.
+    """
+    options: dict[str, object] = {}
+    names = [m.strip() for m in fields.get("saliency", "").split(",") if m.strip()]
+    allowed = {"occlusion", "rise"}
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise BadRequest(
+            "invalid_saliency",
+            f"saliency methods {unknown} are not available on request; use {sorted(allowed)}",
+        )
+    if names:
+        options["saliency"] = names
+    if "saliency_budget" in fields:
+        raw = fields["saliency_budget"].strip()
+        cap = settings.saliency_request_max_passes
+        if not raw.isdigit() or not 1 <= int(raw) <= cap:
+            raise BadRequest(
+                "invalid_saliency_budget", f"saliency_budget {raw[:20]!r} must be 1..{cap}"
+            )
+        options["saliency_budget"] = int(raw)
+    return options
 
 
 def _validate_callback(url: str | None) -> str | None:
@@ -133,6 +162,8 @@ def _validate_callback(url: str | None) -> str | None:
                             },
                             "models": {"type": "string", "example": "unet,classifier"},
                             "callback_url": {"type": "string", "format": "uri"},
+                            "saliency": {"type": "string", "example": "occlusion,rise"},
+                            "saliency_budget": {"type": "integer", "minimum": 1},
                         },
                     }
                 }
@@ -149,6 +180,7 @@ async def upload_studies(request: Request) -> JSONResponse:
     files: list[UploadedFile] = []
     models_field: str | None = None
     callback: str | None = None
+    saliency_fields: dict[str, str] = {}
     for name, value in items:
         if isinstance(value, UploadFile):
             if name in ("files", "file"):
@@ -158,11 +190,14 @@ async def upload_studies(request: Request) -> JSONResponse:
             models_field = value
         elif name == "callback_url":
             callback = value
+        elif name in ("saliency", "saliency_budget"):
+            saliency_fields[name] = value
     if not files:
         raise BadRequest("no_files", "the request has no 'files' part")
     model_names = (
         [m.strip() for m in models_field.split(",") if m.strip()] if models_field else None
     )
+    options = saliency_options(saliency_fields, settings)
     result = await run_in_threadpool(
         _ingest,
         files,
@@ -171,6 +206,7 @@ async def upload_studies(request: Request) -> JSONResponse:
         principal,
         client_address(request),
         settings,
+        options,
     )
     return _upload_response(result)
 
