@@ -87,7 +87,9 @@ def effective_methods(
     user-supplied model) still gets occlusion sensitivity: no finding goes unexplained.
     """
     methods = list(manifest.saliency.methods)
-    methods += [m for m in requested if m in PERTURBATION and m not in methods]
+    for method in requested:
+        if method in PERTURBATION and method not in methods:
+            methods.append(method)
     if (
         manifest.task is Task.CLASSIFICATION
         and manifest.output(OutputRole.CAM) is None

@@ -128,9 +128,7 @@ class WildcardMatch(FunctionElement[bool]):
 @compiles(WildcardMatch)
 def _wildcard_like(element: WildcardMatch, compiler: SQLCompiler, **kw: Any) -> str:
     column, like, _glob_pattern = list(element.clauses)
-    return (
-        f"({compiler.process(column, **kw)} LIKE {compiler.process(like, **kw)} ESCAPE '\\')"
-    )
+    return f"({compiler.process(column, **kw)} LIKE {compiler.process(like, **kw)} ESCAPE '\\')"
 
 
 @compiles(WildcardMatch, "sqlite")

@@ -97,14 +97,14 @@ def _wait_orthanc(proc: subprocess.Popen[bytes]) -> None:
 
 def _wait_results_in_orthanc(orthanc: httpx.Client, study_id: str, timeout: float) -> list[dict]:
     deadline = time.monotonic() + timeout
-    series: list[dict] = []
-    while time.monotonic() < deadline:
-        series = orthanc.get(f"/studies/{study_id}/series", params={"expand": ""}).json()
+    while True:
+        series: list[dict] = orthanc.get(
+            f"/studies/{study_id}/series", params={"expand": ""}
+        ).json()
         modalities = {s["MainDicomTags"].get("Modality") for s in series}
-        if {"SEG", "SR", "OT"} <= modalities:
+        if {"SEG", "SR", "OT"} <= modalities or time.monotonic() > deadline:
             return series
         time.sleep(0.5)
-    return series
 
 
 def run(work: Path, models_dir: Path) -> dict[str, Any]:
@@ -138,7 +138,8 @@ def run(work: Path, models_dir: Path) -> dict[str, Any]:
                 report["jobs"] = [
                     wait_for_jobs(api, [j["id"]], timeout=120)[j["id"]] for j in jobs["items"]
                 ]
-                series = _wait_results_in_orthanc(orthanc, study_id, timeout=60)
+                wait = 60 if any(j["status"] == "succeeded" for j in report["jobs"]) else 0
+                series = _wait_results_in_orthanc(orthanc, study_id, timeout=wait)
                 report["orthanc_series"] = [
                     {
                         "modality": s["MainDicomTags"].get("Modality"),
