@@ -237,8 +237,18 @@ def _execute(run: JobRun) -> None:
     series = decode_series(rows, run.store)
     run.timed("decode", time.perf_counter() - t)
     analyses: list[ModelAnalysis] = []
+    modality = str(series.datasets[0].get("Modality", "") or "")
     for model in models:
         run.stage(f"infer:{model.manifest.name}")
+        intended = model.manifest.preprocessing.modalities
+        if intended and modality not in intended:
+            run.warnings.append(
+                {
+                    "code": "outside_intended_use",
+                    "detail": f"{model.manifest.key}: modality {modality or 'unknown'!r} is not one "
+                    f"of {intended}; results are out of distribution",
+                }
+            )
         session = onnx_sessions.get_session(
             model,
             intra_op_threads=run.settings.ort_intra_op_threads,

@@ -169,3 +169,16 @@ def test_bad_saliency_request_is_400(api: Any) -> None:
     assert r.status_code == 400 and r.json()["error"] == "invalid_saliency"
     r = api.post("/api/v1/studies", files=files, data={"saliency_budget": "999999"})
     assert r.status_code == 400 and r.json()["error"] == "invalid_saliency_budget"
+
+
+def test_non_ct_series_is_processed_with_an_intended_use_warning(api: Any) -> None:
+    from pydicom.data import get_testdata_file
+
+    data = open(get_testdata_file("MR_small.dcm"), "rb").read()
+    r = api.post("/api/v1/studies", files=[("files", ("mr.dcm", data, "application/dicom"))])
+    job_id = r.json()["jobs"][0]["id"]
+    assert runner.run_job(job_id) == "succeeded"
+    job = api.get(f"/api/v1/jobs/{job_id}").json()
+    codes = {w["code"] for w in job["warnings"]}
+    assert "outside_intended_use" in codes
+    assert any("'MR'" in w["detail"] for w in job["warnings"])
