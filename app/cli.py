@@ -77,6 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Migrate, start the embedded worker (unless --no-worker) and serve the API."""
     import uvicorn
 
+    from app.http_guard import header_deadline_protocol
     from app.main import create_app
 
     settings = get_settings()
@@ -102,6 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=5,
+            # slowloris: uvicorn alone never times out a request whose headers do not finish
+            http=header_deadline_protocol(settings.http_header_timeout_seconds),
         )
     finally:
         stop.set()
@@ -281,6 +284,70 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scrub(args: argparse.Namespace) -> int:
+    """Check blobs against rows: orphans (removed with --delete-orphans), missing or corrupt."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from app.db.session import session_scope
+    from app.jobs.scrubber import scrub
+    from app.storage import BlobStore
+
+    settings = get_settings()
+    _prepare(settings)
+    with session_scope() as session:
+        report = scrub(
+            session=session,
+            store=BlobStore(settings.blob_dir),
+            grace_seconds=args.grace_seconds,
+            delete_orphans=args.delete_orphans,
+            verify=not args.no_verify,
+        )
+    if args.json:
+        body = {
+            "referenced": report.referenced,
+            "blobs_on_disk": report.blobs_on_disk,
+            "blobs_verified": report.blobs_verified,
+            "bytes_verified": report.bytes_verified,
+            "orphans": report.orphans,
+            "young_unreferenced": report.young_unreferenced,
+            "stale_temp_files": report.stale_temp_files,
+            "deleted": report.deleted,
+            "problems": [
+                {
+                    "key": p.key,
+                    "problem": p.problem,
+                    "rows": [{"table": r.table, "id": r.row_id, "column": r.column} for r in p.refs],
+                }
+                for p in report.problems
+            ],
+            "seconds": report.seconds,
+        }
+        print(json.dumps(body, indent=2))
+    else:
+        console = Console()
+        summary = Table("referenced", "on disk", "verified", "orphans", "temp", "deleted", "bad")
+        summary.add_row(
+            str(report.referenced),
+            str(report.blobs_on_disk),
+            f"{report.blobs_verified} ({report.bytes_verified / 1e6:.1f} MB)",
+            str(len(report.orphans)),
+            str(len(report.stale_temp_files)),
+            str(report.deleted),
+            str(len(report.problems)),
+        )
+        console.print(summary)
+        if report.problems:
+            problems = Table("problem", "blob", "rows")
+            for p in report.problems:
+                rows = ", ".join(f"{r.table}/{r.row_id}.{r.column}" for r in p.refs)
+                problems.add_row(p.problem, p.key, rows)
+            console.print(problems)
+    return 0 if report.healthy else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``medcad``."""
     parser = argparse.ArgumentParser(prog="medcad", description=__doc__)
@@ -334,6 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("action", choices=["upgrade", "downgrade"])
     db.add_argument("--revision", default=None)
     db.set_defaults(func=cmd_db)
+
+    scrub = sub.add_parser("scrub", help="check blobs against rows: orphans, missing, corrupt")
+    scrub.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=3600.0,
+        help="leave unreferenced blobs younger than this (an upload may be about to commit)",
+    )
+    scrub.add_argument("--delete-orphans", action="store_true", help="remove old orphan blobs")
+    scrub.add_argument("--no-verify", action="store_true", help="check existence, skip re-hashing")
+    scrub.add_argument("--json", action="store_true", help="print the report as JSON")
+    scrub.set_defaults(func=cmd_scrub)
 
     _optional_commands(sub)
     return parser

@@ -12,11 +12,14 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app.api.errors import install_error_handlers
 from app.api.routes import jobs, results, studies, system
+from app.auth.router import router as keys_router
 from app.auth.service import ensure_key
 from app.db.records import Role
 from app.db.session import session_scope
 from app.dicomweb.router import router as dicomweb_router
+from app.http_guard import BodyGuardMiddleware
 from app.jobs.sweeper import start_sweeper
+from app.ratelimit import RateLimitMiddleware, TokenBuckets
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,21 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = False) -
         license_info={"name": "Apache-2.0"},
     )
     install_error_handlers(app)
+    # Outermost last: CORS, then the rate limit, then the body guard, then the routes.
+    app.add_middleware(
+        BodyGuardMiddleware,
+        max_body_bytes=settings.max_request_body_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+        idle_timeout=settings.http_body_idle_timeout_seconds,
+    )
+    if settings.rate_limit_per_minute > 0:
+        app.add_middleware(
+            RateLimitMiddleware,
+            buckets=TokenBuckets(
+                rate_per_second=settings.rate_limit_per_minute / 60.0,
+                burst=settings.rate_limit_burst,
+            ),
+        )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -74,6 +92,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = False) -
         )
     for module in (system, studies, jobs, results):
         app.include_router(module.router)
+    app.include_router(keys_router)
     app.include_router(dicomweb_router)
     _mount_optional(app)
     return app

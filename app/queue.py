@@ -34,6 +34,9 @@ def broker_options(settings: Settings) -> dict[str, object]:
     # Visibility timeout must exceed the hard task time limit by a wide margin (DESIGN §5).
     return {
         "visibility_timeout": max(3600, settings.task_time_limit * 3),
+        # kombu scans for unacked messages to restore every interval × throttle seconds (10 × 10
+        # by default): throttle 1 makes a dead worker's messages come back at VT + ≤ 10 s.
+        "unacked_restore_throttle": 1,
         "socket_connect_timeout": 5,
         "socket_timeout": 10,
         "retry_on_timeout": True,

@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = 5
     deidentify_on_ingest: bool = False
+    # HMAC key of the UID remapping of de-identification; default: a random key kept in
+    # data_dir/deid-uid.key (the same original UID always maps to the same new UID)
+    deidentify_uid_key: SecretStr | None = None
+    rate_limit_per_minute: int = 6000  # per API key (or per address without one); 0: off
+    rate_limit_burst: int = 1000
+    max_request_body_bytes: int = 1024 * 1024  # every route except the upload routes
+    http_header_timeout_seconds: float = 15.0  # a request's headers must arrive within this
+    http_body_idle_timeout_seconds: float = 60.0  # longest wait for the next body chunk
 
     # DICOM listener (``medcad dicom-listener``: C-STORE SCP + C-ECHO)
     listener_host: str = "127.0.0.1"  # 0.0.0.0 to accept modalities from the network

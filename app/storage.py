@@ -47,6 +47,14 @@ class BlobStore:
         key = sha256_hex(data)
         target = self.path_for(key)
         if target.is_file():
+            # Refresh the age of the stored copy: it may be an orphan of a crashed request that a
+            # new row is about to name, and the scrubber only removes orphans past a grace period.
+            try:
+                os.utime(target)
+            except FileNotFoundError:  # removed by the scrubber just now: write it again
+                return self.put(data)
+            except OSError:  # a read-only store: the stored copy is complete all the same
+                pass
             return key
         try:
             self._write_durably(target, data)

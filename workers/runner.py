@@ -41,6 +41,7 @@ from app.settings import Settings, get_settings
 from app.storage import BlobStore
 from workers import onnx_sessions
 from workers.analysis import ModelAnalysis, SaliencyResult, analyze_series
+from workers.forwarding import forward_job_outputs
 from workers.outputs import dicom_pmap, dicom_seg, dicom_sr, overlays
 from workers.outputs.dicom_common import Finding
 from workers.pipeline import saliency as saliency_maps
@@ -216,6 +217,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         return "failed: internal_error"
     finally:
         heartbeat.set()
+    forward_job_outputs(job_id, settings)
     return "succeeded"
 
 

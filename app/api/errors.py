@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -60,10 +61,18 @@ async def _database_down(_request: Request, _exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-    # Never leak stack traces, SQL or paths: log the type, answer a generic body.
-    log.error("unexpected error: %s", type(exc).__name__, exc_info=False)
+    # Never leak stack traces, SQL or paths: log the type, answer a generic body. The reference
+    # is in both, so an operator can find the log line a user reports.
+    reference = uuid.uuid4().hex[:16]
+    log.error(
+        "unexpected error: %s",
+        type(exc).__name__,
+        exc_info=False,
+        extra={"error_reference": reference},
+    )
     return JSONResponse(
-        error_body("internal_error", "an unexpected error occurred"), status_code=500
+        error_body("internal_error", f"an unexpected error occurred (reference {reference})"),
+        status_code=500,
     )
 
 

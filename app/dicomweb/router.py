@@ -24,10 +24,10 @@ from app.api.deps import (
     require,
 )
 from app.api.ingest_guards import authenticate_uploader, check_capacity, ingest_limits
-from app.auth.service import Principal
+from app.auth.service import Principal, record_audit
 from app.db.records import Role
 from app.db.session import session_scope
-from app.dicomweb import service
+from app.dicomweb import qido, service, stow, wado
 from app.dicomweb.dicom_json import parse_tag
 from app.dicomweb.multipart import (
     encode_parts,
@@ -39,7 +39,8 @@ from app.dicomweb.multipart import (
 )
 from app.dicomweb.query import Level, QidoQuery, parse_query, warning_header
 from app.dicomweb.rendering import choose_media_type, parse_window, render_frame
-from app.dicomweb.service import InstanceView, Scope, StowOutcome, StowPart, Urls
+from app.dicomweb.service import InstanceView, Scope, Urls
+from app.dicomweb.stow import StowOutcome, StowPart
 from app.dicomweb.transcode import NotAcceptable
 from app.errors import BadRequest, MedcadError, PayloadTooLarge
 from app.metrics import FILES, REJECTIONS, UPLOADS
@@ -103,7 +104,7 @@ def _stow(
 ) -> StowOutcome:
     models = resolve_models(get_registry(settings), None)
     with session_scope() as session:
-        return service.store_instances(
+        return stow.store_instances(
             session=session,
             store=get_store(settings),
             parts=parts,
@@ -198,7 +199,7 @@ def _audit_search(
     scope: Scope,
 ) -> None:
     keys = ",".join(query.key_names()) or "none"
-    service.audit_access(
+    record_audit(
         session=session,
         principal=principal,
         action="search",
@@ -214,7 +215,7 @@ def _search_series(
     request: Request, session: SessionDep, store: StoreDep, principal: Principal, scope: Scope
 ) -> Response:
     query = _query(request, "series")
-    views = service.page(
+    views = qido.page(
         service.find_series(session=session, store=store, query=query, scope=scope), query
     )
     studies = (
@@ -222,7 +223,7 @@ def _search_series(
         if scope.study is None
         else {}
     )
-    body = service.series_results(
+    body = qido.series_results(
         views=views, studies=studies, query=query, store=store, urls=_urls(request)
     )
     _audit_search(session, request, principal, query, len(body), scope)
@@ -233,7 +234,7 @@ def _search_instances(
     request: Request, session: SessionDep, store: StoreDep, principal: Principal, scope: Scope
 ) -> Response:
     query = _query(request, "instance")
-    views = service.page(
+    views = qido.page(
         service.find_instances(session=session, store=store, query=query, scope=scope), query
     )
     studies = (
@@ -241,7 +242,7 @@ def _search_instances(
         if scope.study is None
         else {}
     )
-    body = service.instance_results(
+    body = qido.instance_results(
         views=views, studies=studies, query=query, store=store, urls=_urls(request)
     )
     _audit_search(session, request, principal, query, len(body), scope)
@@ -255,7 +256,7 @@ def search_studies(
     """Studies matching the query keys (``PatientName=DOE*``, ``StudyDate=20260101-``, ...)."""
     query = _query(request, "study")
     views = service.find_studies(session=session, query=query)
-    body = service.study_results(views=views, query=query, store=store, urls=_urls(request))
+    body = qido.study_results(views=views, query=query, store=store, urls=_urls(request))
     _audit_search(session, request, principal, query, len(body), Scope())
     return _json(body, headers=dict(warning_header(query)))
 
@@ -349,7 +350,7 @@ def _audit_retrieve(
     scope: Scope,
     views: list[InstanceView],
 ) -> None:
-    service.audit_access(
+    record_audit(
         session=session,
         principal=principal,
         action=action,
@@ -364,12 +365,12 @@ def _audit_retrieve(
 def _retrieve(
     request: Request, session: SessionDep, store: StoreDep, principal: Principal, scope: Scope
 ) -> Response:
-    views = service.resolve_instances(session=session, store=store, scope=scope)
+    views = wado.resolve_instances(session=session, store=store, scope=scope)
     syntaxes: list[str] | None = None
     failure: NotAcceptable | None = None
     for requested in _accepted_syntaxes(request.headers.get("accept")):
         try:
-            syntaxes = service.delivery_plan(views, requested)
+            syntaxes = wado.delivery_plan(views, requested)
             break
         except NotAcceptable as exc:
             failure = exc
@@ -378,7 +379,7 @@ def _retrieve(
         raise failure
     _audit_retrieve(session, request, principal, "download", scope, views)
     boundary = new_boundary()
-    body: Iterator[bytes] = encode_parts(service.retrieve_parts(store, views, syntaxes), boundary)
+    body: Iterator[bytes] = encode_parts(wado.retrieve_parts(store, views, syntaxes), boundary)
     return StreamingResponse(body, media_type=related_content_type(boundary, "application/dicom"))
 
 
@@ -386,8 +387,8 @@ def _metadata(
     request: Request, session: SessionDep, store: StoreDep, principal: Principal, scope: Scope
 ) -> Response:
     _accepts_json(request)
-    views = service.resolve_instances(session=session, store=store, scope=scope)
-    body = service.instance_metadata(store=store, views=views, urls=_urls(request))
+    views = wado.resolve_instances(session=session, store=store, scope=scope)
+    body = wado.instance_metadata(store=store, views=views, urls=_urls(request))
     _audit_retrieve(session, request, principal, "view", scope, views)
     return _json(body)
 
@@ -469,7 +470,7 @@ def retrieve_instance_metadata(
 
 
 def _one_instance(session: SessionDep, store: StoreDep, scope: Scope) -> InstanceView:
-    return service.resolve_instances(session=session, store=store, scope=scope)[0]
+    return wado.resolve_instances(session=session, store=store, scope=scope)[0]
 
 
 def _rendered(
@@ -562,7 +563,7 @@ def retrieve_frames(
     numbers = _frame_numbers(frames)
     scope = Scope(study, series, instance)
     view = _one_instance(session, store, scope)
-    values = service.frame_values(store=store, view=view, frames=numbers)
+    values = wado.frame_values(store=store, view=view, frames=numbers)
     _audit_retrieve(session, request, principal, "download", scope, [view])
     return _octet_parts(values)
 
@@ -585,7 +586,7 @@ def retrieve_bulk(
     """A top-level bulk data element, uncompressed little endian."""
     scope = Scope(study, series, instance)
     view = _one_instance(session, store, scope)
-    value = service.bulk_value(store=store, view=view, tag=int(parse_tag(tag)))
+    value = wado.bulk_value(store=store, view=view, tag=int(parse_tag(tag)))
     _audit_retrieve(session, request, principal, "download", scope, [view])
     return _octet_parts([value])
 

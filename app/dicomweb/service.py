@@ -1,4 +1,4 @@
-"""DICOMweb read models (QIDO-RS, WADO-RS) and STOW-RS orchestration over the ingest service.
+"""DICOMweb read models: source and result objects as one study, and QIDO-RS (PS3.18 §10.6).
 
 Two kinds of instances live in a study: the source instances (InstanceRecord rows, stored by
 ingest) and the result objects a job produced (SEG, SR and Parametric Map ArtifactRecords, each
@@ -6,16 +6,16 @@ in its own new series of the source study). Both are presented as one study here
 series have the modality of their object (SEG, SR, OT for a Parametric Map) and the attributes
 the database does not hold (series number, SOP class, rows, ...) come from the stored header.
 
-Services receive a session and never commit; the route's unit of work commits, including the
-audit event of every access to patient data.
+QIDO-RS answers are built in :mod:`app.dicomweb.qido`, WADO-RS (:mod:`app.dicomweb.wado`)
+resolves instances through the same views, and STOW-RS lives in
+:mod:`app.dicomweb.stow`. Services receive a session and never commit; the route's unit of work
+commits, including the audit event of every access to patient data.
 """
 
 from __future__ import annotations
 
-import io
-import zipfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -26,7 +26,6 @@ from pydicom import Dataset
 from sqlalchemy import ColumnElement, Select, exists, false, func, or_, select
 from sqlalchemy.orm import Session
 
-from app.auth.service import Principal, record_audit
 from app.db.records import (
     ArtifactRecord,
     InstanceRecord,
@@ -34,29 +33,15 @@ from app.db.records import (
     SeriesRecord,
     StudyRecord,
 )
-from app.dicomweb import status as dicom_status
 from app.dicomweb.dicom_json import (
     BULK_VRS,
-    PIXEL_TAGS,
-    metadata_json,
-    put,
-    referenced_item,
-    store_response,
-    tag_hex,
-    to_json,
 )
 from app.dicomweb.query import Matcher, QidoQuery
 from app.dicomweb.transcode import (
     EXPLICIT_VR_LITTLE_ENDIAN,
-    deliver,
-    delivery_syntax,
-    to_explicit_little_endian,
 )
-from app.errors import BadRequest, MedcadError, NotFound
-from app.registry.service import RegisteredModel
+from app.errors import MedcadError
 from app.storage import BlobStore
-from app.studies.service import CreatedJob, UploadedFile, ingest_files
-from app.studies.validation import IngestLimits
 
 KIND_MODALITY: Final[dict[str, str]] = {"seg": "SEG", "sr": "SR", "pmap": "OT"}
 DICOM_MEDIA_TYPE: Final = "application/dicom"
@@ -168,7 +153,7 @@ def header_summary(store: BlobStore, key: str) -> HeaderSummary:
     return _summary_at(str(store.path_for(key)))
 
 
-def _header_attributes(store: BlobStore, key: str, tags: Iterable[int]) -> Dataset:
+def header_attributes(store: BlobStore, key: str, tags: Iterable[int]) -> Dataset:
     """Requested top-level attributes from a stored header (``includefield``), bulk excluded."""
     wanted = sorted(set(tags))
     out = Dataset()
@@ -230,6 +215,7 @@ class InstanceView:
     columns: int | None
     frames: int
     is_result: bool
+    # (source 0 / result 1, series created, series UID, slice position, number, SOP UID)
     order: tuple[Any, ...] = field(compare=False)
 
 
@@ -415,7 +401,14 @@ def _result_instance(
         columns=summary.columns,
         frames=summary.frames,
         is_result=True,
-        order=(1, artifact.created_at, summary.instance_number or 0, artifact.sop_instance_uid),
+        order=(
+            1,
+            _aware(artifact.created_at),
+            artifact.series_instance_uid,
+            0.0,
+            summary.instance_number or 0,
+            artifact.sop_instance_uid,
+        ),
     )
 
 
@@ -439,7 +432,7 @@ def _source_instance(
         is_result=False,
         order=(
             0,
-            series.created_at,
+            _aware(series.created_at),
             series.series_instance_uid,
             instance.slice_position if instance.slice_position is not None else 0.0,
             instance.instance_number or 0,
@@ -549,12 +542,7 @@ def find_instances(
 
 
 def _instance_order(view: InstanceView) -> tuple[Any, ...]:
-    head = (_aware(view.study.created_at), view.study.study_instance_uid)
-    if view.is_result:
-        kind, created, number, uid = view.order
-        return (*head, kind, _aware(created), view.series_instance_uid, number, uid)
-    kind, created, series_uid, position, number, uid = view.order
-    return (*head, kind, _aware(created), series_uid, position, number, uid)
+    return (_aware(view.study.created_at), view.study.study_instance_uid, *view.order)
 
 
 def find_studies(*, session: Session, query: QidoQuery) -> list[StudyView]:
@@ -632,453 +620,3 @@ def study_views_for(session: Session, study_uids: Iterable[str]) -> dict[str, St
         session.scalars(select(StudyRecord).where(StudyRecord.study_instance_uid.in_(uids)))
     )
     return {v.record.study_instance_uid: v for v in _with_study_stats(session, studies)}
-
-
-# ---------------------------------------------------------------------------------------
-# QIDO-RS result objects (PS3.18 §10.6.3, Tables 10.6.3-3 / -4 / -5)
-# ---------------------------------------------------------------------------------------
-
-
-def _study_attributes(ds: Dataset, view: StudyView, urls: Urls) -> None:
-    study = view.record
-    put(ds, SPECIFIC_CHARACTER_SET, "ISO_IR 192")  # JSON is Unicode (PS3.18 §F.2.1)
-    put(ds, STUDY_DATE, study.study_date)
-    put(ds, STUDY_TIME, study.study_time)
-    put(ds, ACCESSION_NUMBER, study.accession_number)
-    put(ds, INSTANCE_AVAILABILITY, "ONLINE")
-    put(ds, MODALITIES_IN_STUDY, list(view.modalities) or None)
-    put(ds, REFERRING_PHYSICIAN_NAME, study.referring_physician_name)
-    put(ds, RETRIEVE_URL, urls.study(study.study_instance_uid), "UR")
-    put(ds, PATIENT_NAME, study.patient_name)
-    put(ds, PATIENT_ID, study.patient_id)
-    put(ds, PATIENT_BIRTH_DATE, study.patient_birth_date)
-    put(ds, PATIENT_SEX, study.patient_sex)
-    put(ds, STUDY_INSTANCE_UID, study.study_instance_uid)
-    put(ds, STUDY_ID, study.study_id)
-    put(ds, NUMBER_OF_STUDY_RELATED_SERIES, view.series_count)
-    put(ds, NUMBER_OF_STUDY_RELATED_INSTANCES, view.instance_count)
-
-
-def _series_attributes(ds: Dataset, view: SeriesView | InstanceView, urls: Urls) -> None:
-    put(ds, MODALITY, view.modality)
-    put(ds, SERIES_INSTANCE_UID, view.series_instance_uid)
-    put(ds, SERIES_NUMBER, view.series_number)
-    put(ds, SERIES_DESCRIPTION, view.series_description)
-    put(ds, PPS_START_DATE, None)
-    put(ds, PPS_START_TIME, None)
-    if isinstance(view, SeriesView):
-        put(ds, NUMBER_OF_SERIES_RELATED_INSTANCES, view.instance_count)
-        put(
-            ds,
-            RETRIEVE_URL,
-            urls.series(view.study.study_instance_uid, view.series_instance_uid),
-            "UR",
-        )
-
-
-def _known_values(view: StudyView | SeriesView | InstanceView) -> dict[int, Any]:
-    study = view.record if isinstance(view, StudyView) else view.study
-    return {STUDY_DESCRIPTION: study.study_description}
-
-
-def _add_includes(
-    ds: Dataset,
-    query: QidoQuery,
-    store: BlobStore,
-    view: StudyView | SeriesView | InstanceView,
-) -> None:
-    """``includefield`` attributes: those we hold, then the rest from a stored header."""
-    known = _known_values(view)
-    wanted = set(query.include) | set(query.matchers)
-    if query.include_all:
-        wanted |= set(known)
-    missing = []
-    for tag in sorted(wanted):
-        if tag in ds:
-            continue
-        if tag in known:
-            put(ds, tag, known[tag])
-        else:
-            missing.append(tag)
-    key = view.blob_key if isinstance(view, InstanceView) else view.sample_blob
-    if missing and key:
-        for elem in _header_attributes(store, key, missing):
-            ds.add(elem)
-
-
-def study_results(
-    *, views: Sequence[StudyView], query: QidoQuery, store: BlobStore, urls: Urls
-) -> list[dict[str, Any]]:
-    """DICOM JSON of a study search."""
-    out = []
-    for view in views:
-        ds = Dataset()
-        _study_attributes(ds, view, urls)
-        _add_includes(ds, query, store, view)
-        out.append(to_json(ds))
-    return out
-
-
-def series_results(
-    *,
-    views: Sequence[SeriesView],
-    studies: dict[str, StudyView],
-    query: QidoQuery,
-    store: BlobStore,
-    urls: Urls,
-) -> list[dict[str, Any]]:
-    """DICOM JSON of a series search (study attributes repeated for top-level searches)."""
-    out = []
-    for view in views:
-        ds = Dataset()
-        study = studies.get(view.study.study_instance_uid)
-        if study is not None:
-            _study_attributes(ds, study, urls)
-        put(ds, STUDY_INSTANCE_UID, view.study.study_instance_uid)
-        _series_attributes(ds, view, urls)
-        _add_includes(ds, query, store, view)
-        out.append(to_json(ds))
-    return out
-
-
-def instance_results(
-    *,
-    views: Sequence[InstanceView],
-    studies: dict[str, StudyView],
-    query: QidoQuery,
-    store: BlobStore,
-    urls: Urls,
-) -> list[dict[str, Any]]:
-    """DICOM JSON of an instance search (Table 10.6.3-5 plus study and series identity)."""
-    out = []
-    for view in views:
-        ds = Dataset()
-        study = studies.get(view.study.study_instance_uid)
-        if study is not None:
-            _study_attributes(ds, study, urls)
-        put(ds, STUDY_INSTANCE_UID, view.study.study_instance_uid)
-        _series_attributes(ds, view, urls)
-        summary = header_summary(store, view.blob_key)
-        put(ds, SOP_CLASS_UID, view.sop_class_uid)
-        put(ds, SOP_INSTANCE_UID, view.sop_instance_uid)
-        put(ds, INSTANCE_AVAILABILITY, "ONLINE")
-        put(ds, INSTANCE_NUMBER, view.instance_number)
-        put(ds, ROWS, view.rows)
-        put(ds, COLUMNS, view.columns)
-        put(ds, BITS_ALLOCATED, summary.bits_allocated)
-        put(ds, NUMBER_OF_FRAMES, view.frames)
-        put(
-            ds,
-            RETRIEVE_URL,
-            urls.instance(
-                view.study.study_instance_uid, view.series_instance_uid, view.sop_instance_uid
-            ),
-            "UR",
-        )
-        _add_includes(ds, query, store, view)
-        out.append(to_json(ds))
-    return out
-
-
-def page(items: Sequence[Any], query: QidoQuery) -> list[Any]:
-    """``offset``/``limit`` over an in-memory result list."""
-    return list(items[query.offset : query.offset + query.limit])
-
-
-# ---------------------------------------------------------------------------------------
-# WADO-RS
-# ---------------------------------------------------------------------------------------
-
-
-def resolve_instances(*, session: Session, store: BlobStore, scope: Scope) -> list[InstanceView]:
-    """Every instance (source and result) under a study, series or instance path; 404 if none."""
-    views = find_instances(session=session, store=store, query=QidoQuery(), scope=scope)
-    if not views:
-        what = "instance" if scope.instance else "series" if scope.series else "study"
-        uid = scope.instance or scope.series or scope.study or ""
-        raise NotFound(detail=f"no {what} {uid[:64]!r}")
-    return views
-
-
-def delivery_plan(views: Sequence[InstanceView], requested: str | None) -> list[str]:
-    """The transfer syntax of every instance (406 before anything is sent if one is not)."""
-    return [delivery_syntax(v.transfer_syntax_uid, requested) for v in views]
-
-
-def retrieve_parts(
-    store: BlobStore, views: Sequence[InstanceView], syntaxes: Sequence[str]
-) -> Iterator[tuple[str, bytes]]:
-    """``(content type, PS3.10 bytes)`` per instance, transcoded lazily while streaming."""
-    for view, syntax in zip(views, syntaxes, strict=True):
-        data = deliver(store.get(view.blob_key), syntax)
-        yield f"{DICOM_MEDIA_TYPE}; transfer-syntax={syntax}", data
-
-
-def instance_metadata(
-    *, store: BlobStore, views: Sequence[InstanceView], urls: Urls
-) -> list[dict[str, Any]]:
-    """WADO-RS metadata: each instance's header as DICOM JSON, bulk data by BulkDataURI."""
-    out = []
-    for view in views:
-        url = urls.instance(
-            view.study.study_instance_uid, view.series_instance_uid, view.sop_instance_uid
-        )
-        ds = pydicom.dcmread(store.path_for(view.blob_key), defer_size=256)
-        out.append(metadata_json(ds, _bulk_uri_maker(url)))
-    return out
-
-
-def _bulk_uri_maker(instance_url: str) -> Callable[[int], str]:
-    def bulk_uri(tag: int) -> str:
-        return f"{instance_url}/bulk/{tag_hex(tag)}"
-
-    return bulk_uri
-
-
-def bulk_value(*, store: BlobStore, view: InstanceView, tag: int) -> bytes:
-    """A top-level bulk data value, little endian and uncompressed (PS3.18 §10.4.1.1.5)."""
-    ds = pydicom.dcmread(io.BytesIO(to_explicit_little_endian(store.get(view.blob_key))))
-    if tag not in ds or not isinstance(ds[tag].value, bytes):
-        raise NotFound(detail=f"instance has no bulk data element {tag_hex(tag)}")
-    value: bytes = ds[tag].value
-    return value
-
-
-def frame_values(*, store: BlobStore, view: InstanceView, frames: Sequence[int]) -> list[bytes]:
-    """Uncompressed frames (1-based numbers) as native little endian bytes (PS3.18 §8.7.3.5).
-
-    Frames of 1-bit data (BINARY SEG) are packed per frame, least significant bit first
-    (PS3.5 §8.1.1), starting at a byte boundary.
-    """
-    ds = pydicom.dcmread(io.BytesIO(to_explicit_little_endian(store.get(view.blob_key))))
-    tag = next((t for t in sorted(PIXEL_TAGS, reverse=True) if t in ds), None)
-    if tag is None:
-        raise NotFound(detail=f"instance {view.sop_instance_uid[:64]} has no pixel data")
-    pixels: bytes = ds[tag].value
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    bits = {0x7FE00008: 32, 0x7FE00009: 64}.get(tag, int(ds.get("BitsAllocated", 8) or 8))
-    values_per_frame = int(ds.Rows) * int(ds.Columns) * samples
-    out = []
-    for number in frames:
-        if not 1 <= number <= count:
-            raise NotFound(detail=f"frame {number} out of range 1..{count}")
-        if bits == 1:
-            out.append(_bit_frame(pixels, number - 1, values_per_frame))
-        else:
-            size = values_per_frame * bits // 8
-            out.append(pixels[(number - 1) * size : number * size])
-    return out
-
-
-def _bit_frame(pixels: bytes, index: int, values_per_frame: int) -> bytes:
-    import numpy as np
-
-    bits = np.unpackbits(np.frombuffer(pixels, np.uint8), bitorder="little")
-    frame = bits[index * values_per_frame : (index + 1) * values_per_frame]
-    return bytes(np.packbits(frame, bitorder="little").tobytes())
-
-
-def audit_access(
-    *,
-    session: Session,
-    principal: Principal,
-    action: str,
-    resource: str,
-    client: str | None,
-    study_instance_uid: str | None = None,
-    series_instance_uid: str | None = None,
-    detail: str | None = None,
-) -> None:
-    """Record an access to patient data in the caller's unit of work."""
-    record_audit(
-        session=session,
-        principal=principal,
-        action=action,
-        resource=resource,
-        client=client,
-        study_instance_uid=study_instance_uid,
-        series_instance_uid=series_instance_uid,
-        detail=detail,
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# STOW-RS (PS3.18 §10.5) over the ingest service
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StowPart:
-    """One part of a STOW-RS request."""
-
-    content_type: str
-    data: bytes
-
-
-@dataclass
-class StowOutcome:
-    """The answer to a STOW-RS request: HTTP status, response module, jobs."""
-
-    status: int
-    body: dict[str, Any]
-    jobs: list[CreatedJob]
-    stored: int = 0
-    duplicates: int = 0
-    failed: int = 0
-    outcomes: list[str] = field(default_factory=list)  # per part: stored|duplicate|<error code>
-
-
-@dataclass
-class _Identity:
-    sop_class_uid: str | None = None
-    sop_instance_uid: str | None = None
-    study_instance_uid: str | None = None
-
-
-def _identify(data: bytes) -> _Identity:
-    """The identity of a part from its header, for the response (never trusted for storage)."""
-    try:
-        ds = pydicom.dcmread(
-            io.BytesIO(data),
-            force=True,
-            stop_before_pixels=True,
-            specific_tags=[SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_INSTANCE_UID],
-        )
-        values = [
-            str(ds.get(k, "") or "").strip() or None
-            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
-        ]
-    except Exception:  # any part may be garbage; it then fails with 0xC000 below
-        return _Identity()
-    return _Identity(*values)
-
-
-def _part_failure(part: StowPart, identity: _Identity, study: str | None) -> str | None:
-    """A failure code decided before ingest (wrong part type, archive, study mismatch)."""
-    if part.content_type not in ("", DICOM_MEDIA_TYPE):
-        return "bad_part"
-    if zipfile.is_zipfile(io.BytesIO(part.data)):
-        return "bad_part"  # an archive is not application/dicom (the REST upload takes them)
-    if study is not None and identity.study_instance_uid not in (None, study):
-        return "study_uid_mismatch"
-    return None
-
-
-def store_instances(
-    *,
-    session: Session,
-    store: BlobStore,
-    parts: Sequence[StowPart],
-    models: list[RegisteredModel],
-    principal: Principal,
-    client: str | None,
-    limits: IngestLimits,
-    urls: Urls,
-    study_instance_uid: str | None = None,
-) -> StowOutcome:
-    """Store the parts through the one ingest path and build the Store Instances Response.
-
-    Status (PS3.18 Table 10.5.3-1): 200 all stored (duplicates of identical bytes count as
-    stored), 202 some failed, 409 none stored for reasons of content (conflict, unsupported
-    class, Study UID mismatch), 400 none stored because no part could be understood.
-    """
-    if not parts:
-        raise BadRequest("no_parts", "the multipart body has no parts")
-    identities = [_identify(p.data) for p in parts]
-    early = [
-        _part_failure(p, i, study_instance_uid) for p, i in zip(parts, identities, strict=True)
-    ]
-    files = [
-        UploadedFile(filename=f"part-{n}", data=p.data)
-        for n, (p, failure) in enumerate(zip(parts, early, strict=True))
-        if failure is None
-    ]
-    result = ingest_files(
-        session=session, store=store, files=files, models=models, principal=principal, limits=limits
-    )
-    by_name = {f.filename: f for f in result.files}
-    referenced, failed, outcomes = [], [], []
-    studies: set[str] = set()
-    for n, (identity, failure) in enumerate(zip(identities, early, strict=True)):
-        outcome = by_name.get(f"part-{n}")
-        code = failure or (outcome.error if outcome and outcome.outcome == "rejected" else None)
-        if outcome is None and failure is None:
-            code = "bad_part"
-        if code is not None:
-            failed.append(
-                referenced_item(
-                    identity.sop_class_uid,
-                    identity.sop_instance_uid,
-                    failure_reason=dicom_status.failure_status(code),
-                )
-            )
-            outcomes.append(code)
-            continue
-        assert outcome is not None and outcome.sop_instance_uid and outcome.series_instance_uid
-        study = identity.study_instance_uid or study_instance_uid or ""
-        studies.add(study)
-        referenced.append(
-            referenced_item(
-                identity.sop_class_uid,
-                outcome.sop_instance_uid,
-                retrieve_url=urls.instance(
-                    study, outcome.series_instance_uid, outcome.sop_instance_uid
-                ),
-            )
-        )
-        outcomes.append(outcome.outcome)
-    _audit_stow(session, principal, client, result.jobs, studies, len(referenced))
-    retrieve = study_instance_uid or (next(iter(studies)) if len(studies) == 1 else None)
-    body = store_response(urls.study(retrieve) if retrieve else None, referenced, failed)
-    return StowOutcome(
-        status=_stow_status(len(referenced), failed),
-        body=body,
-        jobs=result.jobs,
-        stored=result.stored,
-        duplicates=result.duplicates,
-        failed=len(failed),
-        outcomes=outcomes,
-    )
-
-
-def _stow_status(stored: int, failed: list[Dataset]) -> int:
-    if stored and not failed:
-        return 200
-    if stored:
-        return 202
-    reasons = {int(item.FailureReason) for item in failed}
-    return 400 if reasons <= dicom_status.SYNTAX_FAILURES else 409
-
-
-def _audit_stow(
-    session: Session,
-    principal: Principal,
-    client: str | None,
-    jobs: list[CreatedJob],
-    studies: set[str],
-    stored: int,
-) -> None:
-    study = next(iter(studies)) if len(studies) == 1 else None
-    for job in jobs:
-        record_audit(
-            session=session,
-            principal=principal,
-            action="upload",
-            resource=f"job/{job.id}",
-            client=client,
-            study_instance_uid=study,
-            series_instance_uid=job.series_instance_uid,
-            detail="STOW-RS",
-        )
-    if not jobs:
-        record_audit(
-            session=session,
-            principal=principal,
-            action="upload",
-            resource="dicomweb/studies",
-            client=client,
-            study_instance_uid=study,
-            outcome="success" if stored else "rejected",
-            detail="STOW-RS",
-        )

@@ -7,7 +7,6 @@ every blob is fsynced, and the jobs are sent to the queue only after that commit
 from __future__ import annotations
 
 import io
-import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,7 @@ from app.db.records import (
     StudyRecord,
     utcnow,
 )
+from app.deid import ingest_deidentifier
 from app.errors import IngestRejected, MedcadError
 from app.queue_hooks import enqueue_after_commit
 from app.registry.service import RegisteredModel
@@ -137,7 +137,9 @@ def expand_upload(
     """Expand zip archives into their members; a broken archive becomes a rejection."""
     expanded: list[UploadedFile | FileOutcome] = []
     for item in files:
-        if not zipfile.is_zipfile(io.BytesIO(item.data)):
+        # A zip archive starts with a local file header; DICOM never does (preamble or raw data
+        # set). Testing the start, not the end, keeps a DICOM file with a zip appended a DICOM file.
+        if item.data[:4] != b"PK\x03\x04":
             expanded.append(item)
             continue
         try:
@@ -204,6 +206,9 @@ def store_instance(
     """Validate, store and record one file; returns its outcome and (if new) its series."""
     try:
         inspected = inspect_instance(item.data, limits=limits)
+        if (deidentify := ingest_deidentifier()) is not None:
+            # validated, de-identified, validated again: what is stored is what was checked
+            inspected = inspect_instance(deidentify(inspected.normalized_bytes), limits=limits)
     except MedcadError as exc:
         return _rejection(item.filename, exc), None
     data = inspected.normalized_bytes

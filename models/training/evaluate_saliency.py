@@ -421,12 +421,23 @@ def affordable(seconds: float, passes_per_item: float, per_pass: float, cap: int
     return max(0, min(cap, int(seconds / (passes_per_item * per_pass))))
 
 
-def occlusion_passes(spec: SaliencySpec, shape: tuple[int, int]) -> int:
+def pass_budget(spec: SaliencySpec, fallback: int) -> tuple[int, str]:
+    """Forward-pass budget of a perturbation map, and where it came from.
+
+    A CAM-only manifest may set ``max_forward_passes`` to 1; occlusion and RISE are still
+    evaluated for it (the API can request them), with the evaluation's fallback budget.
+    """
+    if spec.max_forward_passes >= 2:
+        return spec.max_forward_passes, "manifest"
+    return fallback, "evaluation default (--perturbation-passes)"
+
+
+def occlusion_passes(spec: SaliencySpec, shape: tuple[int, int], max_passes: int) -> int:
     _, _, ys, xs = S.occlusion_grid(
         shape,
         patch=spec.occlusion_patch,
         stride=spec.occlusion_stride,
-        max_passes=spec.max_forward_passes,
+        max_passes=max_passes,
     )
     return 1 + len(ys) * len(xs)
 
@@ -541,6 +552,7 @@ def evaluate_classifier(
         batch=args.perturbation_batch,
     )
     cls, spec = manifest.classification, manifest.saliency
+    max_passes, budget_source = pass_budget(spec, args.perturbation_passes)
     names = [logit_name] + ([cam_spec.name] if cam_spec else [])
     outs = full.run(sl.x, names)
     ch = _channel_of(manifest, cls.positive_label, outs[0].shape[1])
@@ -596,7 +608,7 @@ def evaluate_classifier(
             sl.x[i],
             patch=spec.occlusion_patch,
             stride=spec.occlusion_stride,
-            max_passes=spec.max_forward_passes,
+            max_passes=max_passes,
             batch_size=args.perturbation_batch,
         )
 
@@ -605,15 +617,15 @@ def evaluate_classifier(
             predict,
             sl.x[i],
             n_masks=spec.rise_masks,
-            max_passes=spec.max_forward_passes,
+            max_passes=max_passes,
             seed=args.seed + i,
             batch_size=args.perturbation_batch,
         )
 
     # Plan the costly parts from the measured pass time, then run them with a guard.
     budget = clock.remaining()
-    p_occ = occlusion_passes(spec, sl.x.shape[2:])
-    p_rise = min(spec.rise_masks, spec.max_forward_passes)
+    p_occ = occlusion_passes(spec, sl.x.shape[2:], max_passes)
+    p_rise = min(spec.rise_masks, max_passes)
     p_di = 2 * (args.delins_steps + 1)
     cap = args.max_perturbation_slices
     plan = {
@@ -624,7 +636,11 @@ def evaluate_classifier(
             0.2 * budget, 2 * (p_occ + p_rise), per_pass, args.max_sanity_perturbation_slices
         ),
     }
-    result["plan"] = plan | {"budget_seconds": round(budget, 1)}
+    result["plan"] = plan | {
+        "budget_seconds": round(budget, 1),
+        "max_forward_passes": max_passes,
+        "max_forward_passes_source": budget_source,
+    }
     truncated: dict[str, bool] = {}
     for name, fn in (("occlusion", occlusion), ("rise", rise)):
         done, truncated[name] = run_capped(
@@ -806,6 +822,7 @@ def evaluate_segmenter(
     assert logit_spec is not None
     logit_name = logit_spec.name
     spec = manifest.saliency
+    max_passes, budget_source = pass_budget(spec, args.perturbation_passes)
     target = spec.target_label or "nodule"
     nod = next(lab.value for lab in manifest.labels if lab.name == target)
 
@@ -854,7 +871,7 @@ def evaluate_segmenter(
     }
 
     budget = clock.remaining()
-    p_occ = occlusion_passes(spec, sl.x.shape[2:])
+    p_occ = occlusion_passes(spec, sl.x.shape[2:], max_passes)
     p_di = 2 * (args.delins_steps + 1)
     n_stages = len(cascade_stages(len(cascade_layers(proto))))
     plan = {
@@ -868,7 +885,11 @@ def evaluate_segmenter(
             0.15 * budget, 2 * p_occ, per_pass, args.max_sanity_perturbation_slices
         ),
     }
-    result["plan"] = plan | {"budget_seconds": round(budget, 1)}
+    result["plan"] = plan | {
+        "budget_seconds": round(budget, 1),
+        "max_forward_passes": max_passes,
+        "max_forward_passes_source": budget_source,
+    }
 
     t0 = time.perf_counter()
     entropy = [S.softmax_entropy(p) for p in probs]
@@ -936,7 +957,7 @@ def evaluate_segmenter(
             sl.x[i],
             patch=spec.occlusion_patch,
             stride=spec.occlusion_stride,
-            max_passes=spec.max_forward_passes,
+            max_passes=max_passes,
             batch_size=args.perturbation_batch,
         )
 
@@ -1192,6 +1213,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timing-reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--perturbation-batch", type=int, default=32, help="images per ORT call")
+    ap.add_argument(
+        "--perturbation-passes",
+        type=int,
+        default=256,
+        help="pass budget for occlusion/RISE when the manifest allows fewer than 2",
+    )
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 

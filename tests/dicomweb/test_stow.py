@@ -246,3 +246,38 @@ def test_body_over_the_upload_cap_is_413(module_api: Any, monkeypatch: pytest.Mo
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
+
+
+@pytest.mark.usefixtures("medcad_env")
+def test_search_and_retrieve_sql_on_both_databases(api: Any) -> None:
+    """QIDO-RS conditions (wildcards, case, ranges, modalities) run as SQL on each database."""
+    from workers import runner
+
+    blobs, _ = bright_disc_series(n=2)
+    study, series, _ = _uids(blobs[0])
+    assert _post(api, blobs).status_code == 200
+    (job,) = _jobs(api, blobs)
+    assert runner.run_job(job["id"]) == "succeeded"
+
+    def studies(**params: str) -> list[str]:
+        r = api.get("/dicomweb/studies", params=params)
+        assert r.status_code == 200, r.text
+        return [value(i, "0020000D") for i in r.json()]
+
+    assert studies(PatientName="CANARY*") == [study]
+    assert studies(PatientName="canary*") == []  # case-sensitive unless fuzzy
+    assert studies(PatientName="canary^phi^z?bulon", fuzzymatching="true") == [study]
+    assert studies(PatientName="CANARY^PHI_*") == []  # '_' is not a wildcard
+    assert studies(StudyDate="20251231-20260101", StudyTime="1100-1300") == [study]
+    assert studies(ModalitiesInStudy="SEG") == [study] and studies(ModalitiesInStudy="MR") == []
+    series_list = api.get(f"/dicomweb/studies/{study}/series", params={"Modality": "CT,SR"}).json()
+    assert sorted(value(s, "00080060") for s in series_list) == ["CT", "SR"]
+    instances = api.get("/dicomweb/instances", params={"SeriesInstanceUID": series}).json()
+    assert len(instances) == 2
+    r = api.get(f"/dicomweb/studies/{study}/metadata")
+    assert r.status_code == 200 and len(r.json()) == value(studies_body(api, study), "00201208")
+
+
+def studies_body(api: Any, study: str) -> dict:
+    (item,) = api.get("/dicomweb/studies", params={"StudyInstanceUID": study}).json()
+    return dict(item)

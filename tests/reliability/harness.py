@@ -125,6 +125,17 @@ class RedisServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
+    def wipe(self) -> None:
+        """Delete the persisted data: the next start is what a Redis without persistence sees."""
+        assert self.proc is None or self.proc.poll() is not None, "wipe a stopped server only"
+        shutil.rmtree(self.dir / "appendonlydir", ignore_errors=True)
+        for name in ("dump.rdb", "appendonly.aof"):
+            (self.dir / name).unlink(missing_ok=True)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -321,9 +332,13 @@ class Stack:
                 os.killpg(self.api.pid, signal.SIGKILL)
             self.api.wait()
 
-    def start_worker(self, concurrency: int = 2, *extra: str) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, concurrency: int = 2, *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         proc = _spawn(
-            ["worker", "--concurrency", str(concurrency), *extra], self.env, self._log("worker")
+            ["worker", "--concurrency", str(concurrency), *extra],
+            {**self.env, **(env or {})},
+            self._log("worker"),
         )
         self.workers.append(proc)
         return proc

@@ -7,6 +7,8 @@ under another transfer syntax."""
 from __future__ import annotations
 
 import io
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGLSLossless, RLELossl
 from app.errors import IngestRejected
 from app.studies.validation import IngestLimits, inspect_instance
 from tests.fixtures import dicom_corpus as corpus
+from tests.fixtures.dicom_files import CANARY_BIRTH, CANARY_ID, CANARY_NAME
 from workers.pipeline.decode import DecodedImage, DecodeError, decode_frames
 
 DECODE_ERROR_CODES = {
@@ -385,6 +388,21 @@ def test_a_codec_panic_is_contained_and_other_plugins_are_tried() -> None:
     decoded = decode_frames(ds)  # must neither raise the panic nor fail
     expected = decoder.as_array(ds, raw=True, decoding_plugin="pydicom")[0]
     np.testing.assert_array_equal(decoded.frames[0], expected.astype(np.float32) - 1024)
+
+
+def test_decoding_never_logs_or_warns_phi(caplog: pytest.LogCaptureFixture) -> None:
+    stored = [
+        inspect_instance(build(), limits=IngestLimits()).normalized_bytes
+        for build in corpus.ACCEPTED_ODDITIES.values()
+    ]
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for data in stored:
+            decode_frames(pydicom.dcmread(io.BytesIO(data)))
+    text = "\n".join([r.getMessage() for r in caplog.records] + [str(w.message) for w in caught])
+    for canary in (CANARY_NAME, CANARY_ID, CANARY_BIRTH):
+        assert canary not in text
 
 
 def test_rle_whose_header_lies_about_geometry_fails_to_decode() -> None:

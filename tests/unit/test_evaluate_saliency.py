@@ -145,10 +145,14 @@ def models_dir(tmp_path: Path) -> Path:
         ],
         labels=[Label(value=0, name="background"), Label(value=1, name="nodule")],
         classification=Classification(positive_label="nodule"),
+        # CAM-only, as the exported classifier: occlusion/RISE use the evaluation's budget
         saliency=SaliencySpec(
-            methods=[SaliencyMethod.CAM, SaliencyMethod.OCCLUSION, SaliencyMethod.RISE],
+            methods=[SaliencyMethod.CAM],
             display_range=(0.0, 2.0),
-            **spec,
+            occlusion_patch=16,
+            occlusion_stride=8,
+            rise_masks=24,
+            max_forward_passes=1,
         ),
     )
     _write(
@@ -269,6 +273,8 @@ def test_evaluate_saliency_command_end_to_end(models_dir: Path, tmp_path: Path) 
         "200",
         "--timing-reps",
         "10",
+        "--perturbation-passes",
+        "40",
         "--budget-seconds",
         "120",
         "--threads",
@@ -281,6 +287,7 @@ def test_evaluate_saliency_command_end_to_end(models_dir: Path, tmp_path: Path) 
     assert set(report["models"]) == {"tinycls:0.0.1", "tinyseg:0.0.1"}
 
     cls = report["models"]["tinycls:0.0.1"]
+    seg = report["models"]["tinyseg:0.0.1"]
     assert cls["quality"]["true_positive_slices"] > 0
     assert {"cam", "occlusion", "rise", "dog"} <= set(cls["methods"])
     cam = cls["methods"]["cam"]
@@ -292,7 +299,9 @@ def test_evaluate_saliency_command_end_to_end(models_dir: Path, tmp_path: Path) 
     assert cam["pointing_game_lesion_radius"]["mean"] >= cam["pointing_game"]["mean"]
     assert "margin_over_dog" in cam and "margin_over_dog" not in cls["methods"]["dog"]
     occ = cls["methods"]["occlusion"]
-    assert occ["cost"]["forward_passes"] <= 40  # the manifest's budget
+    assert occ["cost"]["forward_passes"] <= 40  # --perturbation-passes, manifest allows 1
+    assert cls["plan"]["max_forward_passes_source"].startswith("evaluation default")
+    assert seg["plan"]["max_forward_passes_source"] == "manifest"
     assert cls["perturbation_params"]["occlusion"]["stride"] > 8  # had to coarsen to fit
     di = cam["deletion_insertion"]
     assert di["n"] >= 1 and di["forward_passes_per_curve_pair"] == 2 * (16 + 1)
@@ -313,7 +322,6 @@ def test_evaluate_saliency_command_end_to_end(models_dir: Path, tmp_path: Path) 
     assert cls["cost"]["forward_seconds_per_image_with_cam"] > 0
     assert set(cls["targets"]["cam"]) >= {"pointing_game_tp>=0.90", "cost<=5%_of_inference"}
 
-    seg = report["models"]["tinyseg:0.0.1"]
     unc = seg["uncertainty"]
     for name in ("entropy", "tta_std"):
         auc = unc[name]["error_auc"]

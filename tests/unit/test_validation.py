@@ -4,9 +4,11 @@ corpus of hostile uploads, each accepted or rejected with its specific code."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import time
 import tracemalloc
+import warnings
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 
@@ -175,6 +177,24 @@ def test_bombs_are_rejected_with_bounded_memory(case: corpus.HostileCase) -> Non
         tracemalloc.stop()
     # the deflate bomb hides 64 MiB of zeros; inflation must stop at the ratio cap
     assert peak < 32 * 1024 * 1024 + 4 * len(data), f"peak {peak} bytes"
+
+
+def test_validation_never_logs_or_warns_phi(caplog: pytest.LogCaptureFixture) -> None:
+    inputs = [case.build() for case in corpus.HOSTILE_CASES if not case.zip]
+    inputs += [build() for build in corpus.ACCEPTED_ODDITIES.values()]
+    inputs.append(corpus.hostile_uid("StudyInstanceUID", CANARY_NAME))
+    caplog.set_level(logging.DEBUG)
+    assert not [r for r in caplog.records if CANARY_NAME in r.getMessage()]  # builders are quiet
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for data in inputs:
+            try:
+                inspect_instance(data, limits=LIMITS)
+            except IngestRejected as exc:
+                assert CANARY_NAME not in exc.detail and CANARY_ID not in exc.detail
+    text = "\n".join([r.getMessage() for r in caplog.records] + [str(w.message) for w in caught])
+    for canary in (CANARY_NAME, CANARY_ID, CANARY_BIRTH):
+        assert canary not in text
 
 
 def test_hostile_uid_values_never_reach_the_result() -> None:
