@@ -18,8 +18,7 @@ COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations
 COPY models ./models
-RUN pip install --no-cache-dir . \
- && rm -rf /root/.cache
+RUN pip install --no-cache-dir .
 
 USER medcad
 EXPOSE 8000

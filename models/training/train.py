@@ -38,7 +38,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "classifier": {"base": 12, "minutes": 25.0, "lr": 2e-3, "batch": 12, "crop": 96},
 }
 FINAL_FULL_FRACTION = 0.1  # share of the time budget spent on whole 256 × 256 slices
-LOC_WEIGHT = 0.02  # classifier: L1 weight on evidence away from nodules
+LOC_WEIGHT = 1.0  # classifier: weight of the localisation term
+EVIDENCE_TARGET = 2.0  # classifier: logit contribution of one stride-4 nodule cell
+LESION_CELL_WEIGHT = 20.0  # nodule cells are rare: up-weight them
 
 
 def build_model(name: str, base: int) -> nn.Module:
@@ -97,20 +99,25 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def cls_loss(
     net: NoduleClassifier, x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BCE on the pooled logit + L1 on the per-position evidence away from nodules.
+    """BCE on the pooled logit + a localisation term on the per-position evidence.
 
-    The evidence map is ``cam_lowres / scale`` (the logit is its sum plus the bias), so the
-    same loss applies to crops of any size.
+    The evidence map is ``cam_lowres / scale``: the logit is its sum plus the bias, so the
+    same loss applies to crops of any size. Sum pooling alone spreads its gradient evenly over
+    all positions and does not find a 3 mm nodule in 4,096 positions; the localisation term
+    tells each stride-4 cell what its evidence should be — ``EVIDENCE_TARGET`` where the cell
+    holds nodule pixels, 0 elsewhere (a ring around the nodule is left free) — so the map is
+    zero away from nodules and the logit grows with the nodule's extent.
     """
     evidence = net.cam_lowres(x) / net.scale
     logit = evidence.sum((2, 3)) + net.bias
     nodule = (y == 2).float()[:, None]
     present = (nodule.flatten(1).sum(1) > 0).float()[:, None]
-    # A nodule pixel "owns" the feature-map cell it falls into and the cells around it.
-    near = F.max_pool2d(nodule, kernel_size=4, stride=4)
-    near = F.max_pool2d(near, kernel_size=3, stride=1, padding=1)
+    cell = F.max_pool2d(nodule, kernel_size=4, stride=4)
+    ring = F.max_pool2d(cell, kernel_size=3, stride=1, padding=1) - cell
+    weight = (1.0 - ring) + (LESION_CELL_WEIGHT - 1.0) * cell
+    err = (evidence - EVIDENCE_TARGET * cell) ** 2
+    loc = (weight * err).sum((1, 2, 3)).mean()
     bce = F.binary_cross_entropy_with_logits(logit, present)
-    loc = (evidence.abs() * (1.0 - near)).sum((1, 2, 3)).mean()
     return bce + LOC_WEIGHT * loc, logit, present
 
 
@@ -234,11 +241,13 @@ def train(
             history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(running, 4)})
             print(f"{name} step {step} t={elapsed:.0f}s lr={lr:.2e} loss={running:.4f}", flush=True)
     seconds = time.time() - t0
+    # Every 4th validation slice: enough to follow training, a quarter of the cost.
+    val_sub = Split(val.x[::4], val.y[::4], val.series[::4])
     if name == "classifier":
         assert isinstance(net, NoduleClassifier)
-        metrics = cls_val(net, val)
+        metrics = cls_val(net, val_sub)
     else:
-        metrics = seg_val_dice(net, val)
+        metrics = seg_val_dice(net, val_sub)
     print(f"{name}: {step} steps in {seconds:.0f} s; validation {metrics}", flush=True)
     command = (
         f"python -m models.training.train {name} --minutes {cfg['minutes']:g} --lr {cfg['lr']:g}"

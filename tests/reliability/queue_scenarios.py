@@ -103,7 +103,12 @@ def _pg_up(db: Database) -> bool:
 
 @contextmanager
 def production_stack(
-    root: Path, models_dir: Path, *, concurrency: int = 2, resend_after: float = 8
+    root: Path,
+    models_dir: Path,
+    *,
+    concurrency: int = 2,
+    resend_after: float = 8,
+    log_level: str = "WARNING",
 ) -> Iterator[ProdStack]:
     """Start the whole deployment; stop everything on exit."""
     with (
@@ -119,6 +124,7 @@ def production_stack(
             MEDCAD_DATABASE_URL=db_url,
             MEDCAD_BROKER_URL=redis.url,
             MEDCAD_QUEUED_RESEND_AFTER_SECONDS=str(resend_after),
+            MEDCAD_LOG_LEVEL=log_level,
         ) as s:
             pythonpath = os.pathsep.join(
                 p for p in (str(POISON_HOOK), s.env.get("PYTHONPATH", "")) if p
