@@ -4,10 +4,39 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# medcad's own messages carry ids only; everything else (pydicom and highdicom warnings and
+# dataset reprs, exception texts in Celery's task logs...) may quote element values.
+_OWN_LOGGERS = frozenset({"app", "workers"})
+_QUOTED = re.compile(r"'(?:\\.|[^'\\])*'" + r'|"(?:\\.|[^"\\])*"')
+
+
+def redact_quoted(text: str) -> str:
+    """``text`` with every quoted string (how reprs and most libraries show values) blanked."""
+    return _QUOTED.sub("'<redacted>'", text)
+
+
+class RedactThirdPartyValues(logging.Filter):
+    """Blank quoted values in records from other libraries before any handler formats them.
+
+    pydicom quotes invalid element values in its warnings (``Invalid value for VR DS:
+    '<value>'``), highdicom logs dataset reprs at DEBUG, and exception messages reach
+    Celery's task log: any of these can hold a patient's name, ID or birth date.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] in _OWN_LOGGERS:
+            return True
+        record.msg = redact_quoted(record.getMessage())
+        record.args = None
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD and not key.startswith("_") and isinstance(value, str):
+                setattr(record, key, redact_quoted(value))
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,6 +62,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
     """Configure the root logger once per process."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactThirdPartyValues())
     if json_logs:
         handler.setFormatter(JsonFormatter())
     else:
@@ -42,4 +72,6 @@ def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
     root.setLevel(level)
     # pydicom warnings can quote element values (possibly PHI): keep them out of the logs.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
-    logging.captureWarnings(False)
+    # Python warnings (pydicom's among them) go through the handler and its redaction rather
+    # than straight to stderr, where nothing would blank the values they quote.
+    logging.captureWarnings(True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import bootsteps
 from celery.signals import worker_init, worker_process_init
 
 from app.db.session import reset_engine
@@ -25,6 +26,61 @@ celery_app.conf.update(
     worker_enable_remote_control=False,
     worker_cancel_long_running_tasks_on_connection_loss=True,
 )
+
+# How often the consumer asks the Redis broker for its run id (one INFO command).
+BROKER_CHECK_SECONDS = 5.0
+
+
+class BrokerRestartWatch(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Reconnect the consumer when the Redis broker restarted under it.
+
+    If Redis dies while every prefetch slot is busy, no BRPOP is in flight: the loss shows only as
+    a swallowed ack error, and once Redis is back the consumer never polls again — the worker
+    looks alive and consumes nothing (celery/celery#8030, #9054; reproduced by the Q4/Q5 fault
+    tests). Every few seconds this step reads the broker's run id; an unreachable broker or a new
+    run id raises a connection error inside the event loop, which is Celery's own signal to
+    reconnect the consumer and poll again.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+        self.run_id: str | None = None
+
+    def start(self, parent: Any) -> None:
+        connection = parent.connection
+        if connection is None or connection.transport.driver_type != "redis":
+            return  # the filesystem broker of the embedded shape cannot restart under us
+        self.run_id = self._run_id(parent)
+        self.tref = parent.timer.call_repeatedly(BROKER_CHECK_SECONDS, self._check, (parent,))
+
+    def stop(self, parent: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    shutdown = stop
+
+    @staticmethod
+    def _run_id(parent: Any) -> str:
+        return str(parent.connection.default_channel.client.info("server")["run_id"])
+
+    def _check(self, parent: Any) -> None:
+        import redis
+
+        if parent.connection is None:
+            return  # the consumer is reconnecting already
+        try:
+            run_id = self._run_id(parent)  # a connection error propagates: the consumer reconnects
+        except AttributeError as exc:  # a channel torn down by an earlier, swallowed failure
+            raise redis.exceptions.ConnectionError("the broker channel is closed") from exc
+        if run_id != self.run_id:
+            raise redis.exceptions.ConnectionError("the Redis broker restarted; reconnecting")
+
+
+celery_app.steps["consumer"].add(BrokerRestartWatch)
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]

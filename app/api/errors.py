@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.schemas import ErrorBody
 from app.errors import MedcadError, Overloaded
 
 log = logging.getLogger(__name__)
@@ -76,8 +78,36 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _document_validation_errors(app: FastAPI) -> None:
+    """Make the OpenAPI description say what a 422 really is: the one error body.
+
+    FastAPI documents request validation errors as its own ``HTTPValidationError`` (a list
+    under ``detail``), but :func:`_validation_error` answers ``{"error", "detail"}``; clients
+    generated from the description, and schema-driven tests, would be misled.
+    """
+    generate = app.openapi
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.setdefault("ErrorBody", ErrorBody.model_json_schema())
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                response = operation.get("responses", {}).get("422", {})
+                for media in response.get("content", {}).values():
+                    if media.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                        media["schema"] = error_ref
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers on ``app``."""
+    """Register the handlers on ``app`` and document them in its OpenAPI description."""
+    _document_validation_errors(app)
     app.add_exception_handler(MedcadError, _medcad_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -72,7 +72,12 @@ def _key_out(record: ApiKeyRecord) -> KeyOut:
     "",
     status_code=201,
     response_model=KeyCreated,
-    responses={**ERRORS, 422: {"model": ErrorBody, "description": "Invalid key request"}},
+    responses={
+        **ERRORS,
+        400: {"model": ErrorBody, "description": "The body is not JSON"},
+        413: {"model": ErrorBody, "description": "Body over the request size limit"},
+        422: {"model": ErrorBody, "description": "Invalid key request"},
+    },
     summary="Create an API key (admins; the key is shown once)",
 )
 def create(body: KeyCreate, request: Request, session: SessionDep, principal: Admin) -> KeyCreated:

@@ -8,8 +8,9 @@ global average pooling. The backbone keeps a stride-4 last feature map (64 × 64
 ``cam_lowres = scale · conv1x1(features)`` and ``logit = mean(cam_lowres) + bias``, exactly.
 The fixed ``scale`` (= number of map positions) makes the pooled logit the *sum* of the
 per-position evidence: a nodule covering a handful of positions can then carry the decision
-while the rest of the map stays near zero. Training adds a weak localisation term that keeps
-the map at zero away from nodules (see ``train.py``), which is what makes the CAM sharp.
+while the rest of the map stays near zero. Training adds a localisation term on the evidence
+map (a fixed target on stride-4 cells that hold nodule pixels, zero elsewhere; see
+``train.cls_loss``), which is what makes the CAM sharp; the exported head is unchanged by it.
 
 ``ClassifierExport`` wraps the network for ONNX: outputs ``logit`` (N, 1) and ``cam``
 (N, 1, H, W) — the per-position logit map bilinearly up-sampled to the input size inside

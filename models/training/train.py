@@ -4,8 +4,8 @@ Seeded and CPU-only. Segmentation models (``unet``, ``segnet``) train on 128 × 
 the 256 × 256 network-input slices, half of them centred on a nodule (lesion-focused
 sampling: nodules cover < 0.1 % of the pixels), with cross-entropy + soft Dice, then finish
 on whole slices. The classifier trains on the same crops with a binary cross-entropy on the
-pooled logit plus a weak localisation term (L1 on the per-position evidence away from
-nodules), then finishes on whole slices. Checkpoints and logs go to ``models/.cache/``.
+pooled logit plus a localisation term on the per-position evidence (``cls_loss``), then
+finishes on whole slices. Checkpoints and logs go to ``models/.cache/``.
 """
 
 from __future__ import annotations

@@ -150,12 +150,12 @@ def bench_model(
             np.resize(x, (batch, *x.shape[1:]))
         )
         fns: dict[str, Callable[[], object]] = {
-            k: (lambda s=s: s.run(None, {name_in: xb})) for k, s in sessions.items()
+            k: (lambda s=s, xb=xb: s.run(None, {name_in: xb})) for k, s in sessions.items()
         }
         if torch is not None:
             xt = torch.from_numpy(xb)
 
-            def torch_run(t: int) -> Callable[[], object]:
+            def torch_run(t: int, xt: Any = xt) -> Callable[[], object]:
                 def call() -> object:
                     torch.set_num_threads(t)
                     with torch.inference_mode():

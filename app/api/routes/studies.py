@@ -189,6 +189,7 @@ def _validate_callback(url: str | None) -> str | None:
                         "properties": {
                             "files": {
                                 "type": "array",
+                                "minItems": 1,
                                 "items": {"type": "string", "format": "binary"},
                             },
                             "models": {"type": "string", "example": "unet,classifier"},
