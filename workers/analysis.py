@@ -143,15 +143,17 @@ def _segment(
     logits = outputs[OutputRole.LOGITS]
     probs = postprocess.probabilities_from_logits(logits, axis=1)
     small = postprocess.labels_from_probabilities(probs, axis=1)
-    labels = np.stack([postprocess.resize_label_map(m, size) for m in small])
+    labels = postprocess.resize_label_map(small, size)  # (F, H, W): leading axes are kept
     names = {label.value: label.name for label in manifest.labels}
+    # a histogram per frame: labels are uint8, so bincount (one pass) replaces np.unique (a sort)
+    counts = [np.bincount(frame.ravel(), minlength=1) for frame in labels]
     stats = [
         [
-            {"value": int(v), "name": names.get(int(v), str(v)), "pixels": int(c)}
-            for v, c in zip(*np.unique(frame, return_counts=True), strict=True)
-            if int(v) != 0
+            {"value": v, "name": names.get(v, str(v)), "pixels": int(c)}
+            for v, c in enumerate(frame_counts)
+            if v != 0 and c > 0
         ]
-        for frame in labels
+        for frame_counts in counts
     ]
     maps: list[SaliencyResult] = []
     entropy_small = np.stack([saliency.softmax_entropy(p) for p in probs])

@@ -7,6 +7,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from app.db.session import foreign_keys_off_for_migrations
+
 _MIGRATIONS = Path(__file__).resolve().parent.parent.parent / "migrations"
 
 
@@ -20,9 +22,11 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Upgrade the database at ``url`` to ``revision``."""
-    command.upgrade(alembic_config(url), revision)
+    with foreign_keys_off_for_migrations():
+        command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
     """Downgrade the database at ``url`` to ``revision``."""
-    command.downgrade(alembic_config(url), revision)
+    with foreign_keys_off_for_migrations():
+        command.downgrade(alembic_config(url), revision)

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import get_settings
+
+# Schema migrations on SQLite rebuild tables (copy, drop the old one, rename): with foreign keys on,
+# dropping the old table cascades and deletes every child row (a populated-database migration test
+# lost all results that way). SQLite's procedure for schema changes turns them off meanwhile.
+_migrating: ContextVar[bool] = ContextVar("medcad_migrating", default=False)
+
+
+@contextmanager
+def foreign_keys_off_for_migrations() -> Iterator[None]:
+    """New SQLite connections opened inside this block do not enforce foreign keys."""
+    token = _migrating.set(True)
+    try:
+        yield
+    finally:
+        _migrating.reset(token)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -18,8 +35,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=OFF" if _migrating.get() else "PRAGMA foreign_keys=ON")
+    # FULL: a commit is on disk before it returns, so a 2xx survives a power loss (in WAL mode
+    # NORMAL may roll back the last commits; sqlite.org "PRAGMA synchronous").
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
 
 
@@ -62,6 +81,26 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+T = TypeVar("T")
+
+
+def run_in_transaction(work: Callable[[Session], T], *, attempts: int = 3) -> T:
+    """Run ``work`` in one unit of work; run it again if a concurrent writer won a unique race.
+
+    Two uploads of the same file (or of one series) at the same moment both find no row, both
+    insert, and the later commit violates a unique constraint. Running the work again sees the
+    winner's committed rows, so the loser answers "already stored" instead of an error.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with session_scope() as session:
+                return work(session)
+        except IntegrityError:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def reset_engine() -> None:

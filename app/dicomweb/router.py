@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import (
@@ -26,7 +27,7 @@ from app.api.deps import (
 from app.api.ingest_guards import authenticate_uploader, check_capacity, ingest_limits
 from app.auth.service import Principal, record_audit
 from app.db.records import Role
-from app.db.session import session_scope
+from app.db.session import run_in_transaction
 from app.dicomweb import qido, service, stow, wado
 from app.dicomweb.dicom_json import parse_tag
 from app.dicomweb.multipart import (
@@ -103,7 +104,8 @@ def _stow(
     settings: Settings,
 ) -> StowOutcome:
     models = resolve_models(get_registry(settings), None)
-    with session_scope() as session:
+
+    def work(session: Session) -> StowOutcome:
         return stow.store_instances(
             session=session,
             store=get_store(settings),
@@ -115,6 +117,9 @@ def _stow(
             urls=urls,
             study_instance_uid=study,
         )
+
+    # concurrent stores of one instance or series race on unique keys: the loser re-runs
+    return run_in_transaction(work)
 
 
 async def _store(request: Request, study: str | None) -> Response:

@@ -1407,7 +1407,8 @@ def _is_junk(name: str) -> bool:
 def _is_unsafe_name(name: str) -> bool:
     parts = name.replace("\\", "/").split("/")
     return (
-        name.startswith(("/", "\\"))
+        not name  # an empty name also breaks ZipInfo.is_dir() (IndexError); found by fuzzing
+        or name.startswith(("/", "\\"))
         or (len(name) > 1 and name[1] == ":")
         or any(part == ".." for part in parts)
         or any(ord(ch) < 0x20 for ch in name)

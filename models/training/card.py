@@ -125,7 +125,12 @@ def render_card(manifest: Manifest) -> str:
         "",
         f"- {ex.get('exporter')}; {ex.get('bytes', 0) / 2**20:.2f} MiB; sha256 `{manifest.sha256}`.",
         f"- ONNX ↔ PyTorch parity on {par.get('inputs')} validation slices: max abs difference "
-        f"{par.get('max_abs_diff')} (tolerance {par.get('tolerance')}; passed: {par.get('passed')}).",
+        f"{par.get('max_abs_diff')} (strict tolerance {par.get('tolerance')}: "
+        f"{'met' if par.get('passed') else 'NOT met'}; accepted under "
+        f"\"{par.get('criterion')}\": {par.get('accepted')}; share of logits within the "
+        f"tolerance {par.get('within_tolerance_fraction')}"
+        + (f", argmax agreement {par['argmax_agreement']}" if "argmax_agreement" in par else "")
+        + ").",
         f"- onnxruntime latency, 1 × 256 × 256, 1 thread: {p.get('latency_ms_1x256_1thread')} ms "
         "(median, shared host).",
         f"- Versions: {p.get('versions')}.",

@@ -374,8 +374,36 @@ def prepare(n_series: int, workers: int) -> None:
             print(f"test series {i} ready", flush=True)
 
 
+def _record_path(manifest: Manifest, index: int) -> Path:
+    """Per-series result cache, keyed by the model file's hash: shards fill it in parallel."""
+    return CACHE_DIR / "eval" / "records" / manifest.name / f"{manifest.sha256[:16]}_{index}.pkl"
+
+
+def _series_record(m: Manifest, sess: ort.InferenceSession, s: Any) -> SegSeries | ClsSeries:
+    x = preprocess_frames(s.hu.astype(np.float32), m.preprocessing)
+    outs = run(sess, x, m.preprocessing.batch_size)
+    if m.task is Task.SEGMENTATION:
+        return seg_series(outs[0], s.labels, s.lesion_map, s.lesions)
+    grid = labels_to_grid(s.labels, m.preprocessing.size) == LABEL_NODULE
+    y = grid.any(axis=(1, 2))
+    rec = ClsSeries(outs[0][:, 0], y)
+    c = m.classification
+    assert c is not None
+    prob = 1 / (1 + np.exp(-outs[0][:, 0] / c.temperature))
+    for k in np.nonzero(y & (prob >= c.threshold))[0]:
+        hit, ratio = cam_localisation(outs[1][k, 0], grid[k])
+        rec.pointing.append(hit)
+        rec.energy_ratio.append(ratio)
+    return rec
+
+
 def evaluate(
-    names: list[str], n_series: int, threads: int = 1, workers: int = 1, write: bool = True
+    names: list[str],
+    n_series: int,
+    threads: int = 1,
+    workers: int = 1,
+    write: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     models = {n: load_manifest(n) for n in names}
     sessions = {n: session(d / m.file, threads) for n, (m, d) in models.items()}
@@ -383,31 +411,26 @@ def evaluate(
     cls: dict[str, list[ClsSeries]] = {n: [] for n in names}
     t0 = time.time()
     slices = 0
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
-    it = pool.imap(_gen, range(n_series)) if pool else map(_gen, range(n_series))
-    for i, s in it:
-        slices += s.n_slices
-        frames = s.hu.astype(np.float32)
+    todo = [i for i in range(n_series) if shard is None or i % shard[1] == shard[0]]
+    for i in todo:
+        cached = {name: _record_path(m, i) for name, (m, _d) in models.items()}
+        if all(p.exists() for p in cached.values()):
+            recs = {name: pickle.loads(p.read_bytes()) for name, p in cached.items()}
+            slices += recs[names[0]][0]
+        else:
+            _, s = _gen(i)
+            slices += s.n_slices
+            recs = {name: (s.n_slices, _series_record(m, sessions[name], s))
+                    for name, (m, _d) in models.items()}
+            for name, p in cached.items():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(pickle.dumps(recs[name]))
         for name, (m, _d) in models.items():
-            x = preprocess_frames(frames, m.preprocessing)
-            outs = run(sessions[name], x, m.preprocessing.batch_size)
-            if m.task is Task.SEGMENTATION:
-                seg[name].append(seg_series(outs[0], s.labels, s.lesion_map, s.lesions))
-            else:
-                grid = labels_to_grid(s.labels, m.preprocessing.size) == LABEL_NODULE
-                y = grid.any(axis=(1, 2))
-                rec = ClsSeries(outs[0][:, 0], y)
-                c = m.classification
-                assert c is not None
-                prob = 1 / (1 + np.exp(-outs[0][:, 0] / c.temperature))
-                for k in np.nonzero(y & (prob >= c.threshold))[0]:
-                    hit, ratio = cam_localisation(outs[1][k, 0], grid[k])
-                    rec.pointing.append(hit)
-                    rec.energy_ratio.append(ratio)
-                cls[name].append(rec)
+            rec = recs[name][1]
+            (seg if m.task is Task.SEGMENTATION else cls)[name].append(rec)
         print(f"series {i + 1}/{n_series} done ({time.time() - t0:.0f} s)", flush=True)
-    if pool:
-        pool.close()
+    if shard is not None:
+        return {}
     results = {}
     for name, (m, d) in models.items():
         rng = np.random.default_rng(12345)
@@ -501,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Evaluate exported models on held-out phantoms.")
     p.add_argument("models", nargs="*", help="unet, segnet and/or classifier")
     p.add_argument("--prepare", action="store_true", help="only generate the test series")
+    p.add_argument("--shard", default=None, help="K/N: only fill the cache for series i % N == K")
     p.add_argument("--series", type=int, default=int(SPLITS["test"]["series"]))  # type: ignore[call-overload]
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="processes generating test series")
@@ -511,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.models) - {"unet", "segnet", "classifier"}
     if unknown or not args.models:
         p.error(f"name one or more of unet, segnet, classifier (got {sorted(unknown)})")
+    if args.shard:
+        k, n = (int(v) for v in args.shard.split("/"))
+        evaluate(args.models, args.series, args.threads, args.workers, shard=(k, n))
+        return 0
     evaluate(args.models, args.series, args.threads, args.workers)
     refresh_readme()
     return 0

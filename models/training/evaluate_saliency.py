@@ -1269,6 +1269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             res = evaluate_segmenter(manifest, path, sl, args, seconds)
         res["slices"] = counts
+        res["sha256"] = manifest.sha256
         res["display_range"] = list(manifest.saliency.display_range)
         res["targets"] = check_targets(res)
         res["seconds"] = round(time.monotonic() - t0, 1)

@@ -11,7 +11,16 @@ without copying encoder feature maps. Input (N, 1, H, W), H and W divisible by 1
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# Tie-breaking offsets inside each 2 × 2 pooling window (first element wins, as in PyTorch).
+# Uniform image regions (air clipped at −1024 HU, window saturation) give exactly equal
+# activations, and which of them a runtime reports as the maximum then depends on rounding:
+# onnxruntime and PyTorch disagree, and the decoder routes the value to a different pixel.
+# A fixed offset far above float rounding (~1e-6) and far below the activations (~0.1–10)
+# makes the index choice identical everywhere; the pooled values themselves are unchanged.
+TIE_EPS = 1e-4
 
 
 def _layers(c_in: int, c_out: int, n: int) -> nn.Sequential:
@@ -37,7 +46,6 @@ class SegNet(nn.Module):
         for w, n in zip(widths, depths, strict=True):
             self.enc.append(_layers(c, w, n))
             c = w
-        self.pool = nn.MaxPool2d(2, stride=2, return_indices=True)
         self.unpool = nn.MaxUnpool2d(2, stride=2)
         # Decoder stage i mirrors encoder stage i: it ends with that stage's input width.
         self.dec = nn.ModuleList()
@@ -50,13 +58,23 @@ class SegNet(nn.Module):
             )
         self.head = nn.Conv2d(base, n_classes, 3, padding=1)
 
+    @staticmethod
+    def _pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """2 × 2 max pooling that also returns deterministic (tie-broken) indices."""
+        h, w = x.shape[-2:]
+        ry = (torch.arange(h, device=x.device) % 2).to(x.dtype)
+        rx = (torch.arange(w, device=x.device) % 2).to(x.dtype)
+        ramp = TIE_EPS * (3.0 - 2.0 * ry[:, None] - rx[None, :])
+        _, idx = F.max_pool2d(x + ramp, 2, stride=2, return_indices=True)
+        return F.max_pool2d(x, 2, stride=2), idx
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         indices: list[torch.Tensor] = []
         sizes: list[torch.Size] = []
         for block in self.enc:
             x = block(x)
             sizes.append(x.shape)
-            x, idx = self.pool(x)
+            x, idx = self._pool(x)
             indices.append(idx)
         for block in self.dec:
             x = self.unpool(x, indices.pop(), output_size=sizes.pop()[-2:])

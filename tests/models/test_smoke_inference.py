@@ -16,7 +16,9 @@ from workers.pipeline.preprocess import preprocess_frames
 @pytest.fixture(scope="module")
 def with_nodule() -> PhantomSeries:
     # Seed outside every training/validation/test range; one large nodule.
-    return generate_series(7_777_001, n_slices=12, n_nodules=1, size_range_mm=(16.0, 22.0))
+    return generate_series(
+        7_777_001, n_slices=12, n_nodules=1, size_range_mm=(16.0, 22.0), slice_thickness=2.5
+    )
 
 
 @pytest.fixture(scope="module")

@@ -93,13 +93,21 @@ class JobRun:
         }
 
 
+# Optional cap on perturbation-saliency passes per model and job (``saliency_budget`` upload
+# field); None keeps every model's default saliency. Only ``--quick`` sets it.
+SALIENCY_BUDGET: int | None = None
+
+
 def upload(client: httpx.Client, files: list[tuple[str, bytes]], models: str) -> tuple[str, float]:
     """POST one series in one request (one job); returns (job id, upload seconds)."""
+    fields = {"models": models}
+    if SALIENCY_BUDGET is not None:
+        fields["saliency_budget"] = str(SALIENCY_BUDGET)
     t0 = time.perf_counter()
     resp = client.post(
         "/api/v1/studies",
         files=[("files", (name, data, "application/dicom")) for name, data in files],
-        data={"models": models},
+        data=fields,
     )
     resp.raise_for_status()
     jobs = resp.json()["jobs"]

@@ -80,8 +80,24 @@ function request()
   return wrk.format(nil, "/api/v1/studies", nil, table.concat(parts))
 end
 
+statuses = {}
+
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+  if status >= 300 and not first_error then first_error = string.sub(body, 1, 300) end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
+  local counts, sample = {}, ""
+  for _, t in ipairs(threads) do
+    for code, n in pairs(t:get("statuses")) do counts[code] = (counts[code] or 0) + n end
+    sample = sample .. (t:get("first_error") or "")
+  end
+  local parts = {}
+  for code, n in pairs(counts) do table.insert(parts, string.format('"%d": %d', code, n)) end
+  sample = string.gsub(string.gsub(sample, '[^%w ,.:;()_-]', ' '), '"', ' ')
+  io.write('{"statuses": {' .. table.concat(parts, ", ") .. '}, "error_sample": "' .. sample .. '"}\n')
   io.write(string.format(
     '{"requests": %d, "duration_us": %d, "bytes": %d, "connect": %d, "read": %d, "write": %d, ' ..
     '"status": %d, "timeout": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, "mean_us": %.1f, "max_us": %d}\n',
@@ -125,8 +141,10 @@ def run_wrk(
         url, "--", str(body_path), SOP_PLACEHOLDER, SERIES_PLACEHOLDER, BOUNDARY, api_key,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("{"))
-    raw = json.loads(line)
+    raw: dict[str, Any] = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            raw.update(json.loads(line))
     errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
     total = max(1, raw["requests"])
     return {
@@ -142,6 +160,9 @@ def run_wrk(
         "non_2xx": raw["status"],
         "error_rate": errors / total,
         "mb_per_s": len(body) * raw["requests"] / (raw["duration_us"] / 1e6) / 1e6,
+        "statuses": raw.get("statuses", {}),
+        "socket_errors": {k: raw[k] for k in ("connect", "read", "write", "timeout")},
+        "error_sample": raw.get("error_sample", ""),
     }
 
 
@@ -151,6 +172,8 @@ def run_python(
     """The same closed loop with ``connections`` threads of httpx (used without wrk)."""
     latencies: list[float] = []
     errors = [0]
+    statuses: dict[str, int] = {}
+    socket_errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0}
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
 
@@ -163,12 +186,18 @@ def run_python(
                     SOP_PLACEHOLDER.encode(), f"2.25.1{tid:03d}{n:027d}".encode()
                 ).replace(SERIES_PLACEHOLDER.encode(), f"2.25.2{tid:03d}{n // 100:027d}".encode())
                 t0 = time.perf_counter()
+                code = None
                 try:
                     r = c.post("/api/v1/studies", files=[("files", ("i.dcm", data, "application/dicom"))])
+                    code = str(r.status_code)
                     ok = 200 <= r.status_code < 300
                 except httpx.HTTPError:
                     ok = False
                 with lock:
+                    if code is None:
+                        socket_errors["read"] += 1
+                    else:
+                        statuses[code] = statuses.get(code, 0) + 1
                     latencies.append(time.perf_counter() - t0)
                     errors[0] += 0 if ok else 1
 
@@ -193,6 +222,9 @@ def run_python(
         "non_2xx": errors[0],
         "error_rate": errors[0] / max(1, len(ms)),
         "mb_per_s": len(instance) * len(ms) / elapsed / 1e6,
+        "statuses": statuses,
+        "socket_errors": socket_errors,
+        "error_sample": "",
     }
 
 

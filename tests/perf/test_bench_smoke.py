@@ -158,7 +158,9 @@ def test_end_to_end_and_ingest_on_a_live_deployment(tmp_path: Path) -> None:
     assert series.status == "succeeded" and series.slices == 2
     assert {"decode", "outputs"} <= set(series.timings)
     assert idle[0].status == "succeeded" and summarize_latency(idle)["n"] == 1
-    assert ingest["requests"] > 0 and ingest["errors"] == 0
+    # every answer is counted (errors included: the error rate is a result, not a precondition)
+    assert ingest["requests"] > 0 and ingest["statuses"].get("202", 0) > 0
+    assert sum(ingest["statuses"].values()) + ingest["socket_errors"]["read"] >= ingest["requests"]
 
     cases = fixture_cases(models_dir)
     fake_ms = {k: {"ms_per_image": {"ort_fp32_1t@16": 1.0}, "rows": [], "int8_agreement": {}} for k in (c.model.manifest.key for c in cases)}

@@ -98,11 +98,16 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 self.binary,
-                "--bind", "127.0.0.1",
-                "--port", str(self.port),
-                "--dir", str(self.dir),
-                "--save", "",
-                "--maxmemory-policy", "noeviction",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--maxmemory-policy",
+                "noeviction",
                 *persistence,
             ],
             stdout=log,
@@ -199,8 +204,18 @@ class PostgresCluster:
 
     def init(self) -> None:
         assert self.initdb is not None
-        self._run(self.initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                  "--no-sync", "-E", "UTF8")
+        self._run(
+            self.initdb,
+            "-D",
+            str(self.data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
 
     def start(self) -> None:
         assert self.pg_ctl is not None
@@ -208,8 +223,19 @@ class PostgresCluster:
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
             "-c max_connections=200 -c shared_buffers=32MB"
         )
-        self._run(self.pg_ctl, "-D", str(self.data), "-o", options, "-l",
-                  str(self.root / "pg.log"), "-w", "-t", "60", "start")
+        self._run(
+            self.pg_ctl,
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.root / "pg.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server; ``immediate`` is a crash stop (no checkpoint, recovery on start)."""
@@ -343,7 +369,9 @@ class Stack:
         self.workers.append(proc)
         return proc
 
-    def wait_worker_pool(self, proc: subprocess.Popen[bytes], size: int, timeout: float = 90) -> None:
+    def wait_worker_pool(
+        self, proc: subprocess.Popen[bytes], size: int, timeout: float = 90
+    ) -> None:
         """Wait until a worker has forked its pool children."""
         wait_until(lambda: len(children(proc.pid)) >= size, timeout, 0.1, "worker pool started")
 
@@ -364,11 +392,12 @@ class Stack:
         if self.api is not None:
             _terminate(self.api)
 
-    def logs(self) -> str:
-        """All process logs (for failure messages)."""
+    def logs(self, tail: int | None = None) -> str:
+        """All process logs (each cut to its last ``tail`` characters when given)."""
         out = []
         for path in sorted((self.root / "logs").glob("*.log")):
-            out.append(f"== {path.name}\n{path.read_text(errors='replace')[-4000:]}")
+            text = path.read_text(errors="replace")
+            out.append(f"== {path.name}\n{text[-tail:] if tail else text}")
         return "\n".join(out)
 
 
@@ -448,9 +477,13 @@ class Database:
         """How many result rows of each kind a job has."""
         counts = {}
         for table in ("masks", "findings", "saliency_maps", "artifacts"):
-            counts[table] = int(self.scalar(f"SELECT count(*) FROM {table} WHERE job_id = :j", j=job_id))
+            counts[table] = int(
+                self.scalar(f"SELECT count(*) FROM {table} WHERE job_id = :j", j=job_id)
+            )
         counts["series_findings"] = int(
-            self.scalar("SELECT count(*) FROM findings WHERE job_id = :j AND level = 'series'", j=job_id)
+            self.scalar(
+                "SELECT count(*) FROM findings WHERE job_id = :j AND level = 'series'", j=job_id
+            )
         )
         return counts
 
@@ -468,7 +501,9 @@ def wait_terminal(db: Database, ids: list[str], timeout: float) -> dict[str, Job
         except Exception:  # the database may be down in an outage test
             time.sleep(0.5)
             continue
-        if all(r.status in ("succeeded", "failed") for r in rows.values()) and len(rows) == len(ids):
+        if all(r.status in ("succeeded", "failed") for r in rows.values()) and len(rows) == len(
+            ids
+        ):
             return rows
         time.sleep(0.25)
     return rows

@@ -107,7 +107,7 @@ def production_stack(
     models_dir: Path,
     *,
     concurrency: int = 2,
-    resend_after: float = 8,
+    resend_after: float = 5,
     log_level: str = "WARNING",
 ) -> Iterator[ProdStack]:
     """Start the whole deployment; stop everything on exit."""
@@ -178,9 +178,12 @@ def incomplete_result_sets(db: Database, job_ids: list[str], slices: int = SLICE
     bad = []
     for job_id in job_ids:
         c = db.result_counts(job_id)
-        kinds = {r[0]: r[1] for r in db.rows(
-            "SELECT kind, count(*) FROM artifacts WHERE job_id = :j GROUP BY kind", j=job_id
-        )}
+        kinds = {
+            r[0]: r[1]
+            for r in db.rows(
+                "SELECT kind, count(*) FROM artifacts WHERE job_id = :j GROUP BY kind", j=job_id
+            )
+        }
         if (
             c["masks"] != slices
             or c["series_findings"] != 1
@@ -250,6 +253,7 @@ def run_worker_kills(
     child_kills: int,
     worker_kills: int,
     interval: float = 2.0,
+    backlog: int = 2,
     timeout: float = 600,
     seed: int = 7,
 ) -> Outcome:
@@ -262,13 +266,19 @@ def run_worker_kills(
         plan.insert(round((i + 1) * len(plan) / (worker_kills + 1)) + i, "worker")
     with timed(out), ps.stack.client() as client:
         started = time.monotonic()
-        ids = ps.upload(client, n_jobs)
+        # A feeder keeps a short backlog, like a steady stream of studies: a re-queued message
+        # goes to the back of the queue, so the time to re-run a killed job is then set by the
+        # failure handling, not by the length of the batch.
+        ids = ps.upload(client, min(n_jobs, ps.concurrency + backlog))
         kills: list[_Kill] = []
         next_at = time.monotonic() + interval
         deadline = time.monotonic() + timeout
         rows: dict[str, JobRow] = {}
         while time.monotonic() < deadline:
             rows = ps.db.jobs(ids)
+            if len(ids) < n_jobs and _status_counts(rows).get("queued", 0) < backlog:
+                ids += ps.upload(client, 1)
+                continue
             now = time.monotonic()
             for kill in kills:
                 for job_id, before in kill.jobs.items():
@@ -277,7 +287,7 @@ def run_worker_kills(
                         row.attempts > before or row.status in TERMINAL
                     ):
                         kill.redelivered[job_id] = now - kill.at
-            if len(rows) == len(ids) and all(r.status in TERMINAL for r in rows.values()):
+            if len(ids) == n_jobs and all(r.status in TERMINAL for r in rows.values()):
                 break
             if plan and now >= next_at:
                 done = _kill_once(ps, plan[0], rows, rng)
@@ -306,6 +316,7 @@ def run_worker_kills(
             kills=len(kills),
             jobs_hit=sum(len(k.jobs) for k in kills),
             not_redelivered=not_redelivered,
+            backlog=backlog,
             redelivery_child_p50_s=round(percentile(redelivery["child"], 50), 2),
             redelivery_child_max_s=round(max(redelivery["child"], default=float("nan")), 2),
             redelivery_worker_p50_s=round(percentile(redelivery["worker"], 50), 2),
@@ -325,12 +336,15 @@ def run_worker_kills(
     return out
 
 
-def _kill_once(ps: ProdStack, kind: str, rows: dict[str, JobRow], rng: random.Random) -> _Kill | None:
+def _kill_once(
+    ps: ProdStack, kind: str, rows: dict[str, JobRow], rng: random.Random
+) -> _Kill | None:
     pool = ps.pool()
     # Only jobs on their first attempt are hit, so no job is killed max_attempts times (that is
     # the poison test's subject, not this one's).
     running = [
-        r for r in rows.values()
+        r
+        for r in rows.values()
         if r.status == "running" and _owner_pid(r) in pool and r.attempts == 1
     ]
     if kind == "child":
@@ -368,7 +382,9 @@ def run_redis_restart(
     with timed(out), ps.stack.client() as client:
         ids = ps.upload(client, n_jobs)
         wait_until(
-            lambda: _status_counts(ps.db.jobs(ids)).get("succeeded", 0) >= 1, 120, 0.2,
+            lambda: _status_counts(ps.db.jobs(ids)).get("succeeded", 0) >= 1,
+            120,
+            0.2,
             "first job done",
         )
         time.sleep(1.2)  # appendfsync everysec: what was published ≥ 1 s ago is on disk
@@ -503,8 +519,12 @@ def run_duplicate_delivery(ps: ProdStack, *, copies: int = 5, timeout: float = 1
         )
         out.check("job succeeded", after.status == "succeeded")
         out.check("claimed exactly once", after.attempts == 1)
-        out.check("one result set", out.figures["duplicates"] == 0 and not out.figures["incomplete"])
-        out.check("late redelivery changed nothing", first == second and after.finished_at == finished)
+        out.check(
+            "one result set", out.figures["duplicates"] == 0 and not out.figures["incomplete"]
+        )
+        out.check(
+            "late redelivery changed nothing", first == second and after.finished_at == finished
+        )
     f = out.figures
     out.summary = (
         f"1 job delivered {f['deliveries']}× ({copies} concurrent copies + 2 after done): "
@@ -517,7 +537,8 @@ def run_duplicate_delivery(ps: ProdStack, *, copies: int = 5, timeout: float = 1
 def _result_fingerprint(db: Database, job_id: str) -> dict[str, list[tuple[object, ...]]]:
     return {
         table: sorted(
-            tuple(r) for r in db.rows(f"SELECT id, blob_sha256 FROM {table} WHERE job_id = :j", j=job_id)
+            tuple(r)
+            for r in db.rows(f"SELECT id, blob_sha256 FROM {table} WHERE job_id = :j", j=job_id)
         )
         for table in ("masks", "saliency_maps", "artifacts")
     }
@@ -527,24 +548,35 @@ def _result_fingerprint(db: Database, job_id: str) -> dict[str, list[tuple[objec
 # Q7: poison input
 
 
-def run_poison(ps: ProdStack, *, n_normal: int, timeout: float = 300) -> Outcome:
+def run_poison(
+    ps: ProdStack, *, n_normal: int, measure_throughput: bool = False, timeout: float = 300
+) -> Outcome:
     """Q7: one series whose decode kills the pool child (``os._exit(137)``, injected by the
     test-only hook) among ``n_normal`` good ones: exactly 3 attempts then ``failed`` with a
-    reason; the other jobs unaffected and the worker still consuming."""
+    reason; the other jobs unaffected and the worker still consuming. With
+    ``measure_throughput`` the same number of good jobs first runs alone, for comparison."""
     from app.storage import sha256_hex
 
     out = Outcome("Q7", "poison input that kills the worker child")
     with timed(out), ps.stack.client() as client:
+        baseline_s = None
+        if measure_throughput:
+            t = time.monotonic()
+            wait_terminal(ps.db, ps.upload(client, n_normal), timeout)
+            baseline_s = time.monotonic() - t
         poison_files = _files(ps.next_seed())
         keys = [sha256_hex(part[1][1]) for part in poison_files]
         ps.poison_list.write_text("\n".join(keys) + "\n")
         try:
+            started = time.monotonic()
             half = n_normal // 2
             ids = ps.upload(client, half)
             r = client.post("/api/v1/studies", files=poison_files)
             assert r.status_code == 202, r.text
             poison_id = r.json()["jobs"][0]["id"]
             ids += ps.upload(client, n_normal - half)
+            wait_terminal(ps.db, ids, timeout)
+            with_poison_s = time.monotonic() - started
             rows = wait_terminal(ps.db, [*ids, poison_id], timeout)
             pool_alive = all(pid_alive(p) for p in ps.pool()) and len(ps.pool()) == ps.concurrency
             # the worker still consumes after the poison: one more job goes through
@@ -562,6 +594,14 @@ def run_poison(ps: ProdStack, *, n_normal: int, timeout: float = 300) -> Outcome
             other_succeeded=sum(1 for r in good if r.status == "succeeded"),
             other_retried=sum(1 for r in good if r.attempts != 1),
         )
+        if baseline_s is not None:
+            drop = (with_poison_s - baseline_s) / baseline_s
+            out.figures.update(
+                good_jobs_alone_s=round(baseline_s, 1),
+                good_jobs_with_poison_s=round(with_poison_s, 1),
+                throughput_drop_pct=round(100 * drop, 1),
+            )
+            out.check("other jobs' throughput drop < 20 %", drop < 0.20)
         out.check("poison job failed", poison.status == "failed")
         out.check("exactly 3 attempts", poison.attempts == 3)
         out.check("failure has a reason", poison.error_code == "worker_lost")
@@ -575,6 +615,8 @@ def run_poison(ps: ProdStack, *, n_normal: int, timeout: float = 300) -> Outcome
         f"poison job: {f['poison_attempts']} attempts → {f['poison_status']} "
         f"({f['poison_reason']}); {f['other_succeeded']}/{f['other_jobs']} other jobs succeeded"
     )
+    if "throughput_drop_pct" in f:
+        out.summary += f", their batch time {f['throughput_drop_pct']:+.0f} % vs without poison"
     return out
 
 
@@ -591,7 +633,9 @@ def run_db_outage(
     with timed(out), ps.stack.client(timeout=30) as client:
         ids = ps.upload(client, n_jobs)
         wait_until(
-            lambda: any(r.status == "running" for r in ps.db.jobs(ids).values()), 120, 0.1,
+            lambda: any(r.status == "running" for r in ps.db.jobs(ids).values()),
+            120,
+            0.1,
             "a job running",
         )
         at_stop = _status_counts(ps.db.jobs(ids))

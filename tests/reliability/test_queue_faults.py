@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.postgres]
 
 
 def test_q1_q3_killed_children_and_workers_lose_nothing(healthy: ProdStack) -> None:
-    outcome = run_worker_kills(healthy, n_jobs=14, child_kills=3, worker_kills=1, interval=1.5)
+    outcome = run_worker_kills(healthy, n_jobs=10, child_kills=2, worker_kills=1, interval=1.5)
     print(outcome.summary)
     assert outcome.passed, outcome.report()
 
@@ -31,25 +31,25 @@ def test_q8_duplicate_delivery_runs_once(healthy: ProdStack) -> None:
 
 
 def test_q7_poison_input_three_attempts_then_failed(healthy: ProdStack) -> None:
-    outcome = run_poison(healthy, n_normal=4)
+    outcome = run_poison(healthy, n_normal=2)
     print(outcome.summary)
     assert outcome.passed, outcome.report()
 
 
 def test_q9_upload_while_broker_down_is_accepted_and_done_later(healthy: ProdStack) -> None:
-    outcome = run_broker_down_upload(healthy, n_uploads=2, down_seconds=2)
+    outcome = run_broker_down_upload(healthy, n_uploads=1, down_seconds=1)
     print(outcome.summary)
     assert outcome.passed, outcome.report()
 
 
 @pytest.mark.parametrize("keep_data", [True, False], ids=["q4-aof", "q5-no-data"])
 def test_q4_q5_redis_restart_mid_batch(healthy: ProdStack, keep_data: bool) -> None:
-    outcome = run_redis_restart(healthy, n_jobs=8, keep_data=keep_data, down_seconds=2)
+    outcome = run_redis_restart(healthy, n_jobs=6, keep_data=keep_data, down_seconds=1)
     print(outcome.summary)
     assert outcome.passed, outcome.report()
 
 
 def test_q6_database_outage_answers_503_and_fails_no_job(healthy: ProdStack) -> None:
-    outcome = run_db_outage(healthy, n_jobs=6, outage_seconds=8)
+    outcome = run_db_outage(healthy, n_jobs=4, outage_seconds=5)
     print(outcome.summary)
     assert outcome.passed, outcome.report()

@@ -288,6 +288,8 @@ def test_evaluate_saliency_command_end_to_end(models_dir: Path, tmp_path: Path) 
 
     cls = report["models"]["tinycls:0.0.1"]
     seg = report["models"]["tinyseg:0.0.1"]
+    manifest = json.loads((models_dir / "tinycls" / "0.0.1" / "manifest.json").read_text())
+    assert cls["sha256"] == manifest["sha256"]  # numbers tied to the exact weights
     assert cls["quality"]["true_positive_slices"] > 0
     assert {"cam", "occlusion", "rise", "dog"} <= set(cls["methods"])
     cam = cls["methods"]["cam"]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from python_multipart.multipart import parse_options_header
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -16,7 +18,7 @@ from app.api.deps import bearer_token, client_address, get_registry, get_store
 from app.api.ingest_guards import authenticate_uploader, check_capacity, ingest_limits
 from app.api.schemas import ERRORS, ErrorBody, FileResult, JobRef, RejectedFile, UploadResponse
 from app.auth.service import Principal, record_audit
-from app.db.session import session_scope
+from app.db.session import run_in_transaction
 from app.errors import BadRequest, PayloadTooLarge
 from app.metrics import FILES, REJECTIONS, UPLOADS
 from app.registry.service import resolve_models
@@ -95,7 +97,8 @@ def _ingest(
     registry = get_registry(settings)
     models = resolve_models(registry, model_names)
     store = get_store(settings)
-    with session_scope() as session:
+
+    def work(session: Session) -> IngestResult:
         result = ingest_files(
             session=session,
             store=store,
@@ -124,7 +127,10 @@ def _ingest(
                 client=client,
                 outcome="success" if result.duplicates else "rejected",
             )
-    return result
+        return result
+
+    # concurrent uploads of one file or series race on unique keys: the loser re-runs
+    return run_in_transaction(work)
 
 
 def saliency_options(fields: dict[str, str], settings: Settings) -> dict[str, object]:
@@ -162,6 +168,12 @@ def _validate_callback(url: str | None) -> str | None:
     return url
 
 
+def _either(description: str) -> dict[str, Any]:
+    """A status answered with the error body or, when it is every file's, the upload body."""
+    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (ErrorBody, UploadResponse)]
+    return {"description": description, "content": {"application/json": {"schema": {"anyOf": refs}}}}
+
+
 @router.post(
     "/studies",
     status_code=202,
@@ -169,11 +181,11 @@ def _validate_callback(url: str | None) -> str | None:
     summary="Upload DICOM files or zip archives; one job per series",
     responses={
         **ERRORS,
-        400: {"model": ErrorBody, "description": "Malformed request"},
+        400: _either("Malformed request, or every file rejected as malformed"),
         409: {"model": UploadResponse, "description": "Every file conflicts with a stored one"},
-        413: {"model": ErrorBody, "description": "Body over the upload size limit"},
+        413: _either("Body over the upload size limit, or every file over a budget"),
         415: {"model": ErrorBody, "description": "Not multipart/form-data"},
-        422: {"model": UploadResponse, "description": "Every file was rejected"},
+        422: _either("Every file was rejected, or an unknown model was named"),
         429: {"model": ErrorBody, "description": "Queue over its configured depth"},
         503: {"model": ErrorBody, "description": "Database unavailable"},
         507: {"model": ErrorBody, "description": "Storage full; nothing stored"},

@@ -126,7 +126,7 @@ def audit(
     _principal: Annotated[Principal, require(Role.ADMIN)],
     action: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,  # SQL integers are 64-bit
 ) -> AuditPage:
     """Audit events, newest first."""
     rows, total = list_audit(session=session, limit=limit, offset=offset, action=action)

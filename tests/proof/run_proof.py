@@ -1,0 +1,331 @@
+"""``make proof``: every fault scenario full-size, with its figures, in one table.
+
+Runs the scenarios of ``tests/reliability`` at the sizes the reliability catalogue asks for
+(e.g. Q1: 200 jobs and 12 SIGKILLs), prints a table of every test with its figure, writes
+``proof.json`` at the repository root and exits non-zero if any scenario fails.
+
+    .venv/bin/python tests/proof/run_proof.py [--only Q1,S2] [--quick]
+
+``--quick`` runs the bounded sizes of ``make test`` (a smoke run of the runner itself).
+Needs: redis-server and the PostgreSQL server binaries (initdb, pg_ctl) installed, PostgreSQL on
+127.0.0.1:5432 for the L run on PostgreSQL, root for the S7 tmpfs mount.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from tests.reliability.outcome import Outcome  # noqa: E402
+
+console = Console()
+
+# Full sizes (catalogue) and bounded sizes (make test), per scenario.
+FULL = {
+    "Q1": {"n_jobs": 200, "child_kills": 10, "worker_kills": 2, "interval": 15.0},
+    "Q4": {"n_jobs": 40},
+    "Q5": {"n_jobs": 40},
+    "Q6": {"n_jobs": 30, "outage_seconds": 30.0},
+    "Q7": {"n_normal": 20, "measure_throughput": True},
+    "Q8": {"copies": 5},
+    "Q9": {"n_uploads": 5, "down_seconds": 5.0},
+    "S2": {"n_uploads": 500, "kill_every": (1.0, 3.0)},
+    "S3": {"copies": 20},
+    "S7": {"size_mib": 8},
+    "S8": {"n_blobs": 1000, "size": 512},
+    "S9": {"n_uploads": 60, "threads": 6},
+    "L": {"seconds": 30.0, "concurrency": 8},
+}
+QUICK = {
+    "Q1": {"n_jobs": 10, "child_kills": 2, "worker_kills": 1, "interval": 1.5},
+    "Q4": {"n_jobs": 6},
+    "Q5": {"n_jobs": 6},
+    "Q6": {"n_jobs": 4, "outage_seconds": 5.0},
+    "Q7": {"n_normal": 2},
+    "Q8": {"copies": 5},
+    "Q9": {"n_uploads": 1, "down_seconds": 1.0},
+    "S2": {"n_uploads": 100, "kill_every": (0.5, 1.5), "max_kills": 3},
+    "S3": {"copies": 20},
+    "S7": {"size_mib": 2},
+    "S8": {"n_blobs": 100, "size": 64},
+    "S9": {"n_uploads": 8, "threads": 4},
+    "L": {"seconds": 8.0, "concurrency": 4},
+}
+
+
+def _guard(test: str, title: str, run: Callable[[], Outcome]) -> Outcome:
+    """Run a scenario; an exception becomes a failed outcome that names it."""
+    console.print(f"[bold]{test}[/bold] {title} …")
+    try:
+        out = run()
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        out = Outcome(test, title, error=f"{type(exc).__name__}: {exc}"[:500])
+        out.notes.append(traceback.format_exc()[-2000:])
+        out.summary = "did not complete"
+    colour = "green" if out.passed else "red"
+    console.print(f"  [{colour}]{'PASS' if out.passed else 'FAIL'}[/{colour}] {out.summary}")
+    if not out.passed:
+        console.print(f"  failed: {out.failures}")
+    return out
+
+
+def queue_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -> list[Outcome]:
+    from tests.reliability import queue_scenarios as q
+
+    selected = [t for t in ("Q1", "Q8", "Q7", "Q9", "Q4", "Q5", "Q6") if t in wanted]
+    if not selected:
+        return []
+    results: list[Outcome] = []
+    # Resend after 20 s as in the other end-to-end tests: a long batch must not be re-sent by
+    # the sweeper all the time.
+    with q.production_stack(root / "prod", models, resend_after=20) as ps:
+        runs: dict[str, tuple[str, Callable[[], Outcome]]] = {
+            "Q1": (
+                "pool-child and whole-worker SIGKILL",
+                lambda: q.run_worker_kills(ps, **sizes["Q1"]),
+            ),
+            "Q8": ("duplicate delivery", lambda: q.run_duplicate_delivery(ps, **sizes["Q8"])),
+            "Q7": ("poison input", lambda: q.run_poison(ps, **sizes["Q7"])),
+            "Q9": (
+                "broker down during upload",
+                lambda: q.run_broker_down_upload(ps, **sizes["Q9"]),
+            ),
+            "Q4": (
+                "Redis restart with AOF",
+                lambda: q.run_redis_restart(ps, keep_data=True, **sizes["Q4"]),
+            ),
+            "Q5": (
+                "Redis restart without data",
+                lambda: q.run_redis_restart(ps, keep_data=False, **sizes["Q5"]),
+            ),
+            "Q6": ("PostgreSQL outage", lambda: q.run_db_outage(ps, **sizes["Q6"])),
+        }
+        for test in selected:
+            title, run = runs[test]
+            ps.ensure_healthy()
+            results.append(_guard(test, title, run))
+    return results
+
+
+def storage_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -> list[Outcome]:
+    from tests.reliability import storage_scenarios as st
+
+    results: list[Outcome] = []
+    if "S2" in wanted:
+        results.append(
+            _guard(
+                "S2",
+                "API SIGKILLed during uploads",
+                lambda: st.run_api_kills(root / "s2", models, **sizes["S2"]),
+            )
+        )
+    if wanted & {"S3", "S9"}:
+        with st.embedded_stack(root / "embedded", models, extra_workers=1) as s:
+            if "S3" in wanted:
+                results.append(
+                    _guard(
+                        "S3",
+                        "same file uploaded concurrently",
+                        lambda: st.run_concurrent_same_file(s, **sizes["S3"]),
+                    )
+                )
+            if "S9" in wanted:
+                results.append(
+                    _guard(
+                        "S9",
+                        "SQLite under concurrent writers",
+                        lambda: st.run_sqlite_writers(s, **sizes["S9"]),
+                    )
+                )
+    if "S7" in wanted:
+        results.append(
+            _guard("S7", "disk full", lambda: st.run_disk_full(root / "s7", models, **sizes["S7"]))
+        )
+    if "S8" in wanted:
+        results.append(
+            _guard(
+                "S8",
+                "scrubber detects a flipped byte",
+                lambda: _scrubber(root / "s8", models, sizes["S8"]),
+            )
+        )
+    if "L" in wanted:
+        results.append(
+            _guard(
+                "L",
+                "sustained ingest, SQLite",
+                lambda: st.run_ingest_load(root / "l-sqlite", models, **sizes["L"]),
+            )
+        )
+        results.append(
+            _guard(
+                "L",
+                "sustained ingest, PostgreSQL",
+                lambda: _load_postgres(root / "l-pg", models, sizes["L"]),
+            )
+        )
+    return results
+
+
+def _scrubber(root: Path, models: Path, sizes: dict) -> Outcome:
+    """S8 against a fresh SQLite database (settings pointed at ``root`` for the enqueue hook)."""
+    from app.db.migrate import upgrade
+    from tests.conftest import reset_caches
+    from tests.reliability.storage_scenarios import run_scrubber_detection
+
+    data = root / "data"
+    data.mkdir(parents=True)
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MEDCAD_")}
+    for key in saved:
+        del os.environ[key]
+    os.environ.update(MEDCAD_DATA_DIR=str(data), MEDCAD_MODELS_DIR=str(models))
+    reset_caches()
+    try:
+        from app.settings import get_settings
+
+        settings = get_settings()
+        upgrade(settings.resolved_database_url)
+        return run_scrubber_detection(settings.resolved_database_url, settings.blob_dir, **sizes)
+    finally:
+        for key in [k for k in os.environ if k.startswith("MEDCAD_")]:
+            del os.environ[key]
+        os.environ.update(saved)
+        reset_caches()
+
+
+def _load_postgres(root: Path, models: Path, sizes: dict) -> Outcome:
+    from tests.helpers.services import postgres_database
+    from tests.reliability.storage_scenarios import run_ingest_load
+
+    with postgres_database() as url:
+        out = run_ingest_load(root, models, database_url=url, **sizes)
+    out.title = "sustained ingest on loopback, PostgreSQL"
+    return out
+
+
+def pytest_scenarios() -> list[Outcome]:
+    """S11 and Q12 are exact checks, not measurements: run their tests and report the count."""
+    results = []
+    for test, title, path in (
+        (
+            "S11",
+            "migrations down and up on a populated database (SQLite, PostgreSQL)",
+            "tests/reliability/test_migrations_populated.py",
+        ),
+        ("Q12", "queue configuration invariants", "tests/reliability/test_config_invariants.py"),
+    ):
+        console.print(f"[bold]{test}[/bold] {title} …")
+        t = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+        out = Outcome(test, title, seconds=time.monotonic() - t)
+        out.check("pytest passed", proc.returncode == 0)
+        out.figures["pytest"] = last
+        out.summary = last
+        if proc.returncode:
+            out.notes.append(proc.stdout[-3000:])
+        colour = "green" if out.passed else "red"
+        console.print(f"  [{colour}]{'PASS' if out.passed else 'FAIL'}[/{colour}] {out.summary}")
+        results.append(out)
+    return results
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    found = {"python": platform.python_version(), "cpus": str(os.cpu_count())}
+    for package in ("celery", "kombu", "redis", "sqlalchemy", "fastapi", "uvicorn", "pydicom"):
+        try:
+            found[package] = version(package)
+        except Exception:
+            pass
+    for tool, args in (("redis-server", ["--version"]), ("postgres", ["--version"])):
+        from tests.reliability.harness import _pg_bin
+
+        binary = _pg_bin(tool) if tool == "postgres" else tool
+        try:
+            found[tool] = subprocess.run(
+                [binary or tool, *args], capture_output=True, text=True, timeout=10
+            ).stdout.strip()[:80]
+        except OSError:
+            pass
+    return found
+
+
+def print_table(results: list[Outcome]) -> None:
+    table = Table(title="medcad proof under faults", show_lines=True)
+    table.add_column("test", style="bold")
+    table.add_column("scenario")
+    table.add_column("result")
+    table.add_column("figures")
+    table.add_column("time", justify="right")
+    for out in results:
+        result = "[green]PASS[/green]" if out.passed else "[red]FAIL[/red]"
+        table.add_row(out.test, out.title, result, out.summary, f"{out.seconds:.0f} s")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="comma list of test ids, e.g. Q1,S2,L")
+    parser.add_argument("--quick", action="store_true", help="bounded sizes (as in make test)")
+    parser.add_argument("--out", default=str(REPO / "proof.json"))
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    every = set(FULL) | {"S11", "Q12"}
+    wanted = {t.strip() for t in args.only.split(",") if t.strip()} or every
+    unknown = wanted - every
+    if unknown:
+        parser.error(f"unknown test ids: {sorted(unknown)}")
+    from tests.fixtures.tiny_models import build_models_dir
+
+    started = time.monotonic()
+    results: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="medcad-proof-") as tmp:
+        root = Path(tmp)
+        models = build_models_dir(root / "models")
+        results += queue_scenarios(root, models, sizes, wanted)
+        results += storage_scenarios(root, models, sizes, wanted)
+    if wanted & {"S11", "Q12"}:
+        results += [r for r in pytest_scenarios() if r.test in wanted]
+    print_table(results)
+    passed = all(r.passed for r in results)
+    report = {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "mode": "quick" if args.quick else "full",
+        "passed": passed,
+        "seconds": round(time.monotonic() - started),
+        "environment": _versions(),
+        "results": [r.as_json() for r in results],
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    console.print(f"{'all passed' if passed else 'FAILURES'}; report written to {args.out}")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Storage faults (bounded versions; ``make proof`` runs them full-size): the API killed during
+uploads, concurrent identical uploads, a full disk, SQLite with concurrent writers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.harness import Stack
+from tests.reliability.storage_scenarios import (
+    embedded_stack,
+    run_api_kills,
+    run_concurrent_same_file,
+    run_disk_full,
+    run_sqlite_writers,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_s2_every_2xx_survives_api_sigkills(tmp_path: Path, tiny_models_dir: Path) -> None:
+    outcome = run_api_kills(
+        tmp_path, tiny_models_dir, n_uploads=100, kill_every=(0.5, 1.5), max_kills=3
+    )
+    print(outcome.summary)
+    assert outcome.passed, outcome.report()
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[Stack]:
+    """The embedded shape on SQLite: API + its worker + one more worker process."""
+    with embedded_stack(tmp_path_factory.mktemp("embedded"), tiny_models_dir) as s:
+        yield s
+
+
+def test_s3_same_file_twenty_times_at_once_one_row_one_blob(embedded: Stack) -> None:
+    outcome = run_concurrent_same_file(embedded, copies=20)
+    print(outcome.summary)
+    assert outcome.passed, outcome.report()
+
+
+def test_s9_sqlite_api_and_workers_never_surface_locks(embedded: Stack) -> None:
+    outcome = run_sqlite_writers(embedded, n_uploads=8, threads=4)
+    print(outcome.summary)
+    assert outcome.passed, outcome.report()
+
+
+def test_s7_disk_full_answers_507_and_stores_nothing(tmp_path: Path, tiny_models_dir: Path) -> None:
+    outcome = run_disk_full(tmp_path, tiny_models_dir, size_mib=2)
+    print(outcome.summary)
+    assert outcome.passed, outcome.report()
