@@ -12,7 +12,9 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 # medcad's own messages carry ids only; everything else (pydicom and highdicom warnings and
 # dataset reprs, exception texts in Celery's task logs...) may quote element values.
 _OWN_LOGGERS = frozenset({"app", "workers"})
-_QUOTED = re.compile(r"'(?:\\.|[^'\\])*'" + r'|"(?:\\.|[^"\\])*"')
+# An opening quote (or b-quote, for bytes) follows no letter or digit, so the apostrophe of
+# "Patient's Name" in a dataset repr does not start a span that would leave the value exposed.
+_QUOTED = re.compile(r"(?<![A-Za-z0-9])b?(?:'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\")")
 
 
 def redact_quoted(text: str) -> str:

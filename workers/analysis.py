@@ -106,17 +106,25 @@ def analyze_series(
     *,
     max_forward_passes: int,
     extra_methods: Sequence[SaliencyMethod] = (),
+    preprocessed: dict[str, FloatArray] | None = None,
 ) -> ModelAnalysis:
     """Run one model over a (F, H, W) float32 stack in modality units.
 
     ``max_forward_passes`` bounds the perturbation saliency cost of this model on this series
     (its manifest may set a lower bound); ``extra_methods`` are perturbation methods the request
-    asked for on top of the manifest's defaults.
+    asked for on top of the manifest's defaults. ``preprocessed``, if given, is a cache of
+    network inputs for these ``frames`` keyed by preprocessing section: models that share one
+    (window, size, resampling, normalisation) reuse its tensor, which nothing here modifies.
     """
     analysis = ModelAnalysis(manifest=manifest)
     methods = effective_methods(manifest, extra_methods)
     t0 = time.perf_counter()
-    x = preprocess_frames(frames, manifest.preprocessing)
+    key = manifest.preprocessing.model_dump_json()
+    x = preprocessed.get(key) if preprocessed is not None else None
+    if x is None:
+        x = preprocess_frames(frames, manifest.preprocessing)
+        if preprocessed is not None:
+            preprocessed[key] = x
     t1 = time.perf_counter()
     outputs = run_batched(run, manifest, x)
     t2 = time.perf_counter()

@@ -170,8 +170,8 @@ class StoreSCP:
         association = self._association(event)
         series_folder = (
             association.folder
-            / hashlib.sha1(  # noqa: S324 - a folder name, not security
-                inspected.series_instance_uid.encode()
+            / hashlib.sha1(  # a folder name, not security
+                inspected.series_instance_uid.encode(), usedforsecurity=False
             ).hexdigest()[:16]
         )
         series_folder.mkdir(exist_ok=True)

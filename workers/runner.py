@@ -145,8 +145,12 @@ class JobRun:
                             lease_seconds=self.settings.job_lease_seconds,
                             stage=self.current,
                         )
-                except Exception:  # a missed beat is retried; the lease is 3 beats long
-                    log.warning("lease renewal failed", extra={"job_id": self.job_id})
+                except Exception as exc:  # a missed beat is retried; the lease is 3 beats long
+                    log.warning(
+                        "lease renewal failed: %s",
+                        type(exc).__name__,
+                        extra={"job_id": self.job_id},
+                    )
                     continue
                 if not owned:
                     self.lost = True
@@ -225,8 +229,13 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         _record_failure(job_id, owner, exc.code, exc.detail)
         return f"failed: {exc.code}"
     except OperationalError:
-        # The database is unreachable: leave the job to the sweeper (lease expiry), do not fail it.
+        # The database is unreachable. Not the job's fault: never fail it. Once the database
+        # answers again, give the job back (queued, this attempt not counted) so it neither waits
+        # for its lease to expire nor moves closer to the attempt limit; if the database stays
+        # away, the task is retried and the sweeper reclaims the job when its lease expires.
         log.warning("database unavailable during job", extra={"job_id": job_id})
+        if _release_when_database_returns(job_id, owner, settings):
+            return "released: database unavailable"
         raise
     except Exception as exc:  # an unexpected bug must end the job, not loop it
         # Only the type and stage are recorded: library messages may quote header values (PHI).
@@ -239,6 +248,31 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         heartbeat.set()
     forward_job_outputs(job_id, settings)
     return "succeeded"
+
+
+def _release_when_database_returns(job_id: str, owner: str, settings: Settings) -> bool:
+    """Wait (up to one lease length) for the database, then hand the job back to the queue.
+
+    True when the job is no longer this process's business (released, or already taken over);
+    False when the database did not come back in time.
+    """
+    from app.queue import send_job
+
+    deadline = time.monotonic() + settings.job_lease_seconds
+    delay = 0.5
+    while time.monotonic() < deadline:
+        time.sleep(delay)
+        try:
+            with session_scope() as session:
+                released = jobs.release_job(session=session, job_id=job_id, owner=owner)
+        except OperationalError:
+            delay = min(delay * 2, 10.0)
+            continue
+        if released:
+            send_job(job_id)
+            log.info("job released after a database outage", extra={"job_id": job_id})
+        return True
+    return False
 
 
 def _record_failure(job_id: str, owner: str, code: str, detail: str) -> None:
@@ -259,6 +293,7 @@ def _execute(run: JobRun) -> None:
     series = decode_series(rows, run.store)
     run.timed("decode", time.perf_counter() - t)
     analyses: list[ModelAnalysis] = []
+    preprocessed: dict[str, NDArray[np.float32]] = {}  # models sharing a preprocessing share x
     modality = str(series.datasets[0].get("Modality", "") or "")
     for model in models:
         run.stage(f"infer:{model.manifest.name}")
@@ -287,6 +322,7 @@ def _execute(run: JobRun) -> None:
                 model.manifest.saliency.max_forward_passes,
             ),
             extra_methods=extra,
+            preprocessed=preprocessed,
         )
         for name, seconds in analysis.timings.items():
             run.timed(f"{name}:{model.manifest.name}", seconds)

@@ -235,6 +235,33 @@ def renew_lease(
     return getattr(result, "rowcount", 0) == 1
 
 
+def release_job(*, session: Session, job_id: str, owner: str) -> bool:
+    """Give back a running job ``owner`` holds: queued again, its current attempt not counted.
+
+    For interruptions that are not the job's doing (the database went away mid-run): only jobs
+    that kill their worker should move towards ``max_attempts``. False if ``owner`` no longer
+    holds the job (its lease was reclaimed, or it finished).
+    """
+    result = session.execute(
+        update(JobRecord)
+        .where(
+            JobRecord.id == job_id,
+            JobRecord.lease_owner == owner,
+            JobRecord.status == JobStatus.RUNNING,
+        )
+        .values(
+            status=JobStatus.QUEUED,
+            attempts=JobRecord.attempts - 1,  # ≥ 1 while running: the claim counted it
+            lease_owner=None,
+            lease_expires_at=None,
+            stage=None,
+            enqueued_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(result, "rowcount", 0) == 1
+
+
 def fail_job(*, session: Session, job: JobRecord, code: str, detail: str) -> None:
     """Mark a job failed with a reason."""
     job.status = JobStatus.FAILED

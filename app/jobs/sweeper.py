@@ -7,6 +7,7 @@ worker`` process of the production shape; sweeps are idempotent, so several may 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from app import queue
@@ -39,13 +40,26 @@ def sweep_once(settings: Settings) -> SweepReport:
     return report
 
 
+# The worker's main process forks pool children while this thread may be mid-sweep, holding
+# locks (a module's import lock, a logging stream, the engine's pool) that a child would inherit
+# held forever: children forked during the first sweep hung on their first import. A fork now
+# waits for the sweep in progress to end (os.register_at_fork runs in the forking thread).
+_SWEEPING = threading.Lock()
+os.register_at_fork(
+    before=_SWEEPING.acquire,
+    after_in_parent=_SWEEPING.release,
+    after_in_child=_SWEEPING.release,
+)
+
+
 def _loop(settings: Settings, stop: threading.Event) -> None:
     while not stop.wait(settings.sweeper_interval_seconds):
         try:
-            sweep_once(settings)
-            from app.jobs.webhooks import deliver_due
+            with _SWEEPING:
+                sweep_once(settings)
+                from app.jobs.webhooks import deliver_due
 
-            deliver_due(settings)
+                deliver_due(settings)
         except Exception as exc:  # the sweeper must survive database/broker outages
             log.warning("sweep failed: %s", type(exc).__name__)
 

@@ -1517,7 +1517,14 @@ def _read_zip_members(data: bytes, limits: IngestLimits) -> list[tuple[str, byte
         )
     try:
         archive = zipfile.ZipFile(BytesIO(data))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+    # NotImplementedError: a central directory asking for a newer zip version (fuzzing)
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        ValueError,
+        EOFError,
+        NotImplementedError,
+    ) as exc:
         raise _reject("invalid_zip", f"not a readable ZIP archive: {exc}") from None
     with archive:
         infos = archive.infolist()
@@ -1533,7 +1540,14 @@ def _read_zip_members(data: bytes, limits: IngestLimits) -> list[tuple[str, byte
                 continue
             try:
                 content = _read_member(archive, info, limits)
-            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as exc:
+            except (
+                zipfile.BadZipFile,
+                zlib.error,
+                EOFError,
+                ValueError,
+                OSError,
+                NotImplementedError,
+            ) as exc:
                 raise _reject(
                     "invalid_zip", f"archive member {_short(info.filename)} is corrupt: {exc}"
                 ) from None

@@ -357,19 +357,20 @@ class Clock:
 
 
 def run_capped(
-    items: Sequence[Any], fn: Callable[[Any], Any], seconds: float
+    items: Sequence[Any], fn: Callable[[Any], Any], seconds: float, min_items: int = 0
 ) -> tuple[list[Any], bool]:
     """Apply ``fn`` to items in order while the next one is expected to fit in ``seconds``.
 
     A guard behind the up-front plan (``affordable``): timings drift when the machine is
-    shared, and a number resting on fewer slices is better than a run that overruns.
+    shared, and a number resting on fewer slices is better than a run that overruns. The
+    first ``min_items`` items always run.
     """
     out: list[Any] = []
     t0 = time.monotonic()
     for item in items:
         elapsed = time.monotonic() - t0
         per_item = elapsed / len(out) if out else 0.0
-        if out and elapsed + per_item > seconds:
+        if len(out) >= max(1, min_items) and elapsed + per_item > seconds:
             return out, True
         out.append(fn(item))
     return out, False
@@ -414,11 +415,18 @@ def seconds_per_pass(model: OnnxModel, x: Array, names: list[str]) -> float:
     return (time.perf_counter() - t0) / model.batch
 
 
-def affordable(seconds: float, passes_per_item: float, per_pass: float, cap: int) -> int:
-    """How many items of ``passes_per_item`` forward passes fit in ``seconds`` (at most cap)."""
+def affordable(
+    seconds: float, passes_per_item: float, per_pass: float, cap: int, floor: int = 0
+) -> int:
+    """How many items of ``passes_per_item`` forward passes fit in ``seconds``.
+
+    At most ``cap``; at least ``floor`` (a number measured on a few slices beats no number,
+    at the price of overrunning the budget on a slow or busy machine).
+    """
     if passes_per_item <= 0 or per_pass <= 0:
         return cap
-    return max(0, min(cap, int(seconds / (passes_per_item * per_pass))))
+    fits = int(seconds / (passes_per_item * per_pass))
+    return max(min(floor, cap), min(cap, fits))
 
 
 def pass_budget(spec: SaliencySpec, fallback: int) -> tuple[int, str]:
@@ -471,15 +479,19 @@ def _channel_of(manifest: Manifest, label_name: str, n_channels: int) -> int:
     return values.index(label.value) if n_channels == len(values) else label.value
 
 
-def _time_per_image(model: OnnxModel, x: Array, names: list[str], reps: int) -> float:
-    """Median seconds of a batch-1 run, the way a single frame is served."""
-    times = []
-    for k in range(reps):
+def _paired_times(
+    a: tuple[OnnxModel, list[str]], b: tuple[OnnxModel, list[str]], x: Array, reps: int
+) -> tuple[float, float]:
+    """Median batch-1 seconds of two sessions, runs interleaved so both see the same load."""
+    times: list[list[float]] = [[], []]
+    for k in range(reps + 1):
         xi = np.ascontiguousarray(x[k % len(x)][None], dtype=np.float32)
-        t0 = time.perf_counter()
-        model.session.run(names, {model.input: xi})
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for j, (model, names) in enumerate((a, b)):
+            t0 = time.perf_counter()
+            model.session.run(names, {model.input: xi})
+            if k:  # the first round warms both sessions up
+                times[j].append(time.perf_counter() - t0)
+    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def _method_table(
@@ -506,6 +518,7 @@ def _delins_rows(
     args: argparse.Namespace,
     batch: int,
     seconds: float,
+    min_slices: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Deletion/insertion of every map on ``ids``, each against the same random ordering."""
     random_curves: dict[int, S.DeletionInsertion] = {}
@@ -528,7 +541,8 @@ def _delins_rows(
         return name, res, random_curves[i]
 
     items = [(name, i) for i in ids for name in maps if i in maps[name]]
-    done, _ = run_capped(items, one, seconds)
+    first = set(ids[:min_slices])
+    done, _ = run_capped(items, one, seconds, min_items=sum(i in first for _, i in items))
     return {
         name: summarise_delins([(a, b) for n, a, b in done if n == name], args.bootstrap)
         for name in maps
@@ -583,9 +597,9 @@ def evaluate_classifier(
         return p.astype(np.float32)
 
     # What the CAM costs: the same pass with and without the CAM output (batch 1, as served).
-    reps = max(10, args.timing_reps)
-    t_full = _time_per_image(full, sl.x, names, reps)
-    t_plain = _time_per_image(plain, sl.x, [logit_name], reps)
+    t_full, t_plain = _paired_times(
+        (full, names), (plain, [logit_name]), sl.x, max(10, args.timing_reps)
+    )
     per_pass = seconds_per_pass(plain, sl.x, [logit_name])
     result["cost"] = {
         "forward_seconds_per_image_logit_only": _r(t_plain, 5),
@@ -628,15 +642,23 @@ def evaluate_classifier(
     p_rise = min(spec.rise_masks, max_passes)
     p_di = 2 * (args.delins_steps + 1)
     cap = args.max_perturbation_slices
+    floor = args.min_perturbation_slices
     plan = {
-        "occlusion": affordable(0.22 * budget, p_occ, per_pass, cap),
-        "rise": affordable(0.22 * budget, p_rise, per_pass, cap),
-        "deletion_insertion": affordable(0.2 * budget, 5 * p_di, per_pass, args.max_delins_slices),
+        "occlusion": affordable(0.22 * budget, p_occ, per_pass, cap, floor),
+        "rise": affordable(0.22 * budget, p_rise, per_pass, cap, floor),
+        "deletion_insertion": affordable(
+            0.2 * budget, 5 * p_di, per_pass, args.max_delins_slices, floor
+        ),
         "randomisation_perturbation": affordable(
-            0.2 * budget, 2 * (p_occ + p_rise), per_pass, args.max_sanity_perturbation_slices
+            0.2 * budget,
+            2 * (p_occ + p_rise),
+            per_pass,
+            args.max_sanity_perturbation_slices,
+            min(1, floor),
         ),
     }
     result["plan"] = plan | {
+        "min_slices": floor,
         "budget_seconds": round(budget, 1),
         "max_forward_passes": max_passes,
         "max_forward_passes_source": budget_source,
@@ -647,6 +669,7 @@ def evaluate_classifier(
             order[: plan[name]],
             lambda i, _fn=fn: (i, *_timed(lambda: _fn(i))),
             0.3 * budget,
+            min_items=floor,
         )
         maps[name] = {i: r.map for i, r, _ in done}
         if done:
@@ -666,7 +689,7 @@ def evaluate_classifier(
     perturbed = [i for i in order if i in maps["occlusion"] or i in maps["rise"]]
     di_ids = (perturbed or order)[: plan["deletion_insertion"]]
     for name, summary in _delins_rows(
-        maps, di_ids, sl, lambda i: predict_prob, args, args.perturbation_batch, 0.3 * budget
+        maps, di_ids, sl, lambda i: predict_prob, args, args.perturbation_batch, 0.3 * budget, floor
     ).items():
         methods[name]["deletion_insertion"] = summary
     result["methods"] = methods
@@ -873,19 +896,25 @@ def evaluate_segmenter(
     budget = clock.remaining()
     p_occ = occlusion_passes(spec, sl.x.shape[2:], max_passes)
     p_di = 2 * (args.delins_steps + 1)
+    floor = args.min_perturbation_slices
     n_stages = len(cascade_stages(len(cascade_layers(proto))))
     plan = {
-        "tta_std": affordable(0.12 * budget, 4, per_pass, args.max_tta_slices),
-        "occlusion_region": affordable(0.3 * budget, p_occ, per_pass, args.max_perturbation_slices),
-        "deletion_insertion": affordable(0.15 * budget, 3 * p_di, per_pass, args.max_delins_slices),
+        "tta_std": affordable(0.12 * budget, 4, per_pass, args.max_tta_slices, floor),
+        "occlusion_region": affordable(
+            0.3 * budget, p_occ, per_pass, args.max_perturbation_slices, floor
+        ),
+        "deletion_insertion": affordable(
+            0.15 * budget, 3 * p_di, per_pass, args.max_delins_slices, floor
+        ),
         "randomisation_tta": affordable(
             0.08 * budget, 4 * n_stages, per_pass, args.max_sanity_perturbation_slices * 2
         ),
         "randomisation_perturbation": affordable(
-            0.15 * budget, 2 * p_occ, per_pass, args.max_sanity_perturbation_slices
+            0.15 * budget, 2 * p_occ, per_pass, args.max_sanity_perturbation_slices, min(1, floor)
         ),
     }
     result["plan"] = plan | {
+        "min_slices": floor,
         "budget_seconds": round(budget, 1),
         "max_forward_passes": max_passes,
         "max_forward_passes_source": budget_source,
@@ -900,7 +929,10 @@ def evaluate_segmenter(
         return S.tta_flip_std(lambda b: S.softmax(logits_fn(b), axis=1), sl.x[i], label=nod)
 
     tta_done, tta_cut = run_capped(
-        order[: plan["tta_std"]], lambda i: (i, *_timed(lambda: tta(i))), 0.2 * budget
+        order[: plan["tta_std"]],
+        lambda i: (i, *_timed(lambda: tta(i))),
+        0.2 * budget,
+        min_items=floor,
     )
     tta_maps = {i: r.map for i, r, _ in tta_done}
     tta_ids = list(tta_maps)
@@ -965,6 +997,7 @@ def evaluate_segmenter(
         tp_order[: plan["occlusion_region"]],
         lambda i: (i, *_timed(lambda: occlusion(i))),
         0.4 * budget,
+        min_items=floor,
     )
     occ = {i: r.map for i, r, _ in occ_done}
     maps: dict[str, dict[int, Array]] = {
@@ -984,7 +1017,7 @@ def evaluate_segmenter(
     attribution = {k: maps[k] for k in ("occlusion_region", "dog")}
     di_ids = [i for i in tp_order if i in occ][: plan["deletion_insertion"]]
     for name, summary in _delins_rows(
-        attribution, di_ids, sl, region_prob, args, args.perturbation_batch, 0.25 * budget
+        attribution, di_ids, sl, region_prob, args, args.perturbation_batch, 0.25 * budget, floor
     ).items():
         methods[name]["deletion_insertion"] = summary
     result["methods"] = methods
@@ -1202,6 +1235,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--min-lesion-px", type=int, default=4)
     ap.add_argument("--max-negatives", type=int, default=40)
     ap.add_argument("--max-perturbation-slices", type=int, default=12)
+    ap.add_argument(
+        "--min-perturbation-slices",
+        type=int,
+        default=2,
+        help="evaluate occlusion/RISE and deletion/insertion on at least this many slices, "
+        "even past the budget (0 = never exceed it)",
+    )
     ap.add_argument("--max-delins-slices", type=int, default=10)
     ap.add_argument("--max-tta-slices", type=int, default=60)
     ap.add_argument("--max-sanity-slices", type=int, default=24)

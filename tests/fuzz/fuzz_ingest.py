@@ -11,15 +11,12 @@ Run by ``tests/fuzz/test_fuzz_ingest.py`` (bounded) or by hand for longer campai
     python tests/fuzz/fuzz_ingest.py CORPUS_DIR -runs=1000000 -max_len=1048576 \
         -rss_limit_mb=2048 -timeout=10
 
-``make_corpus(DIR)`` writes the seed corpus: the generated hostile and odd inputs of
-``tests.fixtures.dicom_corpus`` plus pydicom's own test files that are small enough.
+``tests/fuzz/seeds.py`` writes the seed corpus (``python tests/fuzz/seeds.py CORPUS_DIR``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
-from pathlib import Path
 
 import atheris
 
@@ -31,15 +28,21 @@ from app.errors import MedcadError
 # Smaller budgets than production keep each execution in the millisecond range; every check
 # still runs, it just trips earlier.
 LIMITS = IngestLimits(
-    max_decoded_bytes=64 * 1024 * 1024,
-    max_elements=20_000,
-    max_sequence_items=4_096,
-    max_inflated_bytes=32 * 1024 * 1024,
-    max_zip_members=256,
-    max_zip_member_bytes=16 * 1024 * 1024,
-    max_zip_total_bytes=32 * 1024 * 1024,
+    max_decoded_bytes=4 * 1024 * 1024,
+    max_frames=64,
+    max_rows=2048,
+    max_columns=2048,
+    max_elements=5_000,
+    max_sequence_items=1_024,
+    max_inflated_bytes=1024 * 1024,
+    inflation_ratio_floor_bytes=256 * 1024,
+    codec_ratio_floor_bytes=1024 * 1024,
+    max_fragments=1_024,
+    max_zip_members=64,
+    max_zip_member_bytes=1024 * 1024,
+    max_zip_total_bytes=2 * 1024 * 1024,
+    zip_ratio_floor_bytes=64 * 1024,
 )
-MAX_SEED_BYTES = 256 * 1024
 
 
 def test_one_input(data: bytes) -> None:
@@ -51,36 +54,6 @@ def test_one_input(data: bytes) -> None:
             inspect_instance(data, limits=LIMITS)
     except MedcadError:
         pass
-
-
-def make_corpus(folder: Path) -> int:
-    """Write the seed corpus into ``folder``; returns the number of files."""
-    from tests.fixtures import dicom_corpus as corpus
-
-    folder.mkdir(parents=True, exist_ok=True)
-    seeds = [case.build() for case in corpus.HOSTILE_CASES]
-    seeds += [build() for build in corpus.ACCEPTED_ODDITIES.values()]
-    seeds += [p.read_bytes() for p in _shipped_test_files()]
-    count = 0
-    for data in seeds:
-        if 0 < len(data) <= MAX_SEED_BYTES:
-            (folder / hashlib.sha256(data).hexdigest()[:16]).write_bytes(data)
-            count += 1
-    return count
-
-
-def _shipped_test_files() -> list[Path]:
-    """pydicom's and pydicom-data's test files already on disk (never downloads)."""
-    import pydicom.data
-
-    roots = [Path(pydicom.data.__file__).parent]
-    try:
-        import pydicom_data  # type: ignore[import-not-found]
-
-        roots.append(Path(pydicom_data.__file__).parent)
-    except ImportError:
-        pass
-    return sorted(p for root in roots for p in root.rglob("*") if p.is_file() and p.suffix != ".py")
 
 
 def main() -> None:

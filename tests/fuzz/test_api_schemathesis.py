@@ -78,8 +78,9 @@ def _negatable(operation: Any) -> bool:
     cases there only burns seconds before it gives up.
     """
     raw = operation.definition.raw
-    if "requestBody" in raw:
-        return True
+    for media in raw.get("requestBody", {}).get("content", {}).values():
+        if media.get("schema", {}) != {"type": "string", "format": "binary"}:
+            return True  # a structured body (bytes of any kind are all valid)
     for parameter in raw.get("parameters", []):
         schema = parameter.get("schema", {})
         constraints = set(schema) - {"type", "title", "description"}

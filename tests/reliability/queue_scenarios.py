@@ -221,6 +221,7 @@ def _batch_checks(out: Outcome, ps: ProdStack, ids: list[str], rows: dict[str, J
         duplicates=duplicates,
         incomplete=len(incomplete),
         attempts=_histogram([r.attempts for r in rows.values()]),
+        failure_reasons=sorted({str(r.error_code) for r in rows.values() if r.status == "failed"}),
     )
     out.check("0 lost (every job succeeded)", lost == 0)
     out.check("0 duplicated result rows", duplicates == 0)

@@ -226,3 +226,35 @@ def test_celery_accepts_and_sends_json_only(sqlite_env: Path) -> None:
         assert conf.result_serializer == "json" and conf.event_serializer == "json"
         assert conf.result_accept_content in (None, ["json"])
         assert conf.result_backend is None
+
+
+# --------------------------------------------------------------------------------------
+# P7 (unit): what other libraries log is redacted, medcad's own records are kept
+# --------------------------------------------------------------------------------------
+
+
+def test_quoted_values_from_other_libraries_are_redacted_before_formatting() -> None:
+    from app.logging_setup import JsonFormatter, RedactThirdPartyValues
+
+    def formatted(name: str, msg: str, *args: object, **extra: object) -> str:
+        record = logging.LogRecord(name, logging.WARNING, __file__, 1, msg, args, None)
+        for key, value in extra.items():
+            setattr(record, key, value)
+        assert RedactThirdPartyValues().filter(record)
+        return JsonFormatter().format(record)
+
+    pydicom_warning = formatted(
+        "py.warnings", "%s", "valuerep.py:440: UserWarning: Invalid value for VR DA: 'x19010203'."
+    )
+    assert "19010203" not in pydicom_warning and "Invalid value for VR DA" in pydicom_warning
+    for repr_line in ("(0010,0010) Patient's Name    PN: 'CANARY^PHI^Zebulon'",
+                      "(0010,0010) Patient's Name PN: \"O'Hara^CANARY\"",
+                      "RawDataElement(tag=(0010,0020), value=b'CANARY-ID-7731')"):  # fmt: skip
+        line = formatted("highdicom.base", "copy %s", repr_line)
+        assert "CANARY" not in line and "Hara" not in line, line
+        assert "Patient's Name" in line or "RawDataElement" in line
+    task_log = formatted("celery.app.trace", "Task failed: %r", ValueError("could not convert 'CANARY'"),
+                         data="args: ('CANARY',)")  # fmt: skip
+    assert "CANARY" not in task_log
+    own = formatted("workers.runner", "job %s failed at stage '%s'", "abc123", "decode")
+    assert "'decode'" in own and "abc123" in own

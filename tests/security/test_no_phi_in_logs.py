@@ -156,4 +156,6 @@ def test_no_canary_reaches_any_log_line(tmp_path: Path, tiny_models_dir: Path) -
 
 def _all_output(log_dir: Path) -> str:
     """Everything every process of the deployment wrote (stdout and stderr)."""
-    return "\n".join(p.read_text(errors="replace") for p in sorted(log_dir.rglob("*")) if p.is_file())
+    return "\n".join(
+        p.read_text(errors="replace") for p in sorted(log_dir.rglob("*")) if p.is_file()
+    )

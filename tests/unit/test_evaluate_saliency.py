@@ -364,3 +364,27 @@ def test_boundary_proximity_is_highest_on_predicted_edges() -> None:
     assert b[5, 9] == b[5, 10] == pytest.approx(1.0)
     assert b[5, 9] > b[5, 7] > b[5, 3] > 0.0
     assert not E.boundary_proximity(np.zeros((5, 5), np.uint8)).any()
+
+
+def test_plan_respects_cap_budget_and_floor() -> None:
+    # 100 s at 0.1 s/pass, 226 passes per slice: 4 slices fit
+    assert E.affordable(100.0, 226, 0.1, cap=12) == 4
+    assert E.affordable(1000.0, 226, 0.1, cap=12) == 12
+    assert E.affordable(10.0, 226, 0.1, cap=12) == 0
+    assert E.affordable(10.0, 226, 0.1, cap=12, floor=2) == 2
+    assert E.affordable(10.0, 226, 0.1, cap=1, floor=2) == 1
+
+
+def test_run_capped_stops_on_time_but_runs_the_minimum() -> None:
+    import time as _time
+
+    def slow(i: int) -> int:
+        _time.sleep(0.05)
+        return i
+
+    done, cut = E.run_capped(list(range(10)), slow, seconds=0.12)
+    assert cut and 1 <= len(done) <= 3 and done == list(range(len(done)))
+    done, cut = E.run_capped(list(range(10)), slow, seconds=0.0, min_items=4)
+    assert cut and done == [0, 1, 2, 3]
+    done, cut = E.run_capped([1, 2], slow, seconds=10.0)
+    assert not cut and done == [1, 2]

@@ -107,7 +107,7 @@ class DeletionInsertion:
 
 
 # ---------------------------------------------------------------------------------------
-# checks and small helpers
+# input checks and small utilities
 # ---------------------------------------------------------------------------------------
 def _as_image(x: NDArray[np.floating]) -> FloatArray:
     """Validate a (C, H, W) network input and return it as contiguous float32."""
