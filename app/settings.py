@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     task_time_limit: int = 1200
     sweeper_interval_seconds: float = 15.0
     queued_resend_after_seconds: float = 60.0
-    saliency_max_forward_passes: int = 512  # default perturbation budget per job and model
+    saliency_max_forward_passes: int = 128  # default perturbation budget per job and model
     saliency_request_max_passes: int = 4096  # the most a request may ask for
     worker_sweeper: bool = True  # run the sweeper in each worker's main process
 

@@ -259,14 +259,12 @@ def _release_when_database_returns(job_id: str, owner: str, settings: Settings) 
     from app.queue import send_job
 
     deadline = time.monotonic() + settings.job_lease_seconds
-    delay = 0.5
     while time.monotonic() < deadline:
-        time.sleep(delay)
+        time.sleep(1.0)
         try:
             with session_scope() as session:
                 released = jobs.release_job(session=session, job_id=job_id, owner=owner)
         except OperationalError:
-            delay = min(delay * 2, 10.0)
             continue
         if released:
             send_job(job_id)

@@ -55,13 +55,13 @@ FULL = {
 }
 QUICK = {
     "Q1": {"n_jobs": 10, "child_kills": 2, "worker_kills": 1, "interval": 1.5},
-    "Q4": {"n_jobs": 6},
-    "Q5": {"n_jobs": 6},
+    "Q4": {"n_jobs": 5},
+    "Q5": {"n_jobs": 5},
     "Q6": {"n_jobs": 4, "outage_seconds": 5.0},
     "Q7": {"n_normal": 2},
     "Q8": {"copies": 5},
     "Q9": {"n_uploads": 1, "down_seconds": 1.0},
-    "S2": {"n_uploads": 100, "kill_every": (0.5, 1.5), "max_kills": 3},
+    "S2": {"n_uploads": 100, "kill_every": (0.5, 1.5), "max_kills": 2},
     "S3": {"copies": 20},
     "S7": {"size_mib": 2},
     "S8": {"n_blobs": 100, "size": 64},

@@ -285,7 +285,7 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
     )
 
 
-def _terminate(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
+def _terminate(proc: subprocess.Popen[bytes], grace: float = 5) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:

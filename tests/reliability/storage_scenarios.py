@@ -340,14 +340,14 @@ def run_disk_full(
     out = Outcome("S7", "disk full")
     data_dir = root / "data"
     blob_dir = data_dir / "blobs"
-    instances = make_instances(limit, image_size, seed=5000)
     with timed(out), small_filesystem(blob_dir, size_mib), stack(root, models_dir) as s:
         s.start_api()
         accepted: list[Instance] = []
         full: httpx.Response | None = None
         full_inst: Instance | None = None
         with s.client() as client:
-            for inst in instances:
+            for i in range(limit):
+                (inst,) = make_instances(1, image_size, seed=5000 + i)
                 r = _post(client, inst)
                 if r.status_code == 202:
                     accepted.append(inst)

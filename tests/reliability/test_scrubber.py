@@ -73,17 +73,15 @@ def test_scrub_command_reports_and_deletes(sqlite_env: Path) -> None:
             timeout=120,
         )
 
-    clean = scrub("--grace-seconds", "5", "--delete-orphans")
-    assert clean.returncode == 0, clean.stderr
-    body = json.loads(clean.stdout)
-    assert body["referenced"] == 3 and body["orphans"] == [orphan] and body["deleted"] == 1
-    assert not store.exists(orphan)
     path = store.path_for(instances[0].sha256)
     data = path.read_bytes()
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
-    bad = scrub()
-    assert bad.returncode == 1
-    problems = json.loads(bad.stdout)["problems"]
+    bad = scrub("--grace-seconds", "5", "--delete-orphans")
+    assert bad.returncode == 1, bad.stderr
+    body = json.loads(bad.stdout)
+    assert body["referenced"] == 3 and body["orphans"] == [orphan] and body["deleted"] == 1
+    assert not store.exists(orphan)
+    problems = body["problems"]
     assert [(p["key"], p["problem"], p["rows"][0]["table"]) for p in problems] == [
         (instances[0].sha256, "corrupt", "instances")
     ]
