@@ -34,6 +34,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check app workers models tests
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
+	$(PY) tests/security/scan.py
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(STAMP)
