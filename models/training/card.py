@@ -127,7 +127,7 @@ def render_card(manifest: Manifest) -> str:
         f"- ONNX ↔ PyTorch parity on {par.get('inputs')} validation slices: max abs difference "
         f"{par.get('max_abs_diff')} (strict tolerance {par.get('tolerance')}: "
         f"{'met' if par.get('passed') else 'NOT met'}; accepted under "
-        f"\"{par.get('criterion')}\": {par.get('accepted')}; share of logits within the "
+        f'"{par.get("criterion")}": {par.get("accepted")}; share of logits within the '
         f"tolerance {par.get('within_tolerance_fraction')}"
         + (f", argmax agreement {par['argmax_agreement']}" if "argmax_agreement" in par else "")
         + ").",

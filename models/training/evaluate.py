@@ -93,7 +93,9 @@ def upsample2(a: NDArray[np.float32], axis: int) -> NDArray[np.float32]:
     return np.moveaxis(out, -1, axis)
 
 
-def upsampled_prediction(logits: NDArray[np.float32]) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
+def upsampled_prediction(
+    logits: NDArray[np.float32],
+) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
     """Argmax and nodule probability at twice the network resolution (bilinear logits).
 
     Uses torch when it is installed (same result as ``upsample2``, several times faster).
@@ -105,8 +107,9 @@ def upsampled_prediction(logits: NDArray[np.float32]) -> tuple[NDArray[np.uint8]
         up = upsample2(upsample2(logits, 2), 3)
         return up.argmax(1).astype(np.uint8), softmax(up)[:, LABEL_NODULE]
     with torch.no_grad():
-        t = F.interpolate(torch.from_numpy(logits), scale_factor=2, mode="bilinear",
-                          align_corners=False)
+        t = F.interpolate(
+            torch.from_numpy(logits), scale_factor=2, mode="bilinear", align_corners=False
+        )
         pred = t.argmax(1).to(torch.uint8).numpy()
         p_nod = t.softmax(1)[:, LABEL_NODULE].numpy()
     return pred, p_nod
@@ -420,8 +423,10 @@ def evaluate(
         else:
             _, s = _gen(i)
             slices += s.n_slices
-            recs = {name: (s.n_slices, _series_record(m, sessions[name], s))
-                    for name, (m, _d) in models.items()}
+            recs = {
+                name: (s.n_slices, _series_record(m, sessions[name], s))
+                for name, (m, _d) in models.items()
+            }
             for name, p in cached.items():
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_bytes(pickle.dumps(recs[name]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ def bench_model(
     sessions = {f"ort_fp32_{t}t": make_session(model.onnx_path, t) for t in threads}
     if case.int8 is not None:
         sessions.update({f"ort_int8_{t}t": make_session(case.int8.onnx_path, t) for t in threads})
+    matmuls = {t: matmul_runner(t) for t in threads}
     net = case.torch_loader(model) if case.torch_loader else None
     torch = None
     if net is not None:
@@ -164,12 +166,22 @@ def bench_model(
                 return call
 
             fns.update({f"torch_fp32_{t}t": torch_run(t) for t in threads})
+        # the practical peak, timed in the same rounds: a large fp32 MatMul in onnxruntime
+        fns.update({f"peak_matmul_{t}t": (lambda m=m: m()) for t, m in matmuls.items()})
         refs = [f"ort_fp32_{t}t" for t in threads]
         stats = interleaved(fns, rounds=rounds, block_s=block_s, refs=refs)
         for variant, st in stats.items():
+            if variant.startswith("peak_matmul_"):
+                continue
             t = int(variant.rsplit("_", 1)[1][:-1])
             ms_img = st.median_ms / batch
             gflops = flops * batch / (st.median_ms / 1e3) / 1e9
+            mm = stats[f"peak_matmul_{t}t"]
+            # per round: achieved GFLOP/s / the MatMul's GFLOP/s in the same round
+            fraction = statistics.median(
+                (flops * batch / a) / (MATMUL_FLOPS / b)
+                for a, b in zip(st.rounds_ms, mm.rounds_ms, strict=True)
+            )
             row = {
                 "batch": batch,
                 "variant": variant,
@@ -178,13 +190,48 @@ def bench_model(
                 "p10_ms": st.p10_ms,
                 "ms_per_image": ms_img,
                 "gflops": gflops,
-                "peak_fraction": gflops / peak_gflops[t] if peak_gflops.get(t) else None,
+                "peak_fraction": fraction,
+                "matmul_gflops": MATMUL_FLOPS / (mm.median_ms / 1e3) / 1e9,
+                "fma_peak_fraction": gflops / peak_gflops[t] if peak_gflops.get(t) else None,
                 "vs_ort_fp32": st.ratios.get(f"ort_fp32_{t}t"),
                 "n": st.n,
             }
             result.rows.append(row)
             result.ms_per_image[f"{variant}@{batch}"] = ms_img
     return result
+
+
+MATMUL_N = 1024
+MATMUL_FLOPS = 2.0 * MATMUL_N**3
+
+
+def matmul_runner(threads: int) -> Callable[[], object]:
+    """A zero-argument call of a 1024³ fp32 MatMul in onnxruntime at ``threads`` threads."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    n = MATMUL_N
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "matmul",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n]),
+        ],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(
+        onnx.shape_inference.infer_shapes(model).SerializeToString(), so,
+        providers=["CPUExecutionProvider"],
+    )
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.random((n, n), dtype=np.float32), "b": rng.random((n, n), dtype=np.float32)}
+    return lambda: sess.run(None, feed)
 
 
 def _throughput_worker(

@@ -387,10 +387,12 @@ class Stack:
         )
 
     def stop(self) -> None:
-        for proc in self.workers:
+        procs = [p for p in [*self.workers, self.api] if p is not None]
+        for proc in procs:  # SIGTERM everything first: the graceful shutdowns overlap
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
             _terminate(proc)
-        if self.api is not None:
-            _terminate(self.api)
 
     def logs(self, tail: int | None = None) -> str:
         """All process logs (each cut to its last ``tail`` characters when given)."""

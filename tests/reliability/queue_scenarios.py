@@ -288,7 +288,9 @@ def run_worker_kills(
         rows: dict[str, JobRow] = {}
         while time.monotonic() < deadline:
             rows = ps.db.jobs(ids)
-            if len(ids) < n_jobs and _status_counts(rows).get("queued", 0) < backlog:
+            # n_jobs is a minimum: the feeder goes on (up to 3×) until every planned kill is done
+            wanted = n_jobs if not plan else 3 * n_jobs
+            if len(ids) < wanted and _status_counts(rows).get("queued", 0) < backlog:
                 ids += ps.upload(client, 1)
                 continue
             now = time.monotonic()
@@ -299,7 +301,7 @@ def run_worker_kills(
                         row.attempts > before or row.status in TERMINAL
                     ):
                         kill.redelivered[job_id] = now - kill.at
-            if len(ids) == n_jobs and all(r.status in TERMINAL for r in rows.values()):
+            if len(ids) >= n_jobs and all(r.status in TERMINAL for r in rows.values()):
                 break
             if plan and now >= next_at:
                 done = _kill_once(ps, plan[0], rows, rng)
