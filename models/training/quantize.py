@@ -128,7 +128,10 @@ def full_resolution_convs(model: onnx.ModelProto, manifest: Manifest) -> list[st
     h, w = manifest.preprocessing.size
     names = [o.name for o in sess.get_outputs()]
     x = np.zeros((1, 1, h, w), np.float32)
-    shapes = {k: v.shape for k, v in zip(names, sess.run(names, {sess.get_inputs()[0].name: x}), strict=True)}
+    shapes = {
+        k: v.shape
+        for k, v in zip(names, sess.run(names, {sess.get_inputs()[0].name: x}), strict=True)
+    }
     return [n.name for n in convs if tuple(shapes[n.output[0]][-2:]) == (h, w)]
 
 
@@ -166,7 +169,9 @@ def _descendants(graph: onnx.GraphProto, tensor: str) -> set[str]:
     return seen
 
 
-def quantize(fp32_path: Path, manifest: Manifest, out_path: Path, calib: NDArray[np.float32]) -> dict[str, Any]:
+def quantize(
+    fp32_path: Path, manifest: Manifest, out_path: Path, calib: NDArray[np.float32]
+) -> dict[str, Any]:
     """Write the QDQ INT8 model; returns what was done (for the provenance)."""
     with tempfile.TemporaryDirectory(prefix="medcad-quant-") as tmp:
         pre = Path(tmp) / "pre.onnx"
@@ -221,7 +226,9 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def run_all(sess: ort.InferenceSession, x: NDArray[np.float32], batch: int = 8) -> list[NDArray[np.float32]]:
+def run_all(
+    sess: ort.InferenceSession, x: NDArray[np.float32], batch: int = 8
+) -> list[NDArray[np.float32]]:
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
     return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
@@ -294,7 +301,9 @@ def agreement(
     return out
 
 
-def speed(fp32: Path, int8: Path, x: NDArray[np.float32], threads: list[int], rounds: int = 5) -> dict[str, Any]:
+def speed(
+    fp32: Path, int8: Path, x: NDArray[np.float32], threads: list[int], rounds: int = 5
+) -> dict[str, Any]:
     """Median per-round time ratio fp32 / INT8 (interleaved), per thread count."""
     out: dict[str, Any] = {}
     for t in threads:
@@ -325,7 +334,9 @@ def speed(fp32: Path, int8: Path, x: NDArray[np.float32], threads: list[int], ro
     return out
 
 
-def int8_manifest(source: Manifest, sha: str, provenance: dict[str, Any], metrics: dict[str, Any]) -> Manifest:
+def int8_manifest(
+    source: Manifest, sha: str, provenance: dict[str, Any], metrics: dict[str, Any]
+) -> Manifest:
     data = source.model_dump(mode="json")
     data.update(
         version=INT8_VERSION,
@@ -387,14 +398,18 @@ def build(
     ref = run_all(session(fp32, max(threads)), x)
     got = run_all(session(out, max(threads)), x)
     q["agreement"] = agreement(source, ref, got, y)
-    q["speed"] = speed(fp32, out, np.ascontiguousarray(x[: source.preprocessing.batch_size]), threads)
+    q["speed"] = speed(
+        fp32, out, np.ascontiguousarray(x[: source.preprocessing.batch_size]), threads
+    )
     a = q["agreement"]
     q["gates_passed"] = bool(
         a.get("mask_dice_vs_fp32", 1.0) >= DICE_GATE and a.get("auc_drop", 0.0) <= AUC_DROP_GATE
     )
     n_series = SPLITS["test"]["slices"]
     metrics: dict[str, Any] = {
-        "test_series": int(np.ceil(eval_slices / int(n_series))) if isinstance(n_series, int) else None,
+        "test_series": int(np.ceil(eval_slices / int(n_series)))
+        if isinstance(n_series, int)
+        else None,
         "test_slices": len(y),
         "int8_vs_fp32": a,
         "speedup_vs_fp32": {k: v["speedup"] for k, v in q["speed"].items()},
@@ -411,11 +426,11 @@ def build(
         quantize=f"python -m models.training.quantize {name}",
         evaluate=f"python -m models.training.quantize {name}",
     )
-    provenance["export"] = dict(
-        source.provenance.get("export", {}), bytes=out.stat().st_size
-    )
+    provenance["export"] = dict(source.provenance.get("export", {}), bytes=out.stat().st_size)
     provenance["versions"] = dict(
-        source.provenance.get("versions", {}), onnxruntime=ort.__version__, python=platform.python_version()
+        source.provenance.get("versions", {}),
+        onnxruntime=ort.__version__,
+        python=platform.python_version(),
     )
     manifest = int8_manifest(source, sha256_file(out), provenance, metrics)
     write_manifest(manifest, out_dir)

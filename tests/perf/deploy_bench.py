@@ -116,7 +116,9 @@ def upload(client: httpx.Client, files: list[tuple[str, bytes]], models: str) ->
     return str(jobs[0]["id"]), time.perf_counter() - t0
 
 
-def wait_done(client: httpx.Client, job_ids: list[str], timeout: float = 1800) -> dict[str, tuple[float, dict[str, Any]]]:
+def wait_done(
+    client: httpx.Client, job_ids: list[str], timeout: float = 1800
+) -> dict[str, tuple[float, dict[str, Any]]]:
     """Poll until every job has finished; (perf_counter when seen finished, body) per job."""
     deadline = time.perf_counter() + timeout
     done: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -204,7 +206,9 @@ def idle_latency(
     runs = []
     with dep.client() as client:
         for i in range(n):
-            runs.append(run_series(client, relabelled([paths[i % len(paths)]], f"{tag}-{i}"), models))
+            runs.append(
+                run_series(client, relabelled([paths[i % len(paths)]], f"{tag}-{i}"), models)
+            )
             time.sleep(0.2)
     return runs
 

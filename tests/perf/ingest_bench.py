@@ -122,7 +122,7 @@ def template_instance(source: Path) -> bytes:
 def multipart_body(instance: bytes) -> bytes:
     """One ``files`` part holding ``instance``, with the fixed boundary."""
     head = (
-        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"i.dcm\"\r\n"
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="i.dcm"\r\n'
         "Content-Type: application/dicom\r\n\r\n"
     ).encode()
     return head + instance + f"\r\n--{BOUNDARY}--\r\n".encode()
@@ -137,8 +137,21 @@ def run_wrk(
     body_path.write_bytes(body)
     script.write_text(_LUA)
     cmd = [
-        "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script),
-        url, "--", str(body_path), SOP_PLACEHOLDER, SERIES_PLACEHOLDER, BOUNDARY, api_key,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+        "--",
+        str(body_path),
+        SOP_PLACEHOLDER,
+        SERIES_PLACEHOLDER,
+        BOUNDARY,
+        api_key,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
     raw: dict[str, Any] = {}
@@ -179,7 +192,9 @@ def run_python(
 
     def loop(tid: int) -> None:
         n = 0
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=10) as c:
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=10
+        ) as c:
             while time.perf_counter() < stop:
                 n += 1
                 data = instance.replace(
@@ -188,7 +203,9 @@ def run_python(
                 t0 = time.perf_counter()
                 code = None
                 try:
-                    r = c.post("/api/v1/studies", files=[("files", ("i.dcm", data, "application/dicom"))])
+                    r = c.post(
+                        "/api/v1/studies", files=[("files", ("i.dcm", data, "application/dicom"))]
+                    )
                     code = str(r.status_code)
                     ok = 200 <= r.status_code < 300
                 except httpx.HTTPError:

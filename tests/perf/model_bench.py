@@ -96,7 +96,9 @@ def _dice_per_label(a: np.ndarray, b: np.ndarray, labels: list[int]) -> dict[str
     return out
 
 
-def _agreement(model: RegisteredModel, ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
+def _agreement(
+    model: RegisteredModel, ref: list[np.ndarray], got: list[np.ndarray]
+) -> dict[str, float]:
     """How far the INT8 outputs are from fp32: mask Dice (segmentation) or logit drift."""
     k = _logits_index(model)
     out: dict[str, float] = {"max_abs_logit_diff": float(np.abs(ref[k] - got[k]).max())}
@@ -136,7 +138,12 @@ def bench_model(
         torch = _torch
     # parity and INT8 agreement on every available slice, before timing
     ref = make_session(model.onnx_path, max(threads))
-    ref_out = [np.concatenate(o) for o in zip(*[ref.run(None, {name_in: x[i : i + 8]}) for i in range(0, len(x), 8)], strict=True)]
+    ref_out = [
+        np.concatenate(o)
+        for o in zip(
+            *[ref.run(None, {name_in: x[i : i + 8]}) for i in range(0, len(x), 8)], strict=True
+        )
+    ]
     if torch is not None:
         with torch.inference_mode():
             t_out = net(torch.from_numpy(x[: min(len(x), 8)]))
@@ -145,11 +152,18 @@ def bench_model(
             result.parity[spec.name] = float(np.abs(o.numpy() - r[: len(o)]).max())
     if case.int8 is not None:
         q = sessions[f"ort_int8_{max(threads)}t"]
-        q_out = [np.concatenate(o) for o in zip(*[q.run(None, {name_in: x[i : i + 8]}) for i in range(0, len(x), 8)], strict=True)]
+        q_out = [
+            np.concatenate(o)
+            for o in zip(
+                *[q.run(None, {name_in: x[i : i + 8]}) for i in range(0, len(x), 8)], strict=True
+            )
+        ]
         result.int8_agreement = _agreement(model, ref_out, q_out)
     for batch in batches:
-        xb = np.ascontiguousarray(x[:batch]) if len(x) >= batch else np.ascontiguousarray(
-            np.resize(x, (batch, *x.shape[1:]))
+        xb = (
+            np.ascontiguousarray(x[:batch])
+            if len(x) >= batch
+            else np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
         )
         fns: dict[str, Callable[[], object]] = {
             k: (lambda s=s, xb=xb: s.run(None, {name_in: xb})) for k, s in sessions.items()
@@ -226,7 +240,8 @@ def matmul_runner(threads: int) -> Callable[[], object]:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(
-        onnx.shape_inference.infer_shapes(model).SerializeToString(), so,
+        onnx.shape_inference.infer_shapes(model).SerializeToString(),
+        so,
         providers=["CPUExecutionProvider"],
     )
     rng = np.random.default_rng(0)
@@ -254,7 +269,15 @@ def multiprocess_throughput(
     """Images/s of ``processes`` concurrent processes × ``threads`` threads, summed."""
     ctx = mp.get_context("spawn")
     q, barrier = ctx.Queue(), ctx.Barrier(processes)
-    args = (str(model.onnx_path), threads, np.ascontiguousarray(x), _input_name(model), seconds, barrier, q)
+    args = (
+        str(model.onnx_path),
+        threads,
+        np.ascontiguousarray(x),
+        _input_name(model),
+        seconds,
+        barrier,
+        q,
+    )
     procs = [ctx.Process(target=_throughput_worker, args=args) for _ in range(processes)]
     for p in procs:
         p.start()
@@ -267,3 +290,35 @@ def multiprocess_throughput(
 def cores() -> int:
     """CPU cores this process may run on."""
     return max(1, len(os.sched_getaffinity(0)))
+
+
+class JobReplay:
+    """Replays a job's forward passes on this process's own sessions: the model-only time of
+    that job, measured right after it so both see the same machine load."""
+
+    def __init__(self, cases: list[ModelCase], inputs: dict[str, np.ndarray]) -> None:
+        self.cases = cases
+        self.inputs = inputs
+        self._sessions: dict[tuple[str, int], ort.InferenceSession] = {}
+
+    def seconds(self, threads: int, slices: int, passes: dict[str, int]) -> dict[str, float]:
+        """Per model and in total: time to run ``slices`` + its saliency passes, batched as the
+        worker batches them (the manifest's batch size)."""
+        out: dict[str, float] = {}
+        for case in self.cases:
+            m = case.model.manifest
+            key = (m.key, threads)
+            if key not in self._sessions:
+                self._sessions[key] = make_session(case.model.onnx_path, threads)
+            sess = self._sessions[key]
+            x = self.inputs[m.key]
+            b = m.preprocessing.batch_size
+            batch = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))
+            sess.run(None, {_input_name(case.model): batch[:1]})  # warm after the deployment ran
+            for stage, n in (("infer", slices), ("saliency", passes.get(m.name, 0))):
+                t0 = time.perf_counter()
+                for start in range(0, n, b):
+                    sess.run(None, {_input_name(case.model): batch[: min(b, n - start)]})
+                out[f"{stage}:{m.name}"] = time.perf_counter() - t0
+        out["total"] = sum(out.values())
+        return out

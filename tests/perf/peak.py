@@ -142,7 +142,8 @@ def ort_matmul_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(
-        onnx.shape_inference.infer_shapes(model).SerializeToString(), so,
+        onnx.shape_inference.infer_shapes(model).SerializeToString(),
+        so,
         providers=["CPUExecutionProvider"],
     )
     rng = np.random.default_rng(0)

@@ -52,7 +52,9 @@ def instance_rows(paths: list[Path], store: BlobStore) -> list[InstanceRecord]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--slices", type=int, default=100)
     p.add_argument("--models-dir", type=Path, default=REPO / "models")
     p.add_argument("--models", default="", help="comma list of name:version (default: all 1.0.0)")
@@ -84,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             session = onnx_sessions.get_session(model, intra_op_threads=args.threads)
             t0 = time.perf_counter()
             analysis = analyze_series(
-                session.run, model.manifest, series.frames,
-                max_forward_passes=min(settings.saliency_max_forward_passes, model.manifest.saliency.max_forward_passes),
+                session.run,
+                model.manifest,
+                series.frames,
+                max_forward_passes=min(
+                    settings.saliency_max_forward_passes, model.manifest.saliency.max_forward_passes
+                ),
             )
             stages[f"analyse {model.manifest.name}"] = time.perf_counter() - t0
             stages.update({f"  {k} {model.manifest.name}": v for k, v in analysis.timings.items()})

@@ -18,7 +18,12 @@ TARGETS: list[tuple[str, str, float, str]] = [
     ("ort_vs_torch_speedup", ">=", 1.5, "PyTorch eager time / ORT fp32 time (U-Net)"),
     ("int8_speedup", ">=", 2.5, "ORT fp32 time / INT8 time (U-Net)"),
     ("int8_mask_dice_vs_fp32", ">=", 0.99, "INT8 vs fp32 mask Dice (worst seg model)"),
-    ("idle_slice_overhead_ms", "<=", 150.0, "idle 1-slice time-to-result − model time (worse shape)"),
+    (
+        "idle_slice_overhead_ms",
+        "<=",
+        150.0,
+        "idle 1-slice time-to-result − model time (worse shape)",
+    ),
     ("ingest_uploads_per_s", ">=", 80.0, "0.5 MB uploads/s, one API process"),
     ("ingest_p99_ms", "<", 300.0, "upload p99 latency"),
     ("two_worker_scaling", ">=", 1.8, "slices/s with 2 worker processes / with 1"),
@@ -109,14 +114,31 @@ def _models_table(c: Console, out: dict[str, Any]) -> None:
     res = out.get("model_results") or {}
     if not res:
         return
-    t = Table(title="model-only: onnxruntime vs PyTorch eager, same tensors (median of interleaved rounds)")
-    for col in ("model", "GFLOP/img", "batch", "variant", "ms/batch", "ms/img", "GFLOP/s", "% peak", "time vs ORT fp32"):
+    t = Table(
+        title="model-only: onnxruntime vs PyTorch eager, same tensors (median of interleaved rounds)"
+    )
+    for col in (
+        "model",
+        "GFLOP/img",
+        "batch",
+        "variant",
+        "ms/batch",
+        "ms/img",
+        "GFLOP/s",
+        "% peak",
+        "time vs ORT fp32",
+    ):
         t.add_column(col, justify="right" if col not in ("model", "variant") else "left")
     for key, r in res.items():
         for row in r["rows"]:
             t.add_row(
-                key, _f(r["gflop_per_image"], 3), str(row["batch"]), row["variant"],
-                _f(row["median_ms"], 1), _f(row["ms_per_image"], 2), _f(row["gflops"], 1),
+                key,
+                _f(r["gflop_per_image"], 3),
+                str(row["batch"]),
+                row["variant"],
+                _f(row["median_ms"], 1),
+                _f(row["ms_per_image"], 2),
+                _f(row["gflops"], 1),
                 _f(100 * row["peak_fraction"], 0) if row.get("peak_fraction") else "—",
                 _f(row.get("vs_ort_fp32"), 2),
             )
@@ -124,22 +146,43 @@ def _models_table(c: Console, out: dict[str, Any]) -> None:
     for key, r in res.items():
         extra = []
         if r.get("parity"):
-            extra.append("torch↔ORT max |Δ| " + ", ".join(f"{k} {v:.2e}" for k, v in r["parity"].items()))
+            extra.append(
+                "torch↔ORT max |Δ| " + ", ".join(f"{k} {v:.2e}" for k, v in r["parity"].items())
+            )
         if r.get("int8_agreement"):
-            extra.append("INT8 vs fp32 " + ", ".join(f"{k} {v:.4f}" for k, v in r["int8_agreement"].items()))
+            extra.append(
+                "INT8 vs fp32 " + ", ".join(f"{k} {v:.4f}" for k, v in r["int8_agreement"].items())
+            )
         if extra:
             c.print(f"  {key}: " + "; ".join(extra))
     tp = out.get("model_only_multiprocess_images_per_s") or {}
     if tp:
-        c.print("  model-only, all cores as 1-thread processes: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in tp.items()))
+        c.print(
+            "  model-only, all cores as 1-thread processes: "
+            + ", ".join(f"{k} {v:.1f} img/s" for k, v in tp.items())
+        )
 
 
 def _e2e_tables(c: Console, out: dict[str, Any]) -> None:
     e2e = out.get("e2e") or {}
     if not e2e:
         return
-    t = Table(title=f"end to end: one {e2e.get('embedded', e2e.get('redis_pg', {})).get('series', {}).get('slices', '?')}-slice series, models {e2e.get('models')}")
-    for col in ("shape", "workers × threads", "time-to-result s", "slices/s", "model-only s", "model-only slices/s", "ratio", "idle p50 ms", "idle p95 ms", "idle model ms", "idle overhead p50 ms"):
+    t = Table(
+        title=f"end to end: one {e2e.get('embedded', e2e.get('redis_pg', {})).get('series', {}).get('slices', '?')}-slice series, models {e2e.get('models')}"
+    )
+    for col in (
+        "shape",
+        "workers × threads",
+        "time-to-result s",
+        "slices/s",
+        "model-only s",
+        "model-only slices/s",
+        "ratio",
+        "idle p50 ms",
+        "idle p95 ms",
+        "idle model ms",
+        "idle overhead p50 ms",
+    ):
         t.add_column(col)
     for shape in ("embedded", "redis_pg"):
         d = e2e.get(shape)
@@ -147,11 +190,17 @@ def _e2e_tables(c: Console, out: dict[str, Any]) -> None:
             continue
         s = d["series"]
         t.add_row(
-            shape, f"{d['worker_processes']} × {d['threads_per_worker']}", _f(s["time_to_result_s"], 2),
-            _f(d.get("series_slices_per_s"), 1), _f(d.get("series_model_bound_s"), 2),
-            _f(d.get("series_model_only_slices_per_s"), 1), _f(d.get("pipeline_vs_model_ratio"), 3),
-            _f(d["idle_summary"]["p50_ms"], 0), _f(d["idle_summary"]["p95_ms"], 0),
-            _f(d.get("idle_model_ms_p50"), 0), _f(d.get("idle_overhead_ms_p50"), 0),
+            shape,
+            f"{d['worker_processes']} × {d['threads_per_worker']}",
+            _f(s["time_to_result_s"], 2),
+            _f(d.get("series_slices_per_s"), 1),
+            _f(d.get("series_model_bound_s"), 2),
+            _f(d.get("series_model_only_slices_per_s"), 1),
+            _f(d.get("pipeline_vs_model_ratio"), 3),
+            _f(d["idle_summary"]["p50_ms"], 0),
+            _f(d["idle_summary"]["p95_ms"], 0),
+            _f(d.get("idle_model_ms_p50"), 0),
+            _f(d.get("idle_overhead_ms_p50"), 0),
         )
     c.print(t)
     for shape in ("embedded", "redis_pg"):
@@ -163,7 +212,13 @@ def _e2e_tables(c: Console, out: dict[str, Any]) -> None:
             b.add_column(col)
         total = d["series"]["time_to_result_s"]
         for r in d["breakdown"]:
-            b.add_row(r["stage"], _f(r["seconds"], 3), _f(r["model_bound"], 3), _f(r["overhead"], 3), _f(100 * r["seconds"] / total, 1))
+            b.add_row(
+                r["stage"],
+                _f(r["seconds"], 3),
+                _f(r["model_bound"], 3),
+                _f(r["overhead"], 3),
+                _f(100 * r["seconds"] / total, 1),
+            )
         c.print(b)
     sc = e2e.get("scaling")
     if sc:

@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:  # run as a script by `make bench`
 
 from tests.perf import analysis, report  # noqa: E402
 from tests.perf.model_bench import (  # noqa: E402
+    JobReplay,
     ModelCase,
     ModelResult,
     bench_model,
@@ -57,12 +58,13 @@ class Config:
     ingest_seconds: int
     ingest_connections: int
     saliency_budget: int | None  # None: every model's default saliency (the real workload)
+    series_rounds: int  # e2e series runs per shape, each followed by its model-only replay
 
     @classmethod
     def make(cls, quick: bool) -> Config:
         if quick:
-            return cls(True, 3, 0.15, False, 16, 3.0, 32, 5, 2, 8, 8, 8, 32)
-        return cls(False, 5, 0.3, True, 32, 6.0, 100, 30, 4, 25, 30, 8, None)
+            return cls(True, 3, 0.15, False, 16, 3.0, 32, 5, 2, 8, 8, 8, 32, 1)
+        return cls(False, 5, 0.3, True, 32, 6.0, 100, 10, 2, 25, 30, 8, None, 1)
 
 
 def _section(name: str, log: list[dict[str, Any]]) -> float:
@@ -129,6 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results: dict[str, ModelResult] = {}
     tp2: dict[str, float] = {}
+    inputs: dict[str, Any] = {}
     if "models" in sections:
         import numpy as np
 
@@ -136,11 +139,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         frames = _read_frames(paths[: cfg.model_slices])
         for case in cases:
             x = model_input(case.model, frames)
-            batches = sorted({case.model.manifest.preprocessing.batch_size} | ({1} if cfg.batch_one else set()))
+            inputs[case.model.manifest.key] = x
+            batches = sorted(
+                {case.model.manifest.preprocessing.batch_size} | ({1} if cfg.batch_one else set())
+            )
             print(f"   {case.model.manifest.key}: batches {batches}, threads {threads}", flush=True)
             results[case.model.manifest.key] = bench_model(
-                case, x, threads=threads, batches=batches, rounds=cfg.rounds,
-                block_s=cfg.block_s, peak_gflops=peak_by_threads,
+                case,
+                x,
+                threads=threads,
+                batches=batches,
+                rounds=cfg.rounds,
+                block_s=cfg.block_s,
+                peak_gflops=peak_by_threads,
             )
             if n_cores > 1:
                 b = case.model.manifest.preprocessing.batch_size
@@ -154,7 +165,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     models_arg = ",".join(c.model.manifest.key for c in cases)
     if "e2e" in sections:
-        out["e2e"] = run_e2e(cfg, work, models_dir, models_arg, paths, series_dir, n_cores, log)
+        if not inputs:  # the replay needs network inputs even without the models section
+            frames = _read_frames(paths[:8])
+            inputs = {c.model.manifest.key: model_input(c.model, frames) for c in cases}
+        replay = JobReplay(cases, inputs)
+        out["e2e"] = run_e2e(
+            cfg, work, models_dir, models_arg, paths, series_dir, n_cores, log, replay
+        )
     if "ingest" in sections:
         out["ingest"] = run_ingest_section(cfg, work, models_dir, paths, log)
     out["sections"] = log
@@ -183,8 +200,36 @@ def run_e2e(
     series_dir: Path,
     n_cores: int,
     log: list[dict[str, Any]],
+    replay: JobReplay,
 ) -> dict[str, Any]:
-    """Both deployment shapes, idle latency, and 1 vs 2 worker processes."""
+    """Both deployment shapes, idle latency, and 1 vs 2 worker processes.
+
+    Each series run is followed by a replay of its forward passes in this process at the
+    worker's thread count (``JobReplay``): the per-round ratio replay / time-to-result is the
+    pipeline's efficiency, with both measured under the same load.
+    """
+
+    def series_rounds(dep: Any, tag: str, threads: int) -> list[dict[str, Any]]:
+        rounds = []
+        with dep.client() as client:
+            for r in range(cfg.series_rounds):
+                run_ = run_series(
+                    client, relabelled(paths, f"{tag}-{r}-{time.time_ns()}"), models_arg
+                )
+                rep = replay.seconds(threads, run_.slices, run_.passes)
+                rounds.append(
+                    {
+                        "run": run_.to_json(),
+                        "replay_s": rep,
+                        "ratio": rep["total"] / run_.time_to_result_s,
+                    }
+                )
+                print(
+                    f"   series round {r}: {run_.time_to_result_s:.1f} s, replay {rep['total']:.1f} s",
+                    flush=True,
+                )
+        return rounds
+
     from tests.perf.deploy_bench import (
         deployment,
         idle_latency,
@@ -201,13 +246,13 @@ def run_e2e(
     t0 = _section("e2e embedded (serve + embedded worker, SQLite, filesystem broker)", log)
     with deployment("embedded", work, models_dir, workers=0, threads=n_cores) as dep:
         warm_up(dep, paths, models_arg, 1)
-        with dep.client() as client:
-            series = run_series(client, relabelled(paths, f"e2e-emb-{time.time_ns()}"), models_arg)
+        rounds = series_rounds(dep, "e2e-emb", n_cores)
         idle = idle_latency(dep, free, models_arg, cfg.idle_n, f"idle-emb-{time.time_ns()}")
     out["embedded"] = {
         "worker_processes": 1,
         "threads_per_worker": n_cores,
-        "series": series.to_json(),
+        "series": rounds[-1]["run"],
+        "series_rounds": rounds,
         "idle": [r.to_json() for r in idle],
         "idle_summary": summarize_latency(idle),
     }
@@ -224,13 +269,13 @@ def run_e2e(
         time.sleep(3.0)
         warm_up(dep, paths, models_arg, 2)
         two = throughput(dep, scale_paths, models_arg, cfg.scaling_jobs, f"scale2-{time.time_ns()}")
-        with dep.client() as client:
-            series_pg = run_series(client, relabelled(paths, f"e2e-pg-{time.time_ns()}"), models_arg)
+        rounds_pg = series_rounds(dep, "e2e-pg", 1)
         idle_pg = idle_latency(dep, free, models_arg, cfg.idle_n, f"idle-pg-{time.time_ns()}")
     out["redis_pg"] = {
         "worker_processes": 2,
         "threads_per_worker": 1,
-        "series": series_pg.to_json(),
+        "series": rounds_pg[-1]["run"],
+        "series_rounds": rounds_pg,
         "idle": [r.to_json() for r in idle_pg],
         "idle_summary": summarize_latency(idle_pg),
     }
@@ -261,13 +306,17 @@ def run_ingest_section(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="fewer rounds and smaller runs (< 5 min)")
     p.add_argument("--out", type=Path, default=REPO / "bench.json")
     p.add_argument("--models-dir", type=Path, default=None)
     p.add_argument("--seed", type=int, default=7, help="demo-data seed of the benchmark series")
     p.add_argument(
-        "--sections", nargs="+", default=["peak", "models", "e2e", "ingest"],
+        "--sections",
+        nargs="+",
+        default=["peak", "models", "e2e", "ingest"],
         choices=["peak", "models", "e2e", "ingest"],
     )
     args = p.parse_args(argv)

@@ -42,11 +42,16 @@ def shipped_cases(models_dir: Path, names: tuple[str, ...] = SHIPPED) -> list[Mo
         if fp32 is None or not fp32.onnx_path.exists():
             continue
         cases.append(
-            ModelCase(model=fp32, int8=registry.get(f"{name}:{INT8_VERSION}"), torch_loader=torch_twin)
+            ModelCase(
+                model=fp32, int8=registry.get(f"{name}:{INT8_VERSION}"), torch_loader=torch_twin
+            )
         )
     return cases
 
 
 def fixture_cases(models_dir: Path) -> list[ModelCase]:
     """Every model under ``models_dir`` (the tiny fixtures), without PyTorch twins."""
-    return [ModelCase(model=m) for m in sorted(load_registry(models_dir).values(), key=lambda m: m.manifest.key)]
+    return [
+        ModelCase(model=m)
+        for m in sorted(load_registry(models_dir).values(), key=lambda m: m.manifest.key)
+    ]

@@ -27,7 +27,7 @@ from tests.perf.ingest_bench import (
     multipart_body,
     template_instance,
 )
-from tests.perf.model_bench import ModelCase, bench_model, model_input
+from tests.perf.model_bench import JobReplay, ModelCase, bench_model, model_input
 from tests.perf.peak import fma_peak, ort_matmul_gflops
 from tests.perf.shipped import fixture_cases
 from tests.perf.timing import interleaved, percentile
@@ -95,8 +95,16 @@ def tiny_unet(tmp_path_factory: pytest.TempPathFactory) -> ModelCase:
         "sha256": "0" * 64,
         "inputs": [{"name": "image", "shape": ["N", 1, 32, 32]}],
         "outputs": [{"name": "logits", "shape": ["N", 3, 32, 32], "role": "logits"}],
-        "preprocessing": {"window": {"center": -400, "width": 1600}, "size": [32, 32], "batch_size": 4},
-        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "lung"}, {"value": 2, "name": "nodule"}],
+        "preprocessing": {
+            "window": {"center": -400, "width": 1600},
+            "size": [32, 32],
+            "batch_size": 4,
+        },
+        "labels": [
+            {"value": 0, "name": "background"},
+            {"value": 1, "name": "lung"},
+            {"value": 2, "name": "nodule"},
+        ],
         "saliency": {"methods": ["entropy"]},
     }
     import hashlib
@@ -111,7 +119,9 @@ def tiny_unet(tmp_path_factory: pytest.TempPathFactory) -> ModelCase:
     assert info["kept_fp32"], "the full-resolution convolutions and the head stay fp32"
     data = fp32.manifest.model_dump(mode="json") | {"version": "1.0.0-int8", "default": False}
     data["sha256"] = hashlib.sha256((q_dir / "model.onnx").read_bytes()).hexdigest()
-    (q_dir / "manifest.json").write_text(json.dumps(Manifest.model_validate(data).model_dump(mode="json")))
+    (q_dir / "manifest.json").write_text(
+        json.dumps(Manifest.model_validate(data).model_dump(mode="json"))
+    )
     int8 = load_registry(root)["tinyunet:1.0.0-int8"]
     return ModelCase(model=fp32, int8=int8, torch_loader=lambda _m: net)
 
@@ -124,13 +134,20 @@ def test_model_bench_compares_ort_int8_and_torch_on_the_same_tensors(tiny_unet: 
         tiny_unet, x, threads=[1], batches=[1, 4], rounds=2, block_s=0.005, peak_gflops={1: 100.0}
     )
     variants = {(r["variant"], r["batch"]) for r in res.rows}
-    assert variants == {(v, b) for v in ("ort_fp32_1t", "ort_int8_1t", "torch_fp32_1t") for b in (1, 4)}
+    assert variants == {
+        (v, b) for v in ("ort_fp32_1t", "ort_int8_1t", "torch_fp32_1t") for b in (1, 4)
+    }
     assert res.gflop_per_image > 0
     assert res.parity["logits"] < 1e-3  # the twin really has the same weights
     agree = res.int8_agreement
     assert 0.0 <= agree["mask_dice_mean"] <= 1.0 and agree["max_abs_logit_diff"] >= 0.0
     torch_row = next(r for r in res.rows if r["variant"] == "torch_fp32_1t")
     assert torch_row["vs_ort_fp32"] > 0 and torch_row["peak_fraction"] > 0
+    replay = JobReplay([tiny_unet], {tiny_unet.model.manifest.key: x}).seconds(
+        1, 5, {"tinyunet": 3}
+    )
+    assert set(replay) == {"infer:tinyunet", "saliency:tinyunet", "total"}
+    assert replay["total"] == replay["infer:tinyunet"] + replay["saliency:tinyunet"] > 0
 
 
 def test_end_to_end_and_ingest_on_a_live_deployment(tmp_path: Path) -> None:
@@ -153,7 +170,12 @@ def test_end_to_end_and_ingest_on_a_live_deployment(tmp_path: Path) -> None:
             series = run_series(client, relabelled(paths, "smoke-series"), keys)
         idle = idle_latency(dep, paths[:1], keys, 1, "smoke-idle")
         ingest = run_ingest(
-            f"{dep.url}/api/v1/studies", dep.api_key, paths[0], tmp_path / "ingest", seconds=2, connections=2
+            f"{dep.url}/api/v1/studies",
+            dep.api_key,
+            paths[0],
+            tmp_path / "ingest",
+            seconds=2,
+            connections=2,
         )
     assert series.status == "succeeded" and series.slices == 2
     assert {"decode", "outputs"} <= set(series.timings)
@@ -163,7 +185,10 @@ def test_end_to_end_and_ingest_on_a_live_deployment(tmp_path: Path) -> None:
     assert sum(ingest["statuses"].values()) + ingest["socket_errors"]["read"] >= ingest["requests"]
 
     cases = fixture_cases(models_dir)
-    fake_ms = {k: {"ms_per_image": {"ort_fp32_1t@16": 1.0}, "rows": [], "int8_agreement": {}} for k in (c.model.manifest.key for c in cases)}
+    fake_ms = {
+        k: {"ms_per_image": {"ort_fp32_1t@16": 1.0}, "rows": [], "int8_agreement": {}}
+        for k in (c.model.manifest.key for c in cases)
+    }
     out = {
         "machine": report.machine_info(),
         "started": "now",
@@ -183,7 +208,11 @@ def test_end_to_end_and_ingest_on_a_live_deployment(tmp_path: Path) -> None:
     }
     out.update(analysis.headline(out, cases, 1))
     rows = out["e2e"]["embedded"]["breakdown"]
-    assert math.isclose(sum(r["seconds"] for r in rows if not math.isnan(r["seconds"])), series.time_to_result_s, rel_tol=1e-6)
+    assert math.isclose(
+        sum(r["seconds"] for r in rows if not math.isnan(r["seconds"])),
+        series.time_to_result_s,
+        rel_tol=1e-6,
+    )
     assert out["ingest_uploads_per_s"] > 0 and out["pipeline_vs_model_ratio"] > 0
     buf = io.StringIO()
     report.print_report(out, Console(file=buf, width=200))
@@ -204,4 +233,7 @@ def test_ingest_template_has_fixed_width_placeholders(tmp_path: Path) -> None:
 
 def test_fixture_cases_cover_every_fixture(tmp_path: Path) -> None:
     build_models_dir(tmp_path)
-    assert [c.model.manifest.key for c in fixture_cases(tmp_path)] == ["tinycls:1.0.0", "tinyseg:1.0.0"]
+    assert [c.model.manifest.key for c in fixture_cases(tmp_path)] == [
+        "tinycls:1.0.0",
+        "tinyseg:1.0.0",
+    ]

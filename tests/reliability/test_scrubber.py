@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from app.settings import get_settings
 from app.storage import BlobStore
+from tests.fixtures.dicom_files import bright_disc_series
 from tests.reliability.storage_scenarios import make_instances, run_scrub, run_scrubber_detection
 
 
@@ -97,3 +99,41 @@ def test_missing_blob_found_with_or_without_rehash(sqlite_env: Path, verify: boo
     )
     assert len(report.missing) == 1
     assert len(report.corrupt) == (1 if verify else 0)
+
+
+def test_every_result_blob_is_referenced(sqlite_env: Path) -> None:
+    """After a real job (masks, overlays, saliency maps, colour bars, DICOM outputs), every blob
+    on disk is named by a row: a scrub with no grace period would remove nothing."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.helpers.services import ADMIN_KEY
+    from workers import runner
+
+    blobs, _ = bright_disc_series(n=2, seed=5)
+    files = [("files", (f"{i}.dcm", b, "application/dicom")) for i, b in enumerate(blobs)]
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with TestClient(create_app(), headers=headers) as api:
+        r = api.post("/api/v1/studies", files=files)
+    assert r.status_code == 202, r.text
+    assert runner.run_job(r.json()["jobs"][0]["id"]) == "succeeded"
+    settings = get_settings()
+    report = run_scrub(settings.resolved_database_url, settings.blob_dir, grace_seconds=0)
+    tables = {ref.table for refs in _refs(settings).values() for ref in refs}
+    assert {"instances", "masks", "saliency_maps", "artifacts"} <= tables
+    assert report.blobs_on_disk > 10
+    assert report.orphans == [] and report.young_unreferenced == 0 and report.healthy
+
+
+def _refs(settings: Any) -> dict[str, Any]:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from app.jobs.scrubber import referenced_blobs
+
+    engine = create_engine(settings.resolved_database_url)
+    try:
+        with Session(engine) as session:
+            return referenced_blobs(session=session)
+    finally:
+        engine.dispose()
