@@ -237,7 +237,8 @@ def run_api_kills(
         f"{f['uploads']} uploads, {f['api_kills']} API SIGKILLs: {f['acknowledged_2xx']} 2xx, "
         f"{f['retrievable_same_sha256']}/{f['acknowledged_2xx']} retrievable with the same "
         f"sha256; scrubber: {f['scrub_rows_missing_blob']} rows without blob, "
-        f"{f['orphan_blobs_removed']} orphan blobs removed"
+        f"{f['orphan_blobs_removed']} orphan blobs and {f['stale_temp_files_removed']} "
+        "half-written temp files removed"
     )
     return out
 
