@@ -7,6 +7,7 @@ the library that reads them back rather than a hand-written encoder.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +24,8 @@ from app.errors import BadRequest
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 INLINE_LIMIT = 1024  # bytes: smaller binary values stay inline (e.g. a short private OB)
+
+log = logging.getLogger(__name__)
 
 
 def parse_tag(key: str) -> BaseTag:
@@ -60,8 +63,31 @@ def put(ds: Dataset, tag: int, value: Any, vr: str | None = None) -> None:
 
 
 def to_json(ds: Dataset) -> dict[str, Any]:
-    """A Dataset as a DICOM JSON object (binary values inline as base64)."""
-    return ds.to_json_dict(bulk_data_threshold=1 << 62, bulk_data_element_handler=None)
+    """A Dataset as a DICOM JSON object (binary values inline as base64).
+
+    Element by element, so that one value that is invalid for its VR (a Window Center of
+    ``"N/A"`` from a broken modality: a DS must be a number, PS3.5 §6.2) costs only that value:
+    the attribute is returned present but empty (PS3.18 §F.2.5) instead of failing the whole
+    response. pydicom's own ``suppress_invalid_tags`` would drop the attribute and log the
+    exception, whose message quotes the value — which may be patient data.
+    """
+    out: dict[str, Any] = {}
+    for tag in ds.keys():
+        key = tag_hex(tag)
+        element: DataElement | None = None
+        try:
+            element = ds[tag]
+            if element.VR == "SQ":
+                items = [to_json(item) for item in element.value or []]
+                out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+                continue
+            out[key] = element.to_json_dict(
+                bulk_data_element_handler=None, bulk_data_threshold=1 << 62
+            )
+        except (ValueError, TypeError, OverflowError, KeyError):
+            out[key] = {"vr": vr_of(tag) if element is None else str(element.VR or vr_of(tag))}
+            log.warning("attribute %s has a value invalid for its VR; returned empty", key)
+    return out
 
 
 def metadata_json(ds: Dataset, bulk_uri: Callable[[int], str]) -> dict[str, Any]:

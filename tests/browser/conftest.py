@@ -34,13 +34,15 @@ def chromium_executable() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: Playwright's sync API keeps an asyncio loop running on the main
+# thread while it is open, which would break every later test that calls ``asyncio.run``.
+@pytest.fixture(scope="package")
 def playwright_driver() -> Iterator[Playwright]:
     with sync_playwright() as driver:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(playwright_driver: Playwright, chromium_executable: str) -> Iterator[Browser]:
     instance = playwright_driver.chromium.launch(
         executable_path=chromium_executable, headless=True, args=CHROMIUM_ARGS

@@ -192,9 +192,7 @@ def run_python(
 
     def loop(tid: int) -> None:
         n = 0
-        with httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=10
-        ) as c:
+        with httpx.Client(headers={"Authorization": f"Bearer {api_key}"}, timeout=10) as c:
             while time.perf_counter() < stop:
                 n += 1
                 data = instance.replace(
@@ -203,9 +201,7 @@ def run_python(
                 t0 = time.perf_counter()
                 code = None
                 try:
-                    r = c.post(
-                        "/api/v1/studies", files=[("files", ("i.dcm", data, "application/dicom"))]
-                    )
+                    r = c.post(url, files=[("files", ("i.dcm", data, "application/dicom"))])
                     code = str(r.status_code)
                     ok = 200 <= r.status_code < 300
                 except httpx.HTTPError:

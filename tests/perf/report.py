@@ -14,7 +14,12 @@ from tests.perf.peak import cpu_model, simd_summary
 
 TARGETS: list[tuple[str, str, float, str]] = [
     ("pipeline_vs_model_ratio", ">=", 0.9, "end-to-end slices/s vs model-only (worse shape)"),
-    ("ort_fp32_peak_fraction", ">=", 0.75, "ORT fp32 GFLOP/s / measured FMA peak (U-Net)"),
+    (
+        "ort_fp32_peak_fraction",
+        ">=",
+        0.75,
+        "ORT fp32 GFLOP/s / FMA-kernel peak, same cores (U-Net)",
+    ),
     ("ort_vs_torch_speedup", ">=", 1.5, "PyTorch eager time / ORT fp32 time (U-Net)"),
     ("int8_speedup", ">=", 2.5, "ORT fp32 time / INT8 time (U-Net)"),
     ("int8_mask_dice_vs_fp32", ">=", 0.99, "INT8 vs fp32 mask Dice (worst seg model)"),
@@ -230,3 +235,99 @@ def _e2e_tables(c: Console, out: dict[str, Any]) -> None:
             f"{_f(two['slices_per_s'] / one['slices_per_s'], 2)}×; model-only 2-process scaling "
             f"{_f(out.get('model_only_two_process_scaling'), 2)}×"
         )
+
+
+def markdown(out: dict[str, Any]) -> str:
+    """The README's performance tables from a bench.json."""
+    m = out["machine"]
+    lines = [
+        f"Measured {out.get('started')} on {m['cpu']} ({m['cores']} vCPU, SIMD "
+        f"{' '.join(m['simd'])}, {m.get('memory_gib')} GiB), onnxruntime {m['onnxruntime']}, "
+        f"torch {m.get('torch')}, Python {m['python']}; load average {_f(out['load_start'][0])} "
+        f"at start, {_f(out.get('load_end', [math.nan])[0])} at end (shared machine).",
+        "",
+        "| model | GFLOP/img | batch | variant | ms/img | GFLOP/s | % of MatMul peak | time / ORT fp32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in (out.get("model_results") or {}).items():
+        for row in r["rows"]:
+            pf = row.get("peak_fraction")
+            lines.append(
+                f"| {key} | {_f(r['gflop_per_image'], 2)} | {row['batch']} | {row['variant']} | "
+                f"{_f(row['ms_per_image'], 1)} | {_f(row['gflops'], 1)} | "
+                f"{_f(100 * pf, 0) if pf else '—'} | {_f(row.get('vs_ort_fp32'), 2)} |"
+            )
+    peak = out.get("peak") or {}
+    lines += [
+        "",
+        f"fp32 peak: FMA kernel {_f(peak.get('fma_gflops_1core'), 1)} GFLOP/s per core "
+        f"({_f(peak.get('fma_gflops_all'), 1)} all cores); onnxruntime 1024³ MatMul in the same "
+        f"rounds as each model (the '% of MatMul peak' column); numpy matmul "
+        f"{_f(peak.get('numpy_matmul_gflops'), 1)}.",
+        "",
+        "| shape | workers × threads | series time-to-result s | slices/s | model-only s | ratio | idle p50 / p95 ms | idle model ms | idle overhead ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    e2e = out.get("e2e") or {}
+    for shape in ("embedded", "redis_pg"):
+        d = e2e.get(shape)
+        if not d:
+            continue
+        s = d["series"]
+        lines.append(
+            f"| {shape} | {d['worker_processes']} × {d['threads_per_worker']} | "
+            f"{_f(s['time_to_result_s'], 1)} | {_f(d.get('series_slices_per_s'), 2)} | "
+            f"{_f(d.get('series_model_bound_s'), 1)} | {_f(d.get('pipeline_vs_model_ratio'), 3)} | "
+            f"{_f(d['idle_summary']['p50_ms'], 0)} / {_f(d['idle_summary']['p95_ms'], 0)} | "
+            f"{_f(d.get('idle_model_ms_p50'), 0)} | {_f(d.get('idle_overhead_ms_p50'), 0)} |"
+        )
+    for shape in ("embedded", "redis_pg"):
+        d = e2e.get(shape)
+        if not d or "breakdown" not in d:
+            continue
+        total = d["series"]["time_to_result_s"]
+        lines += [
+            "",
+            f"Where the time goes ({shape}, {d['series']['slices']} slices):",
+            "",
+            "| stage | s | model-only s | % |",
+            "|---|---|---|---|",
+        ]
+        for r in d["breakdown"]:
+            lines.append(
+                f"| {r['stage']} | {_f(r['seconds'], 2)} | {_f(r['model_bound'], 2)} | "
+                f"{_f(100 * r['seconds'] / total, 1)} |"
+            )
+    sc = e2e.get("scaling")
+    if sc:
+        one, two = sc["one_worker"], sc["two_workers"]
+        lines += [
+            "",
+            f"Scaling ({one['jobs']} series × {one['slices'] // max(1, one['jobs'])} slices, "
+            f"1 thread per worker): 1 worker {_f(one['slices_per_s'], 2)} slices/s, 2 workers "
+            f"{_f(two['slices_per_s'], 2)} slices/s; model-only with 2 processes "
+            f"{_f(out.get('model_only_two_process_scaling'), 2)} × one.",
+        ]
+    ing = out.get("ingest")
+    if ing:
+        lines += [
+            "",
+            f"Ingest ({ing['tool']}, {ing['connections']} connections, "
+            f"{ing['instance_bytes'] / 1e6:.2f} MB instances, one API process, PostgreSQL + "
+            f"Redis): {_f(ing['uploads_per_s'], 1)} uploads/s, p50 {_f(ing['p50_ms'], 0)} ms, "
+            f"p95 {_f(ing['p95_ms'], 0)} ms, p99 {_f(ing['p99_ms'], 0)} ms, "
+            f"{ing['errors']} errors in {ing['requests']} requests (statuses {ing.get('statuses')}).",
+        ]
+    lines += ["", "| key | value | target | |", "|---|---|---|---|"]
+    for key, op, target, _meaning in TARGETS:
+        v = out.get(key)
+        status = "not measured" if v is None else _met(v, op, target).split("]")[1].split("[")[0]
+        lines.append(f"| `{key}` | {_f(v, 3)} | {op} {target:g} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(markdown(json.loads(open(sys.argv[1]).read())))

@@ -384,6 +384,12 @@ def _kill_once(
 # Q4 / Q5: Redis killed mid-batch, restarted with (AOF) or without its data
 
 
+def _signal_all(pids: set[int], signum: int) -> None:
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def run_redis_restart(
     ps: ProdStack, *, n_jobs: int, keep_data: bool, down_seconds: float = 3, timeout: float = 400
 ) -> Outcome:
@@ -401,11 +407,19 @@ def run_redis_restart(
             0.2,
             "first job done",
         )
-        time.sleep(1.2)  # appendfsync everysec: what was published ≥ 1 s ago is on disk
-        queued_messages = ps.redis.queue_length()
-        at_kill = _status_counts(ps.db.jobs(ids))
-        ps.redis.kill()
-        killed_at = time.monotonic()
+        # Freeze the pool while the AOF catches up (appendfsync everysec: what was published
+        # ≥ 1 s ago is on disk), so that the kill lands mid-batch however fast the jobs run: the
+        # frozen children hold unacknowledged messages, the rest wait in the queue.
+        pool = ps.pool()
+        _signal_all(pool, signal.SIGSTOP)
+        try:
+            time.sleep(1.2)
+            queued_messages = ps.redis.queue_length()
+            at_kill = _status_counts(ps.db.jobs(ids))
+            ps.redis.kill()
+            killed_at = time.monotonic()
+        finally:
+            _signal_all(pool, signal.SIGCONT)
         time.sleep(down_seconds)
         if not keep_data:
             ps.redis.wipe()

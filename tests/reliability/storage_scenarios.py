@@ -113,12 +113,14 @@ def run_api_kills(
     threads: int = 3,
     size: int = 256,
     max_kills: int | None = None,
+    kill_at: tuple[float, ...] | None = None,
     timeout: float = 600,
     seed: int = 11,
 ) -> Outcome:
     """S2: ``n_uploads`` single-file uploads by ``threads`` clients while the API process group is
-    SIGKILLed every ``kill_every`` seconds (and restarted); every upload that got a 2xx must be
-    retrievable byte for byte, and the scrubber must find no row without its blob."""
+    SIGKILLed every ``kill_every`` seconds, or when each share in ``kill_at`` of the uploads has
+    been acknowledged (and restarted); every upload that got a 2xx must be retrievable byte for
+    byte, and the scrubber must find no row without its blob."""
     out = Outcome("S2", "API SIGKILLed at random during uploads")
     rng = random.Random(seed)
     instances = make_instances(n_uploads, size, seed=1000)
@@ -159,9 +161,22 @@ def run_api_kills(
 
         kills = 0
 
+        def due() -> bool:
+            """Wait for the next kill: a random interval, or (``kill_at``) the next share of
+            acknowledged uploads, so a fast machine cannot finish the batch between two kills."""
+            if kill_at is None:
+                return not done.wait(rng.uniform(*kill_every))
+            if kills >= len(kill_at):
+                return False
+            while not done.wait(0.02):
+                with lock:
+                    if len(acked) >= kill_at[kills] * n_uploads:
+                        return True
+            return False
+
         def killer() -> None:
             nonlocal kills
-            while not done.wait(rng.uniform(*kill_every)):
+            while due():
                 if max_kills is not None and kills >= max_kills:
                     return
                 up.clear()

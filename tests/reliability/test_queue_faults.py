@@ -44,7 +44,7 @@ def test_q9_upload_while_broker_down_is_accepted_and_done_later(healthy: ProdSta
 
 @pytest.mark.parametrize("keep_data", [True, False], ids=["q4-aof", "q5-no-data"])
 def test_q4_q5_redis_restart_mid_batch(healthy: ProdStack, keep_data: bool) -> None:
-    outcome = run_redis_restart(healthy, n_jobs=5, keep_data=keep_data, down_seconds=1)
+    outcome = run_redis_restart(healthy, n_jobs=6, keep_data=keep_data, down_seconds=1)
     print(outcome.summary)
     assert outcome.passed, outcome.report()
 

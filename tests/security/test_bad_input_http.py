@@ -152,7 +152,10 @@ def test_multipart_abuse_is_refused_cheaply(client: Any, sqlite_env: Path, name:
     r = client.post("/api/v1/studies", content=body, headers=headers)
     cpu = time.process_time() - started
     assert (r.status_code, r.json().get("error")) == (status, code), r.text[:200]
-    assert cpu < 2.0, f"{cpu:.2f} s of CPU"
+    # An order-of-magnitude guard, not a performance figure: the multipart parser itself costs
+    # about 0.2 ms per part (10,000 parts ≈ 2 s on a loaded shared core); per-part work beyond
+    # framing (decoding, spooling to the blob store, rows) would cost ten times that.
+    assert cpu < 6.0, f"{cpu:.2f} s of CPU"
     assert not _stored_anything(sqlite_env)
 
 
