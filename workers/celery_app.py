@@ -40,6 +40,12 @@ class BrokerRestartWatch(bootsteps.StartStopStep):  # type: ignore[misc]
     tests). Every few seconds this step reads the broker's run id; an unreachable broker or a new
     run id raises a connection error inside the event loop, which is Celery's own signal to
     reconnect the consumer and poll again.
+
+    The run id is read over a connection of its own. Sending INFO through the consumer channel's
+    client shares that channel's sockets with the event loop's BRPOP and, now and then, reads one
+    reply in place of the other: a spurious "connection lost" that made Celery terminate the
+    running tasks (``worker_cancel_long_running_tasks_on_connection_loss``) and cost healthy jobs
+    an attempt (seen in the Q6 database-outage test).
     """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
@@ -48,34 +54,44 @@ class BrokerRestartWatch(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(parent, **kwargs)
         self.tref: Any = None
         self.run_id: str | None = None
+        self.client: Any = None
 
     def start(self, parent: Any) -> None:
         connection = parent.connection
         if connection is None or connection.transport.driver_type != "redis":
             return  # the filesystem broker of the embedded shape cannot restart under us
-        self.run_id = self._run_id(parent)
+        import redis
+
+        self.client = redis.Redis.from_url(
+            connection.as_uri(include_password=True),
+            socket_connect_timeout=BROKER_CHECK_SECONDS / 2,
+            socket_timeout=BROKER_CHECK_SECONDS / 2,
+        )
+        self.run_id = self._run_id()
         self.tref = parent.timer.call_repeatedly(BROKER_CHECK_SECONDS, self._check, (parent,))
 
     def stop(self, parent: Any) -> None:
         if self.tref is not None:
             self.tref.cancel()
             self.tref = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
     shutdown = stop
 
-    @staticmethod
-    def _run_id(parent: Any) -> str:
-        return str(parent.connection.default_channel.client.info("server")["run_id"])
+    def _run_id(self) -> str:
+        return str(self.client.info("server")["run_id"])
 
     def _check(self, parent: Any) -> None:
         import redis
 
-        if parent.connection is None:
+        if parent.connection is None or self.client is None:
             return  # the consumer is reconnecting already
         try:
-            run_id = self._run_id(parent)  # a connection error propagates: the consumer reconnects
-        except AttributeError as exc:  # a channel torn down by an earlier, swallowed failure
-            raise redis.exceptions.ConnectionError("the broker channel is closed") from exc
+            run_id = self._run_id()
+        except redis.exceptions.RedisError as exc:
+            raise redis.exceptions.ConnectionError("the Redis broker is unreachable") from exc
         if run_id != self.run_id:
             raise redis.exceptions.ConnectionError("the Redis broker restarted; reconnecting")
 
