@@ -138,7 +138,9 @@ def store_instances(
             outcomes.append(code)
             continue
         assert outcome is not None and outcome.sop_instance_uid and outcome.series_instance_uid
-        study = identity.study_instance_uid or study_instance_uid or ""
+        # the stored instance's Study UID: with de-identification on ingest it is not the one
+        # the sender wrote, and neither the response nor the audit trail may carry that one
+        study = outcome.study_instance_uid or study_instance_uid or ""
         studies.add(study)
         referenced.append(
             referenced_item(
@@ -151,7 +153,7 @@ def store_instances(
         )
         outcomes.append(outcome.outcome)
     _audit_stow(session, principal, client, result.jobs, studies, len(referenced))
-    retrieve = study_instance_uid or (next(iter(studies)) if len(studies) == 1 else None)
+    retrieve = (next(iter(studies)) if len(studies) == 1 else None) or study_instance_uid
     body = store_response(urls.study(retrieve) if retrieve else None, referenced, failed)
     return StowOutcome(
         status=_stow_status(len(referenced), failed),

@@ -53,6 +53,7 @@ class FileOutcome:
     outcome: str  # stored | duplicate | rejected
     sop_instance_uid: str | None = None
     series_instance_uid: str | None = None
+    study_instance_uid: str | None = None  # as stored (after de-identification, if enabled)
     error: str | None = None
     detail: str | None = None
     status: int | None = None
@@ -221,6 +222,7 @@ def store_instance(
         outcome="stored",
         sop_instance_uid=inspected.sop_instance_uid,
         series_instance_uid=inspected.series_instance_uid,
+        study_instance_uid=inspected.study_instance_uid,
     )
     if existing is not None:
         if existing.blob_sha256 == digest:

@@ -218,11 +218,6 @@ def test_deidentified_ingest_stores_no_canary_and_the_job_runs(
           f"3 uploads -> 1 series, job succeeded")  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app/dicomweb/stow.py takes the Study Instance UID for its audit event and its "
-    "RetrieveURL from the original bytes, not from the stored (de-identified) instance",
-)
 def test_stow_under_deidentification_keeps_no_original_uid(
     api: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
