@@ -119,6 +119,7 @@ def render_card(manifest: Manifest) -> str:
         f"- {tr.get('steps')} optimiser steps in {tr.get('seconds')} s "
         f"({float(tr.get('seconds') or 0) / 60:.1f} min) on {tr.get('machine')}.",
         f"- Configuration: {tr.get('config')}.",
+        *([f"- Recipe: {tr['recipe']}"] if tr.get("recipe") else []),
         f"- Validation at the end of training: {tr.get('validation')}.",
         "",
         "## Export",

@@ -143,6 +143,28 @@ def export_onnx(net: nn.Module, name: str, path: Path) -> None:
     assert program is not None
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=False)
+    strip_doc_strings(path)
+
+
+def strip_doc_strings(path: Path) -> None:
+    """Drop every doc string and source-location record: the exporter records stack traces
+    (file paths of the machine that built the graph) there, and the shipped file must not
+    carry them. The namespace record goes too (it repeats the class hierarchy)."""
+    model = onnx.load(str(path))
+    model.doc_string = ""
+    model.graph.doc_string = ""
+    for node in model.graph.node:
+        node.doc_string = ""
+        keep = [
+            p
+            for p in node.metadata_props
+            if p.key not in ("pkg.torch.onnx.stack_trace", "namespace")
+        ]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+    for info in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        info.doc_string = ""
+    onnx.save(model, str(path))
 
 
 def ort_session(path: Path, threads: int = 1) -> ort.InferenceSession:
@@ -468,7 +490,10 @@ def export(
             "preprocessing": "workers.pipeline.preprocess.preprocess_frames with this manifest",
         },
         "commands": {
-            "train": " && ".join(log.get("commands") or [log.get("command", "")]),
+            "train": " && ".join(
+                c if "--threads" in c else f"{c} --threads {log['threads']}"
+                for c in (log.get("commands") or [log.get("command", "")])
+            ),
             "export": f"python -m models.training.export {name}",
             "evaluate": f"python -m models.training.evaluate {name}",
         },
@@ -489,6 +514,7 @@ def export(
             "threads": log["threads"],
             "config": log["config"],
             "validation": log["validation"],
+            **({"recipe": log["recipe"]} if log.get("recipe") else {}),
             "machine": f"{platform.machine()}, {log['threads']} torch thread(s), shared host",
         },
         "export": {

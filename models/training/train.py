@@ -35,12 +35,44 @@ CHECKPOINTS = CACHE_DIR / "checkpoints"
 DEFAULTS: dict[str, dict[str, Any]] = {
     "unet": {"base": 12, "minutes": 25.0, "lr": 2e-3, "batch": 12, "crop": 96},
     "segnet": {"base": 12, "minutes": 25.0, "lr": 2e-3, "batch": 12, "crop": 96},
-    "classifier": {"base": 12, "minutes": 25.0, "lr": 2e-3, "batch": 12, "crop": 96},
+    "classifier": {"base": 12, "minutes": 28.0, "lr": 3e-3, "batch": 16, "crop": 64},
 }
 FINAL_FULL_FRACTION = 0.1  # share of the time budget spent on whole 256 × 256 slices
 LOC_WEIGHT = 1.0  # classifier: weight of the localisation term
-EVIDENCE_TARGET = 2.0  # classifier: logit contribution of one stride-4 nodule cell
+EVIDENCE_TARGET = 2.0  # classifier: logit contribution of one fully covered stride-4 nodule cell
 LESION_CELL_WEIGHT = 20.0  # nodule cells are rare: up-weight them
+# Classifier curriculum (share of the time budget → crop side, batch): many cheap small crops
+# first, then larger crops, then whole slices at the natural prevalence of nodule slices.
+CLS_PHASES = ((0.6, 64, 16), (0.9, 128, 6))
+CLS_FULL_BATCH = 4
+CLS_NODULE_FRACTION = 0.5  # crops centred on a nodule pixel of a random nodule slice
+CLS_LUNG_FRACTION = 0.35  # crops centred on a random lung pixel (vessels: the hard negatives)
+WARMUP_FRACTION = 0.02  # classifier: linear learning-rate warm-up
+BN_RECALIBRATION_SLICES = 256  # classifier: BatchNorm statistics re-estimated on whole slices
+VAL_EVERY_SECONDS = 300.0  # classifier: progress probe on every 8th validation slice
+
+
+def classifier_recipe() -> str:
+    """One-paragraph description of the classifier's training recipe (for the model card)."""
+    phases = ", ".join(
+        f"{c} × {c} crops (batch {b}) up to {end:.0%} of the time budget"
+        for end, c, b in CLS_PHASES
+    )
+    uniform = 1.0 - CLS_NODULE_FRACTION - CLS_LUNG_FRACTION
+    return (
+        f"{phases}, then whole 256 × 256 slices (batch {CLS_FULL_BATCH}, drawn uniformly: the "
+        f"natural share of nodule slices); crops {CLS_NODULE_FRACTION:.0%} centred on a nodule "
+        "pixel of a uniformly drawn nodule slice, "
+        f"{CLS_LUNG_FRACTION:.0%} centred on a random lung pixel (vessels are the hard "
+        f"negatives), {uniform:.0%} uniform; left-right mirroring; AdamW (weight decay 1e-4), "
+        f"{WARMUP_FRACTION:.0%} linear warm-up, cosine decay on wall-clock progress; loss = BCE "
+        "on the pooled logit + localisation term on the stride-4 evidence map (target "
+        f"{EVIDENCE_TARGET:g} · (1 + c) / 2 on cells holding nodule pixels, c = their nodule "
+        f"share, 0 elsewhere, a one-cell ring left free, nodule cells weighted "
+        f"{LESION_CELL_WEIGHT:g}×, weight {LOC_WEIGHT:g}); BatchNorm statistics re-estimated on "
+        f"{BN_RECALIBRATION_SLICES} whole training slices at the end; slice label: any "
+        "nodule pixel on the 256 × 256 grid (area majority), as in validation and test."
+    )
 
 
 def build_model(name: str, base: int) -> nn.Module:
@@ -54,24 +86,67 @@ def build_model(name: str, base: int) -> nn.Module:
 
 
 class CropSampler:
-    """Random (crop, label) batches from a split, half of them centred on nodule pixels."""
+    """Random (crop, label) batches from a split, half of them centred on nodule pixels.
 
-    def __init__(self, data: Split, rng: np.random.Generator, nodule_fraction: float = 0.5):
+    ``per_slice`` draws the nodule pixel from a uniformly drawn nodule slice (every nodule
+    slice counts the same, however large its cross-section) instead of uniformly over all
+    nodule pixels. ``lung_fraction`` of the crops are centred on a random lung pixel, where
+    the vessels that look like nodules are; the rest are placed uniformly.
+    """
+
+    def __init__(
+        self,
+        data: Split,
+        rng: np.random.Generator,
+        nodule_fraction: float = 0.5,
+        *,
+        lung_fraction: float = 0.0,
+        per_slice: bool = False,
+    ):
         self.data = data
         self.rng = rng
         self.nodule_fraction = nodule_fraction
+        self.lung_fraction = lung_fraction
+        self.per_slice = per_slice
         nod = np.argwhere(data.y == 2)  # (k, 3): slice, row, col
         self.nodule_pixels = nod
+        # Rows of ``nod`` per nodule slice (argwhere is sorted by slice).
+        _, self.slice_start, self.slice_count = np.unique(
+            nod[:, 0], return_index=True, return_counts=True
+        )
+        self.lung_pixels = np.argwhere(data.y == 1) if lung_fraction > 0 else np.zeros((0, 3))
         self.n, self.h, self.w = data.x.shape
+
+    def _nodule_pixel(self) -> np.ndarray:
+        if self.per_slice:
+            k = self.rng.integers(len(self.slice_start))
+            j = self.slice_start[k] + self.rng.integers(self.slice_count[k])
+            return self.nodule_pixels[j]
+        return self.nodule_pixels[self.rng.integers(len(self.nodule_pixels))]
+
+    def whole_slices(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uniformly drawn whole slices (the natural share of nodule slices)."""
+        idx = self.rng.integers(self.n, size=size)
+        x = self.data.x[idx].astype(np.float32)[:, None]
+        y = self.data.y[idx].astype(np.int64)
+        flip = self.rng.random(size) < 0.5
+        x[flip] = x[flip][..., ::-1]
+        y[flip] = y[flip][..., ::-1]
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
     def batch(self, size: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs = np.empty((size, 1, crop, crop), np.float32)
         ys = np.empty((size, crop, crop), np.int64)
         for i in range(size):
-            if len(self.nodule_pixels) and self.rng.random() < self.nodule_fraction:
-                s, r, c = self.nodule_pixels[self.rng.integers(len(self.nodule_pixels))]
+            u = self.rng.random()
+            if len(self.nodule_pixels) and u < self.nodule_fraction:
+                s, r, c = self._nodule_pixel()
                 r0 = int(np.clip(r - self.rng.integers(8, crop - 8), 0, self.h - crop))
                 c0 = int(np.clip(c - self.rng.integers(8, crop - 8), 0, self.w - crop))
+            elif len(self.lung_pixels) and u < self.nodule_fraction + self.lung_fraction:
+                s, r, c = self.lung_pixels[self.rng.integers(len(self.lung_pixels))]
+                r0 = int(np.clip(r - crop // 2, 0, self.h - crop))
+                c0 = int(np.clip(c - crop // 2, 0, self.w - crop))
             else:
                 s = self.rng.integers(self.n)
                 r0 = int(self.rng.integers(0, self.h - crop + 1))
@@ -104,8 +179,10 @@ def cls_loss(
     The evidence map is ``cam_lowres / scale``: the logit is its sum plus the bias, so the
     same loss applies to crops of any size. Sum pooling alone spreads its gradient evenly over
     all positions and does not find a 3 mm nodule in 4,096 positions; the localisation term
-    tells each stride-4 cell what its evidence should be — ``EVIDENCE_TARGET`` where the cell
-    holds nodule pixels, 0 elsewhere (a ring around the nodule is left free) — so the map is
+    tells each stride-4 cell what its evidence should be — where the cell holds nodule pixels
+    ``EVIDENCE_TARGET · (1 + c) / 2`` with ``c`` the share of the cell's 16 pixels that are
+    nodule (so the map peaks on the best-covered cells, where its up-sampled maximum lands
+    inside the nodule), 0 elsewhere (a ring around the nodule is left free) — so the map is
     zero away from nodules and the logit grows with the nodule's extent.
     """
     evidence = net.cam_lowres(x) / net.scale
@@ -113,9 +190,10 @@ def cls_loss(
     nodule = (y == 2).float()[:, None]
     present = (nodule.flatten(1).sum(1) > 0).float()[:, None]
     cell = F.max_pool2d(nodule, kernel_size=4, stride=4)
+    cover = F.avg_pool2d(nodule, kernel_size=4, stride=4)
     ring = F.max_pool2d(cell, kernel_size=3, stride=1, padding=1) - cell
     weight = (1.0 - ring) + (LESION_CELL_WEIGHT - 1.0) * cell
-    err = (evidence - EVIDENCE_TARGET * cell) ** 2
+    err = (evidence - EVIDENCE_TARGET * 0.5 * (cell + cover)) ** 2
     loc = (weight * err).sum((1, 2, 3)).mean()
     bce = F.binary_cross_entropy_with_logits(logit, present)
     return bce + LOC_WEIGHT * loc, logit, present
@@ -153,6 +231,44 @@ def cls_val(net: NoduleClassifier, data: Split, batch: int = 16) -> dict[str, fl
     return {"auc": auc(score, label), "val_slices": len(score)}
 
 
+@torch.no_grad()
+def cls_val_pointing(net: NoduleClassifier, data: Split, batch: int = 16) -> float:
+    """Share of the nodule slices whose up-sampled CAM maximum lies on a nodule pixel."""
+    net.eval()
+    hits = []
+    pos = np.nonzero((data.y == 2).any(axis=(1, 2)))[0]
+    for i in range(0, len(pos), batch):
+        j = pos[i : i + batch]
+        x = torch.from_numpy(data.x[j].astype(np.float32))[:, None]
+        cam = F.interpolate(net(x)[1], size=x.shape[-2:], mode="bilinear", align_corners=False)
+        flat = cam.flatten(1).argmax(1).numpy()
+        hits.extend((data.y[j].reshape(len(j), -1)[np.arange(len(j)), flat] == 2).tolist())
+    net.train()
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    net: nn.Module, sampler: CropSampler, slices: int, batch: int = 8
+) -> None:
+    """Re-estimate BatchNorm running statistics on whole slices (cumulative average).
+
+    Training ends on crops and on few whole slices per batch; inference sees whole slices, so
+    the statistics the exported graph folds in are measured on those (weights unchanged).
+    """
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    for _ in range(max(slices // batch, 1)):
+        x, _ = sampler.whole_slices(batch)
+        net(x)
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+
+
 def auc(score: np.ndarray, label: np.ndarray) -> float:
     """Area under the ROC curve (Mann–Whitney U with average ranks for ties)."""
     from scipy.stats import rankdata
@@ -178,6 +294,7 @@ def train(
     resume: bool = False,
     lr: float | None = None,
     max_steps: int | None = None,
+    val_every: bool = True,
 ) -> dict[str, Any]:
     """Train ``name`` within a wall-clock budget; save ``<out>/<name>.pt`` and a JSON log.
 
@@ -206,14 +323,28 @@ def train(
     data = data if data is not None else load_split("train")
     val = val if val is not None else load_split("val")
     net.train()
-    sampler = CropSampler(data, rng)
+    is_cls = name == "classifier"
+    if is_cls:
+        sampler = CropSampler(
+            data, rng, CLS_NODULE_FRACTION, lung_fraction=CLS_LUNG_FRACTION, per_slice=True
+        )
+    else:
+        sampler = CropSampler(data, rng)
     budget = cfg["minutes"] * 60.0
     t0 = time.time()
     step = 0
     history: list[dict[str, float]] = []
     running = 0.0
+    next_val = VAL_EVERY_SECONDS
     while True:
         elapsed = time.time() - t0
+        if is_cls and val_every and elapsed >= next_val:
+            assert isinstance(net, NoduleClassifier)
+            probe = Split(val.x[::8], val.y[::8], val.series[::8])
+            v = {"auc": cls_val(net, probe)["auc"], "pointing": cls_val_pointing(net, probe)}
+            history.append({"step": step, "seconds": round(elapsed, 1), **v})
+            print(f"{name} step {step} t={elapsed:.0f}s validation probe {v}", flush=True)
+            next_val += VAL_EVERY_SECONDS
         if elapsed >= budget or (max_steps is not None and step >= max_steps):
             break
         frac = elapsed / budget
@@ -221,12 +352,21 @@ def train(
             frac = max(frac, step / max_steps)
         # Cosine decay on wall-clock progress (the step count is not known in advance).
         lr = cfg["lr"] * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+        if is_cls and not resume and frac < WARMUP_FRACTION:
+            lr *= 0.1 + 0.9 * frac / WARMUP_FRACTION
         for g in opt.param_groups:
             g["lr"] = lr
         full = frac > 1.0 - FINAL_FULL_FRACTION
-        bsz = max(cfg["batch"] // 4, 2) if full else cfg["batch"]
-        x, y = sampler.batch(bsz, data.x.shape[1] if full else cfg["crop"])
-        if name == "classifier":
+        if is_cls:
+            phase = next(((c, b) for end, c, b in CLS_PHASES if frac < end), None)
+            if phase is None or full:
+                x, y = sampler.whole_slices(CLS_FULL_BATCH)
+            else:
+                x, y = sampler.batch(phase[1], phase[0])
+        else:
+            bsz = max(cfg["batch"] // 4, 2) if full else cfg["batch"]
+            x, y = sampler.batch(bsz, data.x.shape[1] if full else cfg["crop"])
+        if is_cls:
             assert isinstance(net, NoduleClassifier)
             loss, _, _ = cls_loss(net, x, y)
         else:
@@ -240,12 +380,15 @@ def train(
         if step % log_every == 0:
             history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(running, 4)})
             print(f"{name} step {step} t={elapsed:.0f}s lr={lr:.2e} loss={running:.4f}", flush=True)
+    if is_cls:
+        recalibrate_batchnorm(net, sampler, BN_RECALIBRATION_SLICES)
     seconds = time.time() - t0
     # Every 4th validation slice: enough to follow training, a quarter of the cost.
     val_sub = Split(val.x[::4], val.y[::4], val.series[::4])
     if name == "classifier":
         assert isinstance(net, NoduleClassifier)
         metrics = cls_val(net, val_sub)
+        metrics["pointing_game_nodule_slices"] = cls_val_pointing(net, val_sub)
     else:
         metrics = seg_val_dice(net, val_sub)
     print(f"{name}: {step} steps in {seconds:.0f} s; validation {metrics}", flush=True)
@@ -253,6 +396,7 @@ def train(
         f"python -m models.training.train {name} --minutes {cfg['minutes']:g} --lr {cfg['lr']:g}"
     )
     command += " --resume" if resume else f" --seed {seed}"
+    command += f" --threads {threads}"
     session = {
         "command": command,
         "seed": seed,
@@ -278,6 +422,8 @@ def train(
         "python": platform.python_version(),
         "cpu_threads": threads,
     }
+    if is_cls:
+        log["recipe"] = classifier_recipe()
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
