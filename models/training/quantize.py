@@ -64,7 +64,7 @@ from onnxruntime.quantization import (
 from app.registry.manifest import Manifest, OutputRole, Task
 from models.training.card import render_card
 from models.training.data import CACHE_DIR, MODELS_DIR, SPLITS, load_split
-from models.training.export import sha256_file, write_manifest
+from models.training.export import sha256_file, strip_doc_strings, write_manifest
 
 SOURCE_VERSION = "1.0.0"
 INT8_VERSION = "1.0.0-int8"
@@ -197,6 +197,7 @@ def quantize(
                 nodes_to_exclude=excluded,
                 extra_options=options,
             )
+    strip_doc_strings(out_path)
     ops: dict[str, int] = {}
     for n in onnx.load(str(out_path)).graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
