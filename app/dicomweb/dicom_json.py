@@ -84,7 +84,7 @@ def to_json(ds: Dataset) -> dict[str, Any]:
             out[key] = element.to_json_dict(
                 bulk_data_element_handler=None, bulk_data_threshold=1 << 62
             )
-        except (ValueError, TypeError, OverflowError, KeyError):
+        except Exception:  # any converter failure costs one value, never the response
             out[key] = {"vr": vr_of(tag) if element is None else str(element.VR or vr_of(tag))}
             log.warning("attribute %s has a value invalid for its VR; returned empty", key)
     return out
