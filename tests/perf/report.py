@@ -168,6 +168,11 @@ def _models_table(c: Console, out: dict[str, Any]) -> None:
         )
 
 
+def _shapes(e2e: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The deployment shapes the run measured, in report order."""
+    return [(shape, e2e[shape]) for shape in ("embedded", "redis_pg") if e2e.get(shape)]
+
+
 def _e2e_tables(c: Console, out: dict[str, Any]) -> None:
     e2e = out.get("e2e") or {}
     if not e2e:
@@ -189,10 +194,7 @@ def _e2e_tables(c: Console, out: dict[str, Any]) -> None:
         "idle overhead p50 ms",
     ):
         t.add_column(col)
-    for shape in ("embedded", "redis_pg"):
-        d = e2e.get(shape)
-        if not d:
-            continue
+    for shape, d in _shapes(e2e):
         s = d["series"]
         t.add_row(
             shape,
@@ -208,9 +210,8 @@ def _e2e_tables(c: Console, out: dict[str, Any]) -> None:
             _f(d.get("idle_overhead_ms_p50"), 0),
         )
     c.print(t)
-    for shape in ("embedded", "redis_pg"):
-        d = e2e.get(shape)
-        if not d or "breakdown" not in d:
+    for shape, d in _shapes(e2e):
+        if "breakdown" not in d:
             continue
         b = Table(title=f"where the time goes: {shape}, {d['series']['slices']}-slice series")
         for col in ("stage", "seconds", "model-only s", "overhead s", "% of time-to-result"):
@@ -269,10 +270,7 @@ def markdown(out: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     e2e = out.get("e2e") or {}
-    for shape in ("embedded", "redis_pg"):
-        d = e2e.get(shape)
-        if not d:
-            continue
+    for shape, d in _shapes(e2e):
         s = d["series"]
         lines.append(
             f"| {shape} | {d['worker_processes']} × {d['threads_per_worker']} | "
@@ -281,9 +279,8 @@ def markdown(out: dict[str, Any]) -> str:
             f"{_f(d['idle_summary']['p50_ms'], 0)} / {_f(d['idle_summary']['p95_ms'], 0)} | "
             f"{_f(d.get('idle_model_ms_p50'), 0)} | {_f(d.get('idle_overhead_ms_p50'), 0)} |"
         )
-    for shape in ("embedded", "redis_pg"):
-        d = e2e.get(shape)
-        if not d or "breakdown" not in d:
+    for shape, d in _shapes(e2e):
+        if "breakdown" not in d:
             continue
         total = d["series"]["time_to_result_s"]
         lines += [

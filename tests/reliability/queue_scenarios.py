@@ -350,6 +350,12 @@ def run_worker_kills(
     return out
 
 
+def _signal_all(pids: set[int], signum: int) -> None:
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def _kill_once(
     ps: ProdStack, kind: str, rows: dict[str, JobRow], rng: random.Random
 ) -> _Kill | None:
@@ -367,8 +373,7 @@ def _kill_once(
         victim = rng.choice(running)
         pid = _owner_pid(victim)
         assert pid is not None
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        _signal_all({pid}, signal.SIGKILL)
         return _Kill("child", time.monotonic(), {victim.id: victim.attempts})
     every_running = [r for r in rows.values() if r.status == "running" and _owner_pid(r) in pool]
     if not running or len(running) != len(every_running):
@@ -382,12 +387,6 @@ def _kill_once(
 
 # ---------------------------------------------------------------------------------------------
 # Q4 / Q5: Redis killed mid-batch, restarted with (AOF) or without its data
-
-
-def _signal_all(pids: set[int], signum: int) -> None:
-    for pid in pids:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signum)
 
 
 def run_redis_restart(
