@@ -1,7 +1,9 @@
-"""``medcad submit`` against a live ``medcad serve`` (API + worker + shipped models).
+"""``medcad submit`` against a live ``medcad serve`` (API + embedded worker).
 
-Both tests run the real console script in a subprocess on a copy of the demo series whose UIDs
-are brand new, so the uploads are new to the shared server whatever ran before it.
+Every test runs the real console script in a subprocess. The shipped-model tests use a copy of
+the demo series whose UIDs are brand new, so the uploads are new to the shared server whatever
+ran before them; the 20-series resume test has a server of its own with the tiny fixture models,
+so that the server's counters start at zero and the models cost next to nothing.
 """
 
 from __future__ import annotations
@@ -9,15 +11,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
 import uuid
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -25,8 +31,9 @@ from PIL import Image
 from pydicom.uid import generate_uid
 
 from app.client import Client, Results
+from tests.helpers.services import MedcadProcesses, medcad_deployment
 
-# Three demo series through the shipped models on two cores, twice over in the resume test.
+# Three demo series through the shipped models on two cores; 20 small series through tiny models.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 MEDCAD = Path(sys.executable).with_name("medcad")
@@ -214,48 +221,108 @@ def _read_state(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def test_killed_run_resumes_without_sending_a_stored_file_again(
-    medcad_server: Any, demo_data_dir: Path, tmp_path: Path
+RESUME_STUDIES = 10  # two series each: a folder of 20 series
+RESUME_SLICES = 4
+TINY_MODELS = "tinyseg,tinycls"
+
+
+@pytest.fixture(scope="module")
+def tiny_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path
+) -> Iterator[MedcadProcesses]:
+    """A live ``medcad serve`` with the tiny fixture models, so 20 series take seconds."""
+    with medcad_deployment(tmp_path_factory.mktemp("submit-tiny"), tiny_models_dir) as server:
+        yield server
+
+
+def write_twenty_series(root: Path) -> dict[str, list[Path]]:
+    """``RESUME_STUDIES`` phantom studies of two small series each (64 × 64, a few slices),
+    one folder per series with its ground truth beside it; returns files by Series UID."""
+    from models.training.phantoms import generate_series, write_dicom_series
+
+    series: dict[str, list[Path]] = {}
+    for study in range(RESUME_STUDIES):
+        seed = 77_000 + study
+        for number in (1, 2):
+            phantom = generate_series(
+                seed * 10 + number,
+                n_slices=RESUME_SLICES,
+                image_size=64,
+                n_nodules=1,
+                size_range_mm=(4.0, 8.0),
+            )
+            folder = root / f"study_{study:02d}" / f"series_{number}"
+            paths = write_dicom_series(phantom, folder, seed=seed, series_number=number)
+            uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+            series[uid] = paths
+    assert len(series) == 2 * RESUME_STUDIES
+    return series
+
+
+def file_counts(server: Any) -> Counter[str]:
+    """Files the API process has answered for since it started, by outcome (``/metrics``)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    counts: Counter[str] = Counter()
+    for outcome, value in re.findall(r'^medcad_files_total\{outcome="(\w+)"\} (\S+)$', text, re.M):
+        counts[outcome] = int(float(value))
+    return counts
+
+
+def series_stored(state: dict[str, Any], series: dict[str, list[Path]]) -> int:
+    """Series whose every file the state file records as held by the server."""
+    files = state["files"]
+    return sum(
+        all(files.get(str(p.resolve()), {}).get("outcome") in ("stored", "duplicate") for p in ps)
+        for ps in series.values()
+    )
+
+
+def test_killed_run_of_twenty_series_resumes_without_sending_a_stored_file_again(
+    tiny_server: Any, tmp_path: Path
 ) -> None:
     data = tmp_path / "export"
-    series, _, _ = fresh_copy(demo_data_dir, data)
-    assert len(series) >= 3, "the resume test needs several series"
+    series = write_twenty_series(data)
     all_files = {str(p.resolve()) for files in series.values() for p in files}
     state_path = tmp_path / "submit-state.json"
     out = tmp_path / "results"
     command = submit_command(
-        medcad_server,
+        tiny_server,
         [data],
+        "--models",
+        TINY_MODELS,
         "--concurrency",
-        "1",
+        "2",
+        "--poll",
+        "0.5",
         "--wait",
         "--out",
         str(out),
         "--state",
         str(state_path),
         "--wait-timeout",
-        str(WAIT_SECONDS),
+        "300",
     )
+    assert file_counts(tiny_server)["stored"] == 0, "the server must start empty"
 
-    # First run: SIGKILL it as soon as the state file shows a batch acknowledged.
+    # First run: SIGKILL the real process once the state file records half the series stored.
     log = (tmp_path / "first-run.log").open("wb")
     first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             state = _read_state(state_path)
-            if state and any(r["outcome"] == "stored" for r in state["files"].values()):
-                first.kill()
+            if state and series_stored(state, series) >= len(series) // 2:
+                first.send_signal(signal.SIGKILL)
                 break
             if first.poll() is not None:
                 pytest.fail(
-                    f"the first run ended (code {first.returncode}) before a batch was "
-                    "acknowledged: " + (tmp_path / "first-run.log").read_text()
+                    f"the first run ended (code {first.returncode}) before half the series "
+                    "were stored: " + (tmp_path / "first-run.log").read_text()
                 )
-            time.sleep(0.01)
+            time.sleep(0.002)
         else:
-            pytest.fail("no batch was acknowledged within 300 s")
-        first.wait(10)
+            pytest.fail("half the series were not stored within 120 s")
+        assert first.wait(10) == -signal.SIGKILL
     finally:
         if first.poll() is None:
             first.kill()
@@ -266,13 +333,14 @@ def test_killed_run_resumes_without_sending_a_stored_file_again(
     before = {k: v for k, v in snapshot["files"].items() if k in all_files}
     stored_before = {k for k, v in before.items() if v["outcome"] == "stored"}
     in_flight = {k for k, v in before.items() if v["outcome"] == "pending"}
-    assert stored_before and len(stored_before) < len(all_files), "nothing left to resume"
+    done_before = series_stored(snapshot, series)
+    assert len(series) // 2 <= done_before < len(series), f"killed with {done_before} series done"
     assert not out.exists() or not any(out.rglob("results.json"))
 
-    # Second run, same command: finishes the uploads, waits, downloads.
-    second = subprocess.run(command, capture_output=True, text=True, timeout=WAIT_SECONDS + 120)
-
+    # Second run, same command: sends the rest, waits for all 20 jobs, downloads everything.
+    second = subprocess.run(command, capture_output=True, text=True, timeout=420)
     assert second.returncode == 0, second.stdout + second.stderr
+
     after = json.loads(state_path.read_text())["files"]
     assert set(after) >= all_files
     for key in all_files:
@@ -285,26 +353,53 @@ def test_killed_run_resumes_without_sending_a_stored_file_again(
             assert record["sent"] == 2 and record["outcome"] in ("stored", "duplicate")
         else:
             assert record["sent"] == 1 and record["outcome"] == "stored", (key, record)
-    duplicates = sum(after[k]["outcome"] == "duplicate" for k in all_files)
-    assert duplicates <= len(in_flight)
 
-    # The server agrees: one job per series, covering every instance, all succeeded; the
-    # downloads of the first run's job happened in the second run.
+    # The server's own count: every instance stored exactly once, and the only files it saw
+    # twice are those in flight when the first run was killed. A re-run that sent again what
+    # the server held (about half of the 80 files) would show up here as duplicates.
+    served = file_counts(tiny_server)
+    assert served["stored"] == len(all_files), served
+    assert served["duplicate"] == sum(after[k]["outcome"] == "duplicate" for k in all_files)
+    assert served["duplicate"] <= len(in_flight), (served, len(in_flight))
+    assert served["rejected"] == 0, served
+
+    # One job per series covering every instance, all succeeded; every result downloaded.
     rows = read_summary(out)
     assert sorted(r["series_instance_uid"] for r in rows) == sorted(series)
-    with Client(medcad_server.url, medcad_server.api_key) as client:
+    kinds: Counter[str] = Counter()
+    with tiny_server.client() as http:
+        # QIDO-RS: the source instances the server holds, each once.
+        held = http.get("/dicomweb/instances", params={"Modality": "CT", "limit": "1000"})
+        assert held.status_code == 200, held.text
+        sop_uids = [item["00080018"]["Value"][0] for item in held.json()]
+        assert sorted(sop_uids) == sorted(
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for files in series.values()
+            for p in files
+        )
+    with Client(tiny_server.url, tiny_server.api_key) as client:
         for uid, files in series.items():
             (job,) = jobs_of_series(client, uid)
             assert job.status == "succeeded" and job.instance_count == len(files)
             row = next(r for r in rows if r["series_instance_uid"] == uid)
-            assert row["job_id"] == job.id and row["status"] == "succeeded"
-            assert (out / row["results_dir"] / "results.json").is_file()
+            assert row["job_id"] == job.id and row["status"] == "succeeded", row
+            assert int(row["files"]) == len(files)
+            root = out / row["results_dir"]
+            results = Results.model_validate(json.loads((root / "results.json").read_text()))
+            assert results.job_id == job.id and results.series.series_instance_uid == uid
+            assert len(results.series.instances) == len(files)
+            kinds += check_result_tree(root, results)
+    # A mask per slice, saliency maps on every slice (entropy and CAM at least), a SEG, an SR
+    # and Parametric Maps per series.
+    assert kinds["mask"] == len(all_files) and kinds["saliency"] >= 2 * len(all_files), kinds
+    assert kinds["seg"] == kinds["sr"] == len(series) and kinds["pmap"] >= len(series), kinds
 
-    # A third run has nothing to send and still exits 0 (its jobs are already done).
+    # A third run has nothing to send: no file reaches the server, and it still exits 0.
     third = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stdout + third.stderr
     final = json.loads(state_path.read_text())["files"]
     assert all(final[k]["sent"] == after[k]["sent"] for k in all_files)
+    assert file_counts(tiny_server) == served
 
 
 def test_rejected_files_and_unknown_models_give_a_non_zero_exit(
