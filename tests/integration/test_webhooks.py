@@ -73,6 +73,19 @@ def _job_with_callback(url: str) -> str:
     return job_id
 
 
+def _webhook_on_the_job(job_id: str) -> dict[str, Any]:
+    """The delivery status as ``GET /api/v1/jobs/{id}`` shows it to the caller."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.helpers.services import ADMIN_KEY
+
+    with TestClient(create_app(), headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+        r = client.get(f"/api/v1/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        return r.json()["webhook"]  # type: ignore[no-any-return]
+
+
 def test_signed_delivery_when_job_ends(receiver: Receiver) -> None:
     job_id = _job_with_callback(receiver.url)
     assert deliver_due(get_settings()) == 0  # not finished yet: nothing sent
@@ -87,6 +100,11 @@ def test_signed_delivery_when_job_ends(receiver: Receiver) -> None:
         job = s.get(JobRecord, job_id)
         assert job is not None and job.webhook_status == "delivered" and job.webhook_attempts == 1
     assert deliver_due(get_settings()) == 0  # delivered once only
+    assert _webhook_on_the_job(job_id) == {
+        "url_host": "127.0.0.1",
+        "status": "delivered",
+        "attempts": 1,
+    }
 
 
 def test_failed_deliveries_back_off_then_give_up(receiver: Receiver) -> None:
@@ -101,8 +119,22 @@ def test_failed_deliveries_back_off_then_give_up(receiver: Receiver) -> None:
             if attempt < 3:
                 assert job.webhook_status == "pending"
                 assert job.webhook_next_at is not None
+                # exponential back-off: 2 s after the first failure, 4 s after the second
+                wait = job.webhook_next_at.replace(tzinfo=None) - utcnow().replace(tzinfo=None)
+                assert 2**attempt - 1 < wait.total_seconds() <= 2**attempt
                 job.webhook_next_at = utcnow() - timedelta(seconds=1)  # skip the back-off wait
+        if attempt < 3:
+            assert _webhook_on_the_job(job_id) == {
+                "url_host": "127.0.0.1",
+                "status": "pending",
+                "attempts": attempt,
+            }
     with session_scope() as s:
         job = s.get(JobRecord, job_id)
         assert job is not None and job.webhook_status == "failed"
     assert len(receiver.requests) == 3
+    assert _webhook_on_the_job(job_id) == {
+        "url_host": "127.0.0.1",
+        "status": "failed",
+        "attempts": 3,
+    }
