@@ -97,13 +97,20 @@ def build_segmentation(
     if not described:
         raise ValueError("labels have no non-background label to segment")
     known = {BACKGROUND_VALUE} | {lab.value for lab in described}
-    unknown = sorted(set(np.unique(label_maps).tolist()) - known)
+    present = np.flatnonzero(np.bincount(label_maps.ravel(), minlength=256))
+    unknown = sorted(set(present.tolist()) - known)
     if unknown:
         raise ValueError(f"label_maps contain values {unknown} that are not manifest labels")
 
-    # Stacked-segments layout (F, H, W, S): label values need not be contiguous, and
-    # segment numbers must be (1..S, PS3.3 C.8.20.2.3). The bool → uint8 view is free.
-    stacked = np.stack([label_maps == lab.value for lab in described], axis=-1).view(np.uint8)
+    # Segment numbers must run 1..S (PS3.3 C.8.20.2.3) while label values need not be
+    # contiguous: a 256-entry table maps each label value to its segment number. highdicom
+    # takes such a label map (F, H, W) directly and splits it into one binary frame per
+    # segment and slice itself; it then needs no overlap check, which on a stacked
+    # (F, H, W, S) layout was a strided sum over the whole volume.
+    numbers = np.zeros(256, dtype=np.uint8)
+    for number, lab in enumerate(described, start=1):
+        numbers[lab.value] = number
+    segments = numbers[label_maps]
 
     algorithm = algorithm_identification(model_name, model_version)
     descriptions = []
@@ -124,19 +131,19 @@ def build_segmentation(
         )
 
     sources, further = list(source_datasets), []
-    if not stacked.any() and len(sources) > 1:
+    if not segments.any() and len(sources) > 1:
         # Nothing found anywhere: highdicom then encodes every (slice, segment) frame,
         # which for a long series is megabytes of zeros. Anchor the object on the first
         # slice along the normal instead (one empty frame per segment) and still reference
         # every slice as a source image.
         first = sort_by_position(sources)[0]
         further = sources[:first] + sources[first + 1 :]
-        sources, stacked = [sources[first]], stacked[first : first + 1]
+        sources, segments = [sources[first]], segments[first : first + 1]
 
     seg = hd.seg.Segmentation(
         source_images=sources,
         further_source_images=further or None,
-        pixel_array=stacked,
+        pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=series_instance_uid or new_uid(),
