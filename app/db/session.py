@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -9,7 +11,7 @@ from functools import lru_cache
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import get_settings
@@ -86,20 +88,36 @@ def session_scope() -> Iterator[Session]:
 T = TypeVar("T")
 
 
-def run_in_transaction(work: Callable[[Session], T], *, attempts: int = 3) -> T:
-    """Run ``work`` in one unit of work; run it again if a concurrent writer won a unique race.
+# PostgreSQL's answers to a transaction that lost a race with another writer: running it again
+# is the documented remedy (serialization failure, deadlock detected).
+_RACE_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def _lost_a_race(exc: Exception) -> bool:
+    if isinstance(exc, IntegrityError):
+        return True
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in _RACE_SQLSTATES
+
+
+def run_in_transaction(work: Callable[[Session], T], *, attempts: int = 8) -> T:
+    """Run ``work`` in one unit of work; run it again if a concurrent writer won a race.
 
     Two uploads of the same file (or of one series) at the same moment both find no row, both
     insert, and the later commit violates a unique constraint. Running the work again sees the
-    winner's committed rows, so the loser answers "already stored" instead of an error.
+    winner's committed rows, so the loser answers "already stored" instead of an error. With
+    more than two writers of overlapping sets (several clients sending parts of one series) a
+    loser can lose again to the next one, and inserts in different orders can deadlock; every
+    round commits at least one of them, so a few rounds settle any realistic burst. The short
+    random pause keeps the losers from colliding again in lockstep.
     """
     for attempt in range(1, attempts + 1):
         try:
             with session_scope() as session:
                 return work(session)
-        except IntegrityError:
-            if attempt == attempts:
+        except (IntegrityError, OperationalError) as exc:
+            if attempt == attempts or not _lost_a_race(exc):
                 raise
+            time.sleep(random.uniform(0, 0.02 * attempt))  # jitter only
     raise AssertionError("unreachable")  # pragma: no cover
 
 

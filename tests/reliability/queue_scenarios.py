@@ -61,6 +61,8 @@ class ProdStack:
     stack: Stack
     db: Database
     poison_list: Path
+    api_crash: Path  # crash point armed for the API (see poison_hook/sitecustomize.py)
+    worker_crash: Path  # crash point armed for the worker
     concurrency: int = 2
     worker: subprocess.Popen[bytes] | None = None
     seed: int = 0
@@ -102,6 +104,10 @@ class ProdStack:
             self.cluster.start()
         if self.worker is None or self.worker.poll() is not None:
             self.start_worker()
+        self.api_crash.unlink(missing_ok=True)
+        self.worker_crash.unlink(missing_ok=True)
+        if self.stack.api is None or self.stack.api.poll() is not None:
+            self.stack.start_api()
 
 
 def _pg_up(db: Database) -> bool:
@@ -140,6 +146,9 @@ def production_stack(
             pythonpath = os.pathsep.join(
                 p for p in (str(POISON_HOOK), s.env.get("PYTHONPATH", "")) if p
             )
+            # Crash points stay disarmed until a scenario writes a point into one of these.
+            api_crash, worker_crash = root / "crash-api", root / "crash-worker"
+            s.env.update(PYTHONPATH=pythonpath, MEDCAD_TEST_CRASH_FILE=str(api_crash))
             ps = ProdStack(
                 root=root,
                 cluster=cluster,
@@ -147,8 +156,14 @@ def production_stack(
                 stack=s,
                 db=Database(db_url),
                 poison_list=poison,
+                api_crash=api_crash,
+                worker_crash=worker_crash,
                 concurrency=concurrency,
-                worker_env={"PYTHONPATH": pythonpath, "MEDCAD_TEST_POISON_KEYS": str(poison)},
+                worker_env={
+                    "PYTHONPATH": pythonpath,
+                    "MEDCAD_TEST_POISON_KEYS": str(poison),
+                    "MEDCAD_TEST_CRASH_FILE": str(worker_crash),
+                },
             )
             try:
                 s.start_api()
