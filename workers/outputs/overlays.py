@@ -418,6 +418,35 @@ def render_label_overlay(
         raise ValueError(f"labels must be (H, W), got shape {lab.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be within [0, 1], got {alpha}")
+    if lab.size == 0 or lab.min() < 0 or any(v < 0 for v in colors):
+        return _png_array(_label_rgba_by_region(lab, colors, alpha))
+    # One table lookup colours every label at once (RGBA packed in a little-endian word); a
+    # drawn pixel is on its structure's inner border when a 4-neighbour holds another value
+    # or lies outside the image, which is what eroding each label's region finds.
+    size = max(int(lab.max()), *colors, 0) + 1
+    table = np.zeros(size, dtype="<u4")
+    drawn = np.zeros(size, dtype=bool)
+    fill = round(alpha * 255)
+    for value, (r, g, b) in colors.items():
+        table[value] = r | g << 8 | b << 16 | fill << 24
+        drawn[value] = True
+    words = table[lab]
+    interior = np.zeros(lab.shape, dtype=bool)
+    core = lab[1:-1, 1:-1]
+    interior[1:-1, 1:-1] = (
+        (core == lab[:-2, 1:-1])
+        & (core == lab[2:, 1:-1])
+        & (core == lab[1:-1, :-2])
+        & (core == lab[1:-1, 2:])
+    )
+    words[drawn[lab] & ~interior] |= np.uint32(0xFF000000)
+    return _png_array(np.ascontiguousarray(words).view(np.uint8).reshape(*lab.shape, 4))
+
+
+def _label_rgba_by_region(
+    lab: NDArray[np.integer], colors: dict[int, RGB], alpha: float
+) -> NDArray[np.uint8]:
+    """``render_label_overlay``'s pixels one label at a time (any integer label values)."""
     out = np.zeros((*lab.shape, 4), dtype=np.uint8)
     for value, color in colors.items():
         region = lab == value
@@ -426,4 +455,4 @@ def render_label_overlay(
         out[region, :3] = color
         out[region, 3] = round(alpha * 255)
         out[region & ~_erode(region), 3] = 255
-    return _png_array(out)
+    return out
