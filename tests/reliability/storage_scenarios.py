@@ -665,3 +665,235 @@ def _with_new_uids(data: bytes, k: int, n: int) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# S4: the same SOP Instance UID with other content
+
+
+def _variant(data: bytes, *, pixel_seed: int | None = None, new_series: bool = False) -> bytes:
+    """The same instance (same SOP Instance UID) with other pixel bytes or in another series."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if pixel_seed is not None:
+        pixels = bytearray(ds.PixelData)
+        rng = random.Random(pixel_seed)
+        for _ in range(16):
+            pixels[rng.randrange(len(pixels))] ^= 0x5A
+        ds.PixelData = bytes(pixels)
+    if new_series:
+        ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _rejected_upload_audits(db: Database) -> int:
+    return int(
+        db.scalar(
+            "SELECT count(*) FROM audit_events WHERE action = 'upload' AND outcome = 'rejected'"
+        )
+    )
+
+
+def run_conflicting_sop_uid(s: Stack, *, concurrent: int = 5, size: int = 64) -> Outcome:
+    """S4: an instance stored, then the same SOP Instance UID with other pixel bytes, then in
+    another series: 409 each, the stored bytes untouched, an audit event each. Then
+    ``concurrent`` different files with one new SOP Instance UID at once: one stored, the
+    others 409, and the stored bytes are the winner's."""
+    out = Outcome("S4", "same SOP Instance UID, other content")
+    (inst,) = make_instances(1, size, seed=random.randrange(10**6))
+    db = Database(s.database_url)
+    with timed(out), s.client() as client:
+        first = _post(client, inst)
+        audits_before = _rejected_upload_audits(db)
+        answers = {}
+        for name, data in (
+            ("other pixels", _variant(inst.data, pixel_seed=1)),
+            ("other series", _variant(inst.data, new_series=True)),
+        ):
+            r = client.post(
+                "/api/v1/studies", files=[("files", ("x.dcm", data, "application/dicom"))]
+            )
+            rejected = r.json().get("rejected", [{}]) if r.content else [{}]
+            answers[name] = (r.status_code, rejected[0].get("error"))
+        audits = _rejected_upload_audits(db) - audits_before
+        stored_sha = db.scalar(
+            "SELECT blob_sha256 FROM instances WHERE sop_instance_uid = :u", u=inst.sop
+        )
+        rows = int(
+            db.scalar("SELECT count(*) FROM instances WHERE sop_instance_uid = :u", u=inst.sop)
+        )
+        got = retrieve(client, inst)
+        series_rows = int(
+            db.scalar(
+                "SELECT count(*) FROM series s JOIN instances i ON i.series_id = s.id "
+                "WHERE i.sop_instance_uid = :u",
+                u=inst.sop,
+            )
+        )
+        jobs = int(
+            db.scalar(
+                "SELECT count(*) FROM jobs j JOIN series s ON s.id = j.series_id "
+                "WHERE s.series_instance_uid = :u",
+                u=inst.series,
+            )
+        )
+        # the race: several different files claim one new SOP Instance UID at the same moment
+        (base,) = make_instances(1, size, seed=random.randrange(10**6))
+        variants = [_variant(base.data, pixel_seed=100 + k) for k in range(concurrent)]
+        barrier = threading.Barrier(concurrent)
+
+        def one(k: int) -> int:
+            with s.client() as c:
+                barrier.wait()
+                return _post(c, Instance(variants[k], "", "", "", "")).status_code
+
+        with ThreadPoolExecutor(concurrent) as pool:
+            codes = list(pool.map(one, range(concurrent)))
+        winner = [variants[k] for k, c in enumerate(codes) if c == 202]
+        race_sha = db.scalar(
+            "SELECT blob_sha256 FROM instances WHERE sop_instance_uid = :u", u=base.sop
+        )
+        race_rows = int(
+            db.scalar("SELECT count(*) FROM instances WHERE sop_instance_uid = :u", u=base.sop)
+        )
+        db.dispose()
+        out.figures.update(
+            first=first.status_code,
+            other_pixels=answers["other pixels"],
+            other_series=answers["other series"],
+            audit_events=audits,
+            rows=rows,
+            stored_sha256_unchanged=stored_sha == inst.sha256,
+            retrieved_unchanged=got is not None and hashlib.sha256(got).hexdigest() == inst.sha256,
+            series_rows=series_rows,
+            jobs=jobs,
+            race_status_codes={str(c): codes.count(c) for c in sorted(set(codes))},
+            race_rows=race_rows,
+            race_stored_is_winner=bool(winner)
+            and race_sha == hashlib.sha256(winner[0]).hexdigest(),
+        )
+        out.check("first upload 202", first.status_code == 202)
+        out.check(
+            "409 conflict for other pixels and for another series",
+            answers["other pixels"] == (409, "conflict")
+            and answers["other series"] == (409, "conflict"),
+        )
+        out.check("an audit event for each refusal", audits == 2)
+        out.check("one row, in its first series, one job", (rows, series_rows, jobs) == (1, 1, 1))
+        out.check("stored bytes unchanged (sha256)", out.figures["stored_sha256_unchanged"])
+        out.check("retrieved bytes unchanged", out.figures["retrieved_unchanged"])
+        out.check(
+            f"race: 1 × 202, {concurrent - 1} × 409",
+            codes.count(202) == 1 and codes.count(409) == concurrent - 1,
+        )
+        out.check(
+            "race: one row holding the winner's bytes",
+            race_rows == 1 and out.figures["race_stored_is_winner"],
+        )
+    f = out.figures
+    out.summary = (
+        f"other pixels → {f['other_pixels'][0]}, other series → {f['other_series'][0]}, "
+        f"{f['audit_events']} audit events, stored bytes unchanged; {concurrent} different "
+        f"files with one new UID at once → {f['race_status_codes']}, the winner's bytes stored"
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# S10: STOW-RS with a malformed part
+
+
+_REFERENCED, _FAILED, _REASON, _SOP = "00081199", "00081198", "00081197", "00081155"
+
+
+def _stow(client: httpx.Client, blobs: list[bytes], path: str = "/dicomweb/studies") -> Any:
+    from tests.dicomweb.support import stow_body, stow_content_type
+
+    boundary = "medcad-proof-5e1d"
+    return client.post(
+        path,
+        content=stow_body(blobs, boundary),
+        headers={"Content-Type": stow_content_type(boundary), "Accept": "application/dicom+json"},
+    )
+
+
+def _items(body: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    return list(body.get(tag, {}).get("Value", []))
+
+
+def _first(item: dict[str, Any], tag: str) -> Any:
+    values = item.get(tag, {}).get("Value")
+    return values[0] if values else None
+
+
+def run_stow_partial(s: Stack, *, n: int = 10, size: int = 64, seed: int = 4242) -> Outcome:
+    """S10: a STOW-RS request of ``n`` instances of which one is malformed (truncated inside
+    its header) → 202 with ``n-1`` referenced and 1 failed with reason 0xC000, exactly the good
+    ones stored byte for byte; only bad parts → 400; the wrong study in the URL → 409, nothing
+    stored."""
+    out = Outcome("S10", "STOW-RS partial success")
+    blobs, _ = bright_disc_series(n=n, size=size, seed=seed)
+    bad_index = n // 2
+    bad = blobs[bad_index][:200]  # preamble, magic and a few header elements only
+    body_blobs = [*blobs[:bad_index], bad, *blobs[bad_index + 1 :]]
+    good = [b for i, b in enumerate(blobs) if i != bad_index]
+    headers = [pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True) for b in blobs]
+    study, series = str(headers[0].StudyInstanceUID), str(headers[0].SeriesInstanceUID)
+    good_sops = [str(h.SOPInstanceUID) for i, h in enumerate(headers) if i != bad_index]
+    db = Database(s.database_url)
+    with timed(out), s.client() as client:
+        partial = _stow(client, body_blobs)
+        body = partial.json() if partial.content else {}
+        referenced = [_first(i, _SOP) for i in _items(body, _REFERENCED)]
+        reasons = [_first(i, _REASON) for i in _items(body, _FAILED)]
+        same_bytes = 0
+        for sop, data in zip(good_sops, good, strict=True):
+            got = retrieve(client, Instance(data, "", study, series, sop))
+            same_bytes += got is not None and got == data
+        rows = int(
+            db.scalar(
+                "SELECT count(*) FROM instances i JOIN series s ON s.id = i.series_id "
+                "WHERE s.series_instance_uid = :u",
+                u=series,
+            )
+        )
+        all_bad = _stow(client, [bad, b"not DICOM at all", b"\x00" * 300])
+        other, _ = bright_disc_series(n=2, size=size, seed=seed + 1)
+        wrong_study = _stow(client, other, path="/dicomweb/studies/1.2.826.0.1.3680043.1.1")
+        other_sops = [
+            str(pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True).SOPInstanceUID)
+            for b in other
+        ]
+        other_rows = sum(
+            int(db.scalar("SELECT count(*) FROM instances WHERE sop_instance_uid = :u", u=u))
+            for u in other_sops
+        )
+        db.dispose()
+        out.figures.update(
+            parts=n,
+            status=partial.status_code,
+            referenced=len(referenced),
+            failed=len(reasons),
+            failure_reasons=[f"0x{r:04X}" for r in reasons if isinstance(r, int)],
+            stored_rows=rows,
+            retrieved_same_bytes=same_bytes,
+            all_bad_status=all_bad.status_code,
+            wrong_study_status=wrong_study.status_code,
+            wrong_study_rows=other_rows,
+        )
+        out.check("202 for a partial success", partial.status_code == 202)
+        out.check(f"{n - 1} referenced: the good ones", sorted(referenced) == sorted(good_sops))
+        out.check("1 failed with 0xC000", reasons == [0xC000])
+        out.check(f"{n - 1} rows, retrievable byte for byte", rows == same_bytes == n - 1)
+        out.check("only bad parts → 400", all_bad.status_code == 400)
+        out.check("wrong study in the URL → 409, nothing stored", (wrong_study.status_code,
+                  other_rows) == (409, 0))  # fmt: skip
+    f = out.figures
+    out.summary = (
+        f"{n} parts, 1 truncated → {f['status']}: {f['referenced']} referenced, {f['failed']} "
+        f"failed ({', '.join(f['failure_reasons'])}), {f['retrieved_same_bytes']} retrievable "
+        f"byte for byte; only bad parts → {f['all_bad_status']}; wrong study → "
+        f"{f['wrong_study_status']}, {f['wrong_study_rows']} stored"
+    )
+    return out

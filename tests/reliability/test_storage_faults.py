@@ -13,17 +13,17 @@ from tests.reliability.storage_scenarios import (
     embedded_stack,
     run_api_kills,
     run_concurrent_same_file,
+    run_conflicting_sop_uid,
     run_disk_full,
     run_sqlite_writers,
+    run_stow_partial,
 )
 
 pytestmark = pytest.mark.slow
 
 
 def test_s2_every_2xx_survives_api_sigkills(tmp_path: Path, tiny_models_dir: Path) -> None:
-    outcome = run_api_kills(
-        tmp_path, tiny_models_dir, n_uploads=100, kill_at=(0.2, 0.55)
-    )
+    outcome = run_api_kills(tmp_path, tiny_models_dir, n_uploads=100, kill_at=(0.2, 0.55))
     print(outcome.summary)
     assert outcome.passed, outcome.report()
 
@@ -37,6 +37,18 @@ def embedded(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) ->
 
 def test_s3_same_file_twenty_times_at_once_one_row_one_blob(embedded: Stack) -> None:
     outcome = run_concurrent_same_file(embedded, copies=20)
+    print(outcome.summary)
+    assert outcome.passed, outcome.report()
+
+
+def test_s4_conflicting_sop_uid_is_409_and_keeps_the_stored_bytes(embedded: Stack) -> None:
+    outcome = run_conflicting_sop_uid(embedded, concurrent=5)
+    print(outcome.summary)
+    assert outcome.passed, outcome.report()
+
+
+def test_s10_stow_partial_success_is_202_with_one_failure(embedded: Stack) -> None:
+    outcome = run_stow_partial(embedded, n=10)
     print(outcome.summary)
     assert outcome.passed, outcome.report()
 
