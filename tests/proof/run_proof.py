@@ -47,11 +47,19 @@ FULL = {
     "Q7": {"n_normal": 20, "measure_throughput": True},
     "Q8": {"copies": 5},
     "Q9": {"n_uploads": 5, "down_seconds": 5.0},
+    "Q2": {"kills": 5},
+    "Q10": {"n_jobs": 10},
+    "Q11": {"queued_behind": 4},
+    "S1": {"rounds": 3},
     "S2": {"n_uploads": 500, "kill_every": (1.0, 3.0)},
     "S3": {"copies": 20},
+    "S4": {"concurrent": 10},
+    "S5": {"rounds": 3},
+    "S6": {"threads": 5, "rounds": 10, "per_thread": 2},
     "S7": {"size_mib": 8},
     "S8": {"n_blobs": 1000, "size": 512},
     "S9": {"n_uploads": 60, "threads": 6},
+    "S10": {"n": 10},
     "L": {"seconds": 30.0, "concurrency": 8},
 }
 QUICK = {
@@ -62,13 +70,52 @@ QUICK = {
     "Q7": {"n_normal": 2},
     "Q8": {"copies": 5},
     "Q9": {"n_uploads": 1, "down_seconds": 1.0},
+    "Q2": {"kills": 1},
+    "Q10": {"n_jobs": 4},
+    "Q11": {"queued_behind": 2},
+    "S1": {"rounds": 1},
     "S2": {"n_uploads": 100, "kill_every": (0.5, 1.5), "max_kills": 2},
     "S3": {"copies": 20},
+    "S4": {"concurrent": 5},
+    "S5": {"rounds": 1},
+    "S6": {"threads": 5, "rounds": 3, "per_thread": 1},
     "S7": {"size_mib": 2},
     "S8": {"n_blobs": 100, "size": 64},
     "S9": {"n_uploads": 8, "threads": 4},
+    "S10": {"n": 10},
     "L": {"seconds": 8.0, "concurrency": 4},
 }
+
+
+# Catalogue entries that do not apply to medcad, with the reason (shown in the table too).
+NOT_APPLICABLE = {
+    "P3": (
+        "tenant isolation (BOLA across tenants)",
+        "medcad serves one tenant: there is no tenant to cross; roles are checked by P2",
+    ),
+    "P4": (
+        "JWT attacks",
+        "medcad authenticates with API keys only (hashed, revocable, P5); it accepts no JWT",
+    ),
+    "P9": (
+        "TLS configuration",
+        "medcad serves plain HTTP on a private address; TLS is the reverse proxy's, checked "
+        "where it is deployed",
+    ),
+    "S6 delete half": (
+        "concurrent upload/delete of one study",
+        "medcad has no delete route; the upload half runs as S6",
+    ),
+}
+
+
+def _not_applicable() -> list[Outcome]:
+    out = []
+    for test, (title, reason) in NOT_APPLICABLE.items():
+        o = Outcome(test, title, summary=f"not applicable: {reason}")
+        o.notes.append("not applicable")
+        out.append(o)
+    return out
 
 
 def _guard(test: str, title: str, run: Callable[[], Outcome]) -> Outcome:
@@ -90,9 +137,11 @@ def _guard(test: str, title: str, run: Callable[[], Outcome]) -> Outcome:
 
 
 def queue_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -> list[Outcome]:
+    from tests.reliability import crash_scenarios as c
     from tests.reliability import queue_scenarios as q
 
-    selected = [t for t in ("Q1", "Q8", "Q7", "Q9", "Q4", "Q5", "Q6") if t in wanted]
+    order = ("Q1", "Q8", "Q7", "Q9", "Q4", "Q5", "Q10", "S1", "S5", "S6", "Q2", "Q11", "Q6")
+    selected = [t for t in order if t in wanted]
     if not selected:
         return []
     results: list[Outcome] = []
@@ -118,6 +167,27 @@ def queue_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -> 
                 "Redis restart without data",
                 lambda: q.run_redis_restart(ps, keep_data=False, **sizes["Q5"]),
             ),
+            "Q10": (
+                "worker consumes after two quick broker restarts",
+                lambda: c.run_broker_double_restart(ps, **sizes["Q10"]),
+            ),
+            "S1": (
+                "API crash at each ingest step",
+                lambda: c.run_ingest_crash_points(ps, **sizes["S1"]),
+            ),
+            "S5": (
+                "worker crash while writing results",
+                lambda: c.run_result_write_crashes(ps, **sizes["S5"]),
+            ),
+            "S6": (
+                "concurrent uploads into one study",
+                lambda: c.run_concurrent_study_uploads(ps, **sizes["S6"]),
+            ),
+            "Q2": (
+                "Celery's default reject_on_worker_lost under child SIGKILL",
+                lambda: c.run_default_reject_flag(ps, **sizes["Q2"]),
+            ),
+            "Q11": ("SIGTERM mid-task", lambda: c.run_sigterm_mid_task(ps, **sizes["Q11"])),
             "Q6": ("PostgreSQL outage", lambda: q.run_db_outage(ps, **sizes["Q6"])),
         }
         for test in selected:
@@ -139,7 +209,7 @@ def storage_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -
                 lambda: st.run_api_kills(root / "s2", models, **sizes["S2"]),
             )
         )
-    if wanted & {"S3", "S9"}:
+    if wanted & {"S3", "S4", "S9", "S10"}:
         with st.embedded_stack(root / "embedded", models, extra_workers=1) as s:
             if "S3" in wanted:
                 results.append(
@@ -147,6 +217,22 @@ def storage_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -
                         "S3",
                         "same file uploaded concurrently",
                         lambda: st.run_concurrent_same_file(s, **sizes["S3"]),
+                    )
+                )
+            if "S4" in wanted:
+                results.append(
+                    _guard(
+                        "S4",
+                        "same SOP Instance UID, other content",
+                        lambda: st.run_conflicting_sop_uid(s, **sizes["S4"]),
+                    )
+                )
+            if "S10" in wanted:
+                results.append(
+                    _guard(
+                        "S10",
+                        "STOW-RS partial success",
+                        lambda: st.run_stow_partial(s, **sizes["S10"]),
                     )
                 )
             if "S9" in wanted:
@@ -293,6 +379,8 @@ def print_table(results: list[Outcome]) -> None:
     table.add_column("time", justify="right")
     for out in results:
         result = "[green]PASS[/green]" if out.passed else "[red]FAIL[/red]"
+        if "not applicable" in out.notes:
+            result = "n/a"
         table.add_row(out.test, out.title, result, out.summary, f"{out.seconds:.0f} s")
     console.print(table)
 
@@ -320,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         results += storage_scenarios(root, models, sizes, wanted)
     if wanted & {"S11", "Q12"}:
         results += [r for r in pytest_scenarios() if r.test in wanted]
-    print_table(results)
     passed = all(r.passed for r in results)
+    print_table(results + _not_applicable())
     report = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
@@ -329,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.monotonic() - started),
         "environment": _versions(),
         "results": [r.as_json() for r in results],
+        "not_applicable": {k: {"title": t, "reason": r} for k, (t, r) in NOT_APPLICABLE.items()},
     }
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
     console.print(f"{'all passed' if passed else 'FAILURES'}; report written to {args.out}")

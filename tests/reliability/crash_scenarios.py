@@ -1,6 +1,7 @@
 """Crash points, restarts and races on the production-shaped deployment of ``queue_scenarios``.
 
-Catalogue ids (reliability note §1.4 and §2.3): S1 the API crashes at each step of ingest, S5 a
+Catalogue ids (reliability note §1.4 and §2.3): Q2 Celery's default ``reject_on_worker_lost``
+under pool-child kills, S1 the API crashes at each step of ingest, S5 a
 worker crashes while writing a result set, S6 concurrent uploads into one study, Q10 the broker
 restarted twice in a row, Q11 the worker stopped with SIGTERM mid-task.
 
@@ -26,7 +27,7 @@ import httpx
 import pydicom
 
 from tests.fixtures.dicom_files import bright_disc_series
-from tests.reliability.harness import JobRow, pid_alive, wait_terminal, wait_until
+from tests.reliability.harness import JobRow, percentile, pid_alive, wait_terminal, wait_until
 from tests.reliability.outcome import Outcome, timed
 from tests.reliability.queue_scenarios import (
     TERMINAL,
@@ -704,3 +705,89 @@ def _freeze_running_job(ps: ProdStack, client: httpx.Client, tries: int = 5) -> 
             return job_id, pid
         os.kill(pid, signal.SIGCONT)  # it finished just before the freeze: try again
     raise AssertionError("could not catch a job mid-task")
+
+
+# ---------------------------------------------------------------------------------------------
+# Q2: what Celery's default would do
+
+
+def run_default_reject_flag(ps: ProdStack, *, kills: int = 2, timeout: float = 180) -> Outcome:
+    """Q2: medcad's settings turn ``task_reject_on_worker_lost`` on; here a worker runs with
+    Celery's default (off) and the pool child running a job is SIGKILLed ``kills`` times. Celery
+    then acknowledges the message as failed: the broker forgets the job (the loss of §0.1 E2).
+    The job row still says ``running`` under a dead owner, so the sweeper re-sends it once its
+    lease expires: nothing is lost, but recovery waits for the lease instead of being
+    immediate. Proven from the database: every re-claim comes after the dead attempt's lease
+    expiry."""
+    from app.queue import make_celery
+    from app.settings import Settings
+
+    out = Outcome("Q2", "Celery's default reject_on_worker_lost (off) under child SIGKILL")
+    ours = make_celery(Settings(broker_url="redis://127.0.0.1:1/0")).conf
+    lease_s = int(ps.worker_env.get("MEDCAD_JOB_LEASE_SECONDS", ps.stack.env.get(
+        "MEDCAD_JOB_LEASE_SECONDS", "6")))  # fmt: skip
+    ps.restart_worker(MEDCAD_TEST_CELERY_DEFAULT_REJECT="1")
+    hits: list[dict[str, Any]] = []
+    try:
+        with timed(out), ps.stack.client() as client:
+            for _ in range(kills):
+                job_id, child = _freeze_running_job(ps, client)
+                os.kill(child, signal.SIGKILL)  # (a stopped process dies at once too)
+                killed = time.monotonic()
+                wait_until(lambda child=child: not pid_alive(child), 30, 0.02, "child gone")
+                expiry = ps.db.scalar("SELECT lease_expires_at FROM jobs WHERE id = :j", j=job_id)
+                wait_until(
+                    lambda job_id=job_id: ps.db.jobs([job_id])[job_id].attempts >= 2,
+                    timeout,
+                    0.05,
+                    "job re-claimed",
+                )
+                reclaim_s = time.monotonic() - killed
+                rows = wait_terminal(ps.db, [job_id], timeout)
+                started = ps.db.scalar("SELECT started_at FROM jobs WHERE id = :j", j=job_id)
+                hits.append(
+                    {
+                        "job": job_id,
+                        "status": rows[job_id].status,
+                        "attempts": rows[job_id].attempts,
+                        "reclaim_s": round(reclaim_s, 2),
+                        "after_lease_expiry": started is not None
+                        and expiry is not None
+                        and _naive(started) >= _naive(expiry),
+                    }
+                )
+    finally:
+        ps.worker_env.pop("MEDCAD_TEST_CELERY_DEFAULT_REJECT", None)
+        ps.restart_worker()
+    reclaims = [h["reclaim_s"] for h in hits]
+    out.figures.update(
+        medcad_sets_reject_on_worker_lost=ours.task_reject_on_worker_lost,
+        kills=len(hits),
+        succeeded=sum(1 for h in hits if h["status"] == "succeeded"),
+        lost=sum(1 for h in hits if h["status"] != "succeeded"),
+        reclaimed_only_after_lease_expiry=sum(1 for h in hits if h["after_lease_expiry"]),
+        lease_seconds=lease_s,
+        reclaim_p50_s=round(percentile(reclaims, 50), 2),
+        reclaim_max_s=round(max(reclaims, default=float("nan")), 2),
+        duplicates=duplicate_result_rows(ps.db),
+    )
+    out.check("medcad's settings turn reject_on_worker_lost on", ours.task_reject_on_worker_lost)
+    out.check("with Celery's default the broker dropped every killed job (re-claimed only by "
+              "the sweeper after the lease)", out.figures["reclaimed_only_after_lease_expiry"]
+              == kills)  # fmt: skip
+    out.check("0 lost all the same: every job succeeded", out.figures["succeeded"] == kills)
+    out.check("each re-run once", all(h["attempts"] == 2 for h in hits))
+    out.check("0 duplicated result rows", out.figures["duplicates"] == 0)
+    f = out.figures
+    out.summary = (
+        f"Celery default (off), {f['kills']} child SIGKILLs: the broker dropped {f['kills']}/"
+        f"{f['kills']} messages; the sweeper re-sent them after the {f['lease_seconds']} s "
+        f"lease (re-claim p50 {f['reclaim_p50_s']} s, max {f['reclaim_max_s']} s): "
+        f"{f['lost']} lost. medcad sets it on: re-delivery is immediate (Q1)"
+    )
+    return out
+
+
+def _naive(value: Any) -> Any:
+    """A timestamp comparable across SQLite/PostgreSQL drivers (UTC, no tzinfo)."""
+    return value.replace(tzinfo=None) if getattr(value, "tzinfo", None) else value

@@ -8,6 +8,10 @@ Put on ``PYTHONPATH`` of a test process only. Two injectors, each off unless its
     reproduced for one chosen input without touching medcad's code. A Python audit hook
     (PEP 578) sees the ``open`` of the blob before any byte is decoded.
 
+``MEDCAD_TEST_CELERY_DEFAULT_REJECT`` (Q2, Celery's default)
+    The worker's task runs with Celery's default ``reject_on_worker_lost=False`` instead of
+    medcad's ``True``, to show what the job table and the sweeper do without it.
+
 ``MEDCAD_TEST_CRASH_FILE`` (S1 ingest crash points, S5 result-write crash points)
     The file, when it exists, names one crash point; the first process of this deployment that
     reaches it removes the file (so exactly one process crashes, once) and ends with
@@ -147,3 +151,12 @@ if _LIST or _CRASH:
     sys.addaudithook(_hook)
 if _CRASH:
     _install_transaction_points()
+if os.environ.get("MEDCAD_TEST_CELERY_DEFAULT_REJECT"):
+    from celery.signals import worker_ready
+
+    def _celery_default(sender: object, **_kwargs: object) -> None:
+        app = sender.app  # type: ignore[attr-defined]
+        app.conf.task_reject_on_worker_lost = False
+        app.tasks["medcad.run_job"].reject_on_worker_lost = False
+
+    worker_ready.connect(_celery_default, weak=False)
