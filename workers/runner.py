@@ -290,93 +290,175 @@ def _execute(run: JobRun) -> None:
     t = time.perf_counter()
     series = decode_series(rows, run.store)
     run.timed("decode", time.perf_counter() - t)
-    analyses: list[ModelAnalysis] = []
     preprocessed: dict[str, NDArray[np.float32]] = {}  # models sharing a preprocessing share x
     modality = str(series.datasets[0].get("Modality", "") or "")
-    for model in models:
-        run.stage(f"infer:{model.manifest.name}")
-        intended = model.manifest.preprocessing.modalities
-        if intended and modality not in intended:
-            run.warnings.append(
-                {
-                    "code": "outside_intended_use",
-                    "detail": f"{model.manifest.key}: modality {modality or 'unknown'!r} is not one "
-                    f"of {intended}; results are out of distribution",
-                }
+    threads = ort_threads(run.settings)
+    with OutputBuilder(run, series, overlap=threads < _cores()) as outputs:
+        for model in models:
+            run.stage(f"infer:{model.manifest.name}")
+            intended = model.manifest.preprocessing.modalities
+            if intended and modality not in intended:
+                run.warnings.append(
+                    {
+                        "code": "outside_intended_use",
+                        "detail": f"{model.manifest.key}: modality {modality or 'unknown'!r} is "
+                        f"not one of {intended}; results are out of distribution",
+                    }
+                )
+            session = onnx_sessions.get_session(
+                model,
+                intra_op_threads=threads,
+                inter_op_threads=run.settings.ort_inter_op_threads,
             )
-        session = onnx_sessions.get_session(
-            model,
-            intra_op_threads=ort_threads(run.settings),
-            inter_op_threads=run.settings.ort_inter_op_threads,
-        )
-        analysis = analyze_series(
-            session.run,
-            model.manifest,
-            series.frames,
-            max_forward_passes=int(requested_budget)
-            if requested_budget
-            else min(
-                run.settings.saliency_max_forward_passes,
-                model.manifest.saliency.max_forward_passes,
-            ),
-            extra_methods=extra,
-            preprocessed=preprocessed,
-        )
-        for name, seconds in analysis.timings.items():
-            run.timed(f"{name}:{model.manifest.name}", seconds)
-        analyses.append(analysis)
-    run.stage("outputs")
+            analysis = analyze_series(
+                session.run,
+                model.manifest,
+                series.frames,
+                max_forward_passes=int(requested_budget)
+                if requested_budget
+                else min(
+                    run.settings.saliency_max_forward_passes,
+                    model.manifest.saliency.max_forward_passes,
+                ),
+                extra_methods=extra,
+                preprocessed=preprocessed,
+            )
+            for name, seconds in analysis.timings.items():
+                run.timed(f"{name}:{model.manifest.name}", seconds)
+            outputs.add(analysis)
+        run.stage("outputs")
+        t = time.perf_counter()
+        records = outputs.records()
+        run.timed("outputs", time.perf_counter() - t)
     t = time.perf_counter()
-    records = build_records(run, series, analyses)
-    run.timed("outputs", time.perf_counter() - t)
-    t = time.perf_counter()
-    _commit_results(run, records, analyses)
+    _commit_results(run, records, outputs.analyses)
     run.timed("commit", time.perf_counter() - t)
 
 
-def build_records(run: JobRun, series: DecodedSeries, analyses: list[ModelAnalysis]) -> list[Any]:
-    """Render PNGs/maps/DICOM objects, store their blobs, and return the rows to insert.
+@dataclass
+class _PendingOutputs:
+    """One model's outputs in the making: its saliency maps and their rendering futures."""
+
+    analysis: ModelAnalysis
+    maps: list[SaliencyResult]
+    saliency: list[Future[SaliencyRecord]]
+    masks: list[Future[tuple[str, str]]]
+
+
+class OutputBuilder:
+    """Builds every model's records (PNGs, maps, DICOM objects, blobs), in model order.
 
     Per-frame images (saliency maps, label maps and their overlays) are rendered by a small
-    thread pool: PNG compression and the blob store's fsync release the GIL, so they proceed
-    while this thread builds the DICOM objects (pure Python). The rows come out in the same
-    order, with the same content, as a sequential loop would give.
+    thread pool: PNG compression, hashing and the blob store's fsync release the GIL. The DICOM
+    objects are pure Python and are built one model after another on a single thread.
+
+    With ``overlap`` (the sessions leave a core free: fewer intra-op threads than cores), a
+    model's outputs are built while the next model runs: onnxruntime releases the GIL, so the
+    builder thread uses the spare core and only the last model's outputs remain after the last
+    forward pass. Without it, everything is built after inference, as one sequential loop would.
+    Either way the rows come out in the same order with the same content, and the warnings
+    in model order (one builder thread).
     """
-    records: list[Any] = []
-    with ThreadPoolExecutor(max_workers=min(4, _cores()), thread_name_prefix="render") as pool:
-        rendered = []
+
+    def __init__(self, run: JobRun, series: DecodedSeries, *, overlap: bool) -> None:
+        self.run = run
+        self.series = series
+        self.overlap = overlap
+        self.analyses: list[ModelAnalysis] = []
+        self._pool = ThreadPoolExecutor(max_workers=min(4, _cores()), thread_name_prefix="render")
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outputs")
+        self._built: list[Future[tuple[list[Any], list[dict[str, str]]]]] = []
+
+    def __enter__(self) -> OutputBuilder:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # on failure, work not started yet is dropped; running work finishes (its blobs are
+        # orphans for the scrubber, as after a crash)
+        failed = exc_type is not None
+        self._builder.shutdown(wait=True, cancel_futures=failed)
+        self._pool.shutdown(wait=True, cancel_futures=failed)
+
+    def add(self, analysis: ModelAnalysis) -> None:
+        """Queue one model's outputs (started now when overlapping, else at ``records``)."""
+        self.analyses.append(analysis)
+        if self.overlap:
+            self._submit(analysis)
+
+    def records(self) -> list[Any]:
+        """Every model's rows, in model order (waits for the builder)."""
+        if not self.overlap:
+            for analysis in self.analyses:
+                self._submit(analysis)
+        out: list[Any] = []
+        for future in self._built:
+            records, warnings = future.result()
+            out.extend(records)
+            self.run.warnings.extend(warnings)
+        return out
+
+    def _submit(self, analysis: ModelAnalysis) -> None:
+        pending = _start_model_outputs(self.run, self.series, analysis, self._pool)
+        self._built.append(self._builder.submit(self._finish, pending))
+
+    def _finish(self, pending: _PendingOutputs) -> tuple[list[Any], list[dict[str, str]]]:
+        t = time.perf_counter()
+        warnings: list[dict[str, str]] = []
+        built = _finish_model_outputs(self.run, self.series, pending, warnings)
+        self.run.timed("outputs_built", time.perf_counter() - t)
+        return built, warnings
+
+
+def build_records(run: JobRun, series: DecodedSeries, analyses: list[ModelAnalysis]) -> list[Any]:
+    """Render PNGs/maps/DICOM objects, store their blobs, and return the rows to insert."""
+    with OutputBuilder(run, series, overlap=False) as outputs:
         for analysis in analyses:
-            name, version = analysis.manifest.name, analysis.manifest.version
-            maps = _all_saliency(analysis)
-            saliency_futures = [
-                pool.submit(_saliency_record, run, series, name, version, sal) for sal in maps
-            ]
-            mask_futures = (
-                [pool.submit(_mask_images, run, analysis, i) for i in range(len(series.refs))]
-                if analysis.segmentation is not None
-                else []
-            )
-            rendered.append((analysis, maps, saliency_futures, mask_futures))
-        for analysis, maps, saliency_futures, mask_futures in rendered:
-            manifest = analysis.manifest
-            saliency_ids: dict[tuple[int, str], str] = {}
-            for sal, future in zip(maps, saliency_futures, strict=True):
-                record = future.result()
-                records.append(record)
-                saliency_ids[(sal.index, sal.method.value)] = record.id
-            if analysis.segmentation is not None:
-                records.extend(_mask_records(run, series, analysis, saliency_ids, mask_futures))
-                records.extend(
-                    _dicom_output(run, "seg", manifest.name, _seg_artifact, series, analysis)
-                )
-            if analysis.classification is not None:
-                records.extend(_finding_records(run, series, analysis, saliency_ids))
-                records.extend(
-                    _dicom_output(run, "sr", manifest.name, _sr_artifact, series, analysis)
-                )
-            records.extend(
-                _dicom_output(run, "pmap", manifest.name, _pmap_artifacts, series, analysis)
-            )
+            outputs.add(analysis)
+        return outputs.records()
+
+
+def _start_model_outputs(
+    run: JobRun, series: DecodedSeries, analysis: ModelAnalysis, pool: ThreadPoolExecutor
+) -> _PendingOutputs:
+    """Submit a model's per-frame renderings to the pool."""
+    name, version = analysis.manifest.name, analysis.manifest.version
+    maps = _all_saliency(analysis)
+    return _PendingOutputs(
+        analysis=analysis,
+        maps=maps,
+        saliency=[pool.submit(_saliency_record, run, series, name, version, sal) for sal in maps],
+        masks=[pool.submit(_mask_images, run, analysis, i) for i in range(len(series.refs))]
+        if analysis.segmentation is not None
+        else [],
+    )
+
+
+def _finish_model_outputs(
+    run: JobRun, series: DecodedSeries, pending: _PendingOutputs, warnings: list[dict[str, str]]
+) -> list[Any]:
+    """A model's rows: saliency, masks, findings and its DICOM objects (built here); a DICOM
+    object the sources cannot support becomes an entry of ``warnings`` instead."""
+    analysis = pending.analysis
+    manifest = analysis.manifest
+    records: list[Any] = []
+    saliency_ids: dict[tuple[int, str], str] = {}
+    for sal, future in zip(pending.maps, pending.saliency, strict=True):
+        record = future.result()
+        records.append(record)
+        saliency_ids[(sal.index, sal.method.value)] = record.id
+    if analysis.segmentation is not None:
+        records.extend(_mask_records(run, series, analysis, saliency_ids, pending.masks))
+        records.extend(
+            _dicom_output(run, "seg", manifest.name, _seg_artifact, series, analysis, warnings)
+        )
+    if analysis.classification is not None:
+        records.extend(_finding_records(run, series, analysis, saliency_ids))
+        records.extend(
+            _dicom_output(run, "sr", manifest.name, _sr_artifact, series, analysis, warnings)
+        )
+    records.extend(
+        _dicom_output(run, "pmap", manifest.name, _pmap_artifacts, series, analysis, warnings)
+    )
     return records
 
 
@@ -387,6 +469,7 @@ def _dicom_output(
     build: Callable[[JobRun, DecodedSeries, ModelAnalysis], ArtifactRecord | list[ArtifactRecord]],
     series: DecodedSeries,
     analysis: ModelAnalysis,
+    warnings: list[dict[str, str]],
 ) -> list[ArtifactRecord]:
     """Build a DICOM output; if the source headers cannot support it, warn instead of failing.
 
@@ -398,7 +481,7 @@ def _dicom_output(
         built = build(run, series, analysis)
     except (ValueError, AttributeError, KeyError, TypeError, RuntimeError, IndexError) as exc:
         # highdicom's messages describe structure (missing attributes, duplicate planes), not values.
-        run.warnings.append(
+        warnings.append(
             {
                 "code": f"dicom_{kind}_not_built",
                 "detail": f"{model}: {type(exc).__name__}: {str(exc)[:200]}",

@@ -182,3 +182,61 @@ def test_non_ct_series_is_processed_with_an_intended_use_warning(api: Any) -> No
     codes = {w["code"] for w in job["warnings"]}
     assert "outside_intended_use" in codes
     assert any("'MR'" in w["detail"] for w in job["warnings"])
+
+
+def _result_content(job_id: str) -> dict[str, Any]:
+    """What a job delivered, without ids, UIDs and times: blob keys, values, DICOM pixels."""
+    import pydicom
+
+    from app.db.records import ArtifactRecord
+    from app.settings import get_settings
+    from app.storage import BlobStore
+
+    store = BlobStore(get_settings().blob_dir)
+    with session_scope() as s:
+        masks = s.scalars(select(MaskRecord).where(MaskRecord.job_id == job_id)).all()
+        maps = s.scalars(select(SaliencyRecord).where(SaliencyRecord.job_id == job_id)).all()
+        found = s.scalars(select(FindingRecord).where(FindingRecord.job_id == job_id)).all()
+        artifacts = s.scalars(select(ArtifactRecord).where(ArtifactRecord.job_id == job_id)).all()
+        dicom = sorted(
+            (a.kind, a.model, a.method or "", pydicom.dcmread(io.BytesIO(store.get(a.blob_sha256))))
+            for a in artifacts
+        )
+        return {
+            "masks": sorted((m.model, m.frame, m.blob_sha256, m.overlay_sha256) for m in masks),
+            "saliency": sorted(
+                (m.model, m.method, m.frame, m.blob_sha256, m.overlay_sha256) for m in maps
+            ),
+            "findings": sorted((f.model, f.level, f.frame or -1, f.probability) for f in found),
+            "dicom_kinds": [d[:3] for d in dicom],
+            "dicom_pixels": [
+                d[3].PixelData if "PixelData" in d[3] else d[3].get("FloatPixelData", b"")
+                for d in dicom
+            ],
+            "dicom_elements": [sum(1 for _ in d[3].iterall()) for d in dicom],
+        }
+
+
+def test_outputs_built_alongside_inference_match_outputs_built_after_it(api: Any) -> None:
+    import os
+
+    from app.settings import get_settings
+
+    # one intra-op thread leaves a core to the output builder (on a machine with two or more):
+    # each model's outputs are built while the next model runs; with every core given to the
+    # sessions they are built after the last model, as one loop would
+    blobs, _ = bright_disc_series(n=3, radius=10)
+    job_id = _upload(api, blobs, saliency="occlusion", saliency_budget="40")
+    content = {}
+    for threads in (1, len(os.sched_getaffinity(0))):
+        with session_scope() as s:  # run the same job again, from scratch
+            job = s.get(JobRecord, job_id)
+            assert job is not None
+            job.status, job.attempts = "queued", 0
+        settings = get_settings().model_copy(update={"ort_intra_op_threads": threads})
+        assert runner.run_job(job_id, settings) == "succeeded"
+        content[threads] = _result_content(job_id)
+    overlapped, sequential = content.values()
+    assert overlapped["masks"] and overlapped["saliency"] and overlapped["findings"]
+    assert [k for k, _, _ in overlapped["dicom_kinds"]].count("pmap") >= 2
+    assert overlapped == sequential
