@@ -61,6 +61,8 @@ FULL = {
     "S9": {"n_uploads": 60, "threads": 6},
     "S10": {"n": 10},
     "L": {"seconds": 30.0, "concurrency": 8},
+    "L4": {"uploads": 500, "clients": 16, "queue_limit": 40},
+    "L5": {"seconds": 60.0, "clients": 32},
 }
 QUICK = {
     "Q1": {"n_jobs": 10, "child_kills": 2, "worker_kills": 1, "interval": 1.5},
@@ -84,6 +86,8 @@ QUICK = {
     "S9": {"n_uploads": 8, "threads": 4},
     "S10": {"n": 10},
     "L": {"seconds": 8.0, "concurrency": 4},
+    "L4": {"uploads": 60, "clients": 8, "queue_limit": 10},
+    "L5": {"seconds": 8.0, "clients": 8},
 }
 
 
@@ -273,6 +277,35 @@ def storage_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -
     return results
 
 
+def load_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -> list[Outcome]:
+    """L4 and L5 on a production-shaped deployment of their own."""
+    from tests.reliability import load_scenarios as ld
+    from tests.reliability import queue_scenarios as q
+
+    if not wanted & {"L4", "L5"}:
+        return []
+    results: list[Outcome] = []
+    with q.production_stack(root / "load", models, resend_after=20) as ps:
+        if "L5" in wanted:
+            results.append(
+                _guard(
+                    "L5",
+                    "read path under concurrent clients",
+                    lambda: ld.run_read_path_load(ps, **sizes["L5"]),
+                )
+            )
+        if "L4" in wanted:
+            ps.ensure_healthy()
+            results.append(
+                _guard(
+                    "L4",
+                    "burst against a bounded queue",
+                    lambda: ld.run_burst_backpressure(ps, **sizes["L4"]),
+                )
+            )
+    return results
+
+
 def _scrubber(root: Path, models: Path, sizes: dict) -> Outcome:
     """S8 against a fresh SQLite database (settings pointed at ``root`` for the enqueue hook)."""
     from app.db.migrate import upgrade
@@ -406,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         models = build_models_dir(root / "models")
         results += queue_scenarios(root, models, sizes, wanted)
         results += storage_scenarios(root, models, sizes, wanted)
+        results += load_scenarios(root, models, sizes, wanted)
     if wanted & {"S11", "Q12"}:
         results += [r for r in pytest_scenarios() if r.test in wanted]
     passed = all(r.passed for r in results)
