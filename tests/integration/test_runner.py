@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from typing import Any
 
@@ -65,7 +66,15 @@ def test_job_runs_and_results_are_served(api: Any) -> None:
     # DICOM outputs are listed and downloadable
     for kind in ("seg", "sr", "pmap"):
         assert res["dicom"][kind], kind
-        assert api.get(res["dicom"][kind][0]["url"]).content[128:132] == b"DICM"
+        url = res["dicom"][kind][0]["url"]
+        got = api.get(url)
+        assert got.content[128:132] == b"DICM"
+        # ETag: the content address (sha256) of the bytes; a match answers 304 without them
+        etag = got.headers["etag"]
+        assert etag == f'"{hashlib.sha256(got.content).hexdigest()}"', kind
+        again = api.get(url, headers={"If-None-Match": etag})
+        assert again.status_code == 304 and again.content == b"", kind
+        assert again.headers["etag"] == etag
     pixels = api.get(
         f"/api/v1/instances/{res['series']['instances'][0]['sop_instance_uid']}/frames/0/pixels"
     )
