@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from playwright.sync_api import ConsoleMessage, Page
 
@@ -73,6 +75,22 @@ CONTRAST_SCRIPT = """
   return out;
 }
 """
+
+
+def drop_paths(page: Page, selector: str, paths: Sequence[Path]) -> None:
+    """Drag files and folders from disk onto ``selector`` with chromium's own drag events
+    (DevTools ``Input.dispatchDragEvent``), so the page receives real FileSystemEntry objects,
+    folders included, exactly as from a file manager."""
+    box = page.locator(selector).bounding_box()
+    assert box is not None, f"{selector} is not on screen"
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    data = {"items": [], "files": [str(p) for p in paths], "dragOperationsMask": 1}
+    cdp = page.context.new_cdp_session(page)
+    try:
+        for kind in ("dragEnter", "dragOver", "drop"):
+            cdp.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+    finally:
+        cdp.detach()
 
 
 def find_chromium() -> str | None:

@@ -25,7 +25,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect
 from tests.fixtures.dicom_files import bright_disc_series
 from tests.helpers.services import MedcadProcesses, medcad_deployment
 
-from .support import VIEWPORTS, horizontal_overflow, watch_console
+from .support import VIEWPORTS, drop_paths, horizontal_overflow, watch_console
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
@@ -66,21 +66,6 @@ def _write_series(folder: Path, *, radius: float, seed: int, n: int = 3) -> None
     blobs, _ = bright_disc_series(n=n, radius=radius, seed=seed)
     for i, blob in enumerate(blobs):
         (folder / f"IM{i + 1:04d}.dcm").write_bytes(blob)
-
-
-def _drop(page: Page, selector: str, paths: list[Path]) -> None:
-    """Drag files and folders from disk onto ``selector`` with chromium's own drag events, so
-    the page receives real FileSystemEntry objects (folders included)."""
-    box = page.locator(selector).bounding_box()
-    assert box is not None
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    data = {"items": [], "files": [str(p) for p in paths], "dragOperationsMask": 1}
-    cdp = page.context.new_cdp_session(page)
-    try:
-        for kind in ("dragEnter", "dragOver", "drop"):
-            cdp.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
-    finally:
-        cdp.detach()
 
 
 def _canvas_hash(page: Page) -> int:
@@ -125,7 +110,7 @@ def test_drop_a_folder_and_a_zip_follow_the_queue_and_review_overlays(
         page.locator(f"#model-list input[value={name}]").check()
 
     # Drop the folder and the zip together, as from a file manager.
-    _drop(page, "#dropzone", [study, zipped])
+    drop_paths(page, "#dropzone", [study, zipped])
     expect(page.locator("#selection-summary")).to_have_text(
         re.compile(r"^8 files chosen \(.+\), including 1 zip archive\.$")
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pty
 import re
 import signal
 import subprocess
@@ -235,13 +236,13 @@ def tiny_server(
         yield server
 
 
-def write_twenty_series(root: Path) -> dict[str, list[Path]]:
-    """``RESUME_STUDIES`` phantom studies of two small series each (64 × 64, a few slices),
-    one folder per series with its ground truth beside it; returns files by Series UID."""
+def write_twenty_series(root: Path, studies: int = RESUME_STUDIES) -> dict[str, list[Path]]:
+    """``studies`` phantom studies of two small series each (64 × 64, a few slices), one
+    folder per series with its ground truth beside it; returns files by Series UID."""
     from models.training.phantoms import generate_series, write_dicom_series
 
     series: dict[str, list[Path]] = {}
-    for study in range(RESUME_STUDIES):
+    for study in range(studies):
         seed = 77_000 + study
         for number in (1, 2):
             phantom = generate_series(
@@ -255,7 +256,7 @@ def write_twenty_series(root: Path) -> dict[str, list[Path]]:
             paths = write_dicom_series(phantom, folder, seed=seed, series_number=number)
             uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
             series[uid] = paths
-    assert len(series) == 2 * RESUME_STUDIES
+    assert len(series) == 2 * studies
     return series
 
 
@@ -302,7 +303,7 @@ def test_killed_run_of_twenty_series_resumes_without_sending_a_stored_file_again
         "--wait-timeout",
         "300",
     )
-    assert file_counts(tiny_server)["stored"] == 0, "the server must start empty"
+    baseline = file_counts(tiny_server)  # other tests may share this server
 
     # First run: SIGKILL the real process once the state file records half the series stored.
     log = (tmp_path / "first-run.log").open("wb")
@@ -357,7 +358,7 @@ def test_killed_run_of_twenty_series_resumes_without_sending_a_stored_file_again
     # The server's own count: every instance stored exactly once, and the only files it saw
     # twice are those in flight when the first run was killed. A re-run that sent again what
     # the server held (about half of the 80 files) would show up here as duplicates.
-    served = file_counts(tiny_server)
+    served = file_counts(tiny_server) - baseline
     assert served["stored"] == len(all_files), served
     assert served["duplicate"] == sum(after[k]["outcome"] == "duplicate" for k in all_files)
     assert served["duplicate"] <= len(in_flight), (served, len(in_flight))
@@ -399,7 +400,7 @@ def test_killed_run_of_twenty_series_resumes_without_sending_a_stored_file_again
     assert third.returncode == 0, third.stdout + third.stderr
     final = json.loads(state_path.read_text())["files"]
     assert all(final[k]["sent"] == after[k]["sent"] for k in all_files)
-    assert file_counts(tiny_server) == served
+    assert file_counts(tiny_server) - baseline == served
 
 
 def test_rejected_files_and_unknown_models_give_a_non_zero_exit(
@@ -440,3 +441,53 @@ def test_rejected_files_and_unknown_models_give_a_non_zero_exit(
     record = files[str(broken.resolve())]
     assert record["outcome"] == "rejected" and record["error"], record
     assert all(files[str(p.resolve())]["outcome"] == "stored" for p in good)
+
+
+def test_progress_bars_show_on_a_terminal(tiny_server: Any, tmp_path: Path) -> None:
+    """On a terminal (a pseudo-terminal here) the run shows rich progress bars for scanning,
+    uploading (files and bytes), processing and downloading; piped, it prints none (above)."""
+    write_twenty_series(tmp_path / "export", studies=1)
+    command = submit_command(
+        tiny_server,
+        [tmp_path / "export"],
+        "--models",
+        TINY_MODELS,
+        "--poll",
+        "0.5",
+        "--out",
+        str(tmp_path / "results"),
+        "--state",
+        str(tmp_path / "state.json"),
+    )
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+    proc = subprocess.Popen(command, stdin=terminal, stdout=terminal, stderr=terminal, env=env)
+    os.close(terminal)
+    screen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal closes when the process ends (EIO)
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        os.close(controller)
+        assert proc.wait(120) == 0, screen.decode(errors="replace")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    text = text.replace("\r", "\n")  # each redraw starts a line
+    final = {}  # each task's last drawn amount
+    for task, amount in re.findall(r"^(\w+)\s+━+\s+(\S+)", text, re.M):
+        final[task] = amount
+    assert final == {
+        "scanning": "12/12",  # 8 slices and the ground truth beside them
+        "files": "8/8",
+        "bytes": final.get("bytes"),
+        "jobs": "2/2",
+        "results": "2/2",
+    }, text[-2000:]
+    done, total = final["bytes"].split("/")
+    assert float(done) == float(total) > 0
+    assert "series: 2; jobs: 2 succeeded" in text
