@@ -5,7 +5,7 @@ It is what ``medcad submit`` uses, and it is meant for scripts and notebooks too
     from pathlib import Path
     from app.client import Client
 
-    with Client("http://127.0.0.1:8000", api_key="mcd_...") as medcad:
+    with Client("http://127.0.0.1:8000", api_key="mc_...") as medcad:
         print(medcad.me().role)
         upload = medcad.upload(sorted(Path("series01").glob("*.dcm")), models=["unet"])
         jobs = medcad.wait([job.id for job in upload.jobs], timeout=600)
