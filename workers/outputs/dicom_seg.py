@@ -96,12 +96,6 @@ def build_segmentation(
     described = segment_labels(labels)
     if not described:
         raise ValueError("labels have no non-background label to segment")
-    known = {BACKGROUND_VALUE} | {lab.value for lab in described}
-    present = np.flatnonzero(np.bincount(label_maps.ravel(), minlength=256))
-    unknown = sorted(set(present.tolist()) - known)
-    if unknown:
-        raise ValueError(f"label_maps contain values {unknown} that are not manifest labels")
-
     # Segment numbers must run 1..S (PS3.3 C.8.20.2.3) while label values need not be
     # contiguous: a 256-entry table maps each label value to its segment number. highdicom
     # takes such a label map (F, H, W) directly and splits it into one binary frame per
@@ -111,6 +105,11 @@ def build_segmentation(
     for number, lab in enumerate(described, start=1):
         numbers[lab.value] = number
     segments = numbers[label_maps]
+    # a pixel without a segment number must be background; anything else is not a label
+    stray = (segments == 0) & (label_maps != BACKGROUND_VALUE)
+    if stray.any():
+        unknown = sorted(np.unique(label_maps[stray]).tolist())
+        raise ValueError(f"label_maps contain values {unknown} that are not manifest labels")
 
     algorithm = algorithm_identification(model_name, model_version)
     descriptions = []
