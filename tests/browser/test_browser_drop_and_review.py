@@ -155,6 +155,9 @@ def test_drop_a_folder_and_a_zip_follow_the_queue_and_review_overlays(
     expect(page.locator("#image-canvas")).to_have_attribute("data-drawn", re.compile(r"^\d+$"))
     expect(page.locator("#viewer-uncertain")).to_be_visible()
     expect(page.locator("#findings-series")).to_contain_text("Uncertain — please review")
+    # Findings per slice (this one) and per series, each with its probability.
+    expect(page.locator("#findings-slice li").first).to_contain_text("%")
+    expect(page.locator("#findings-series li").first).to_contain_text("%")
     expect(page.get_by_role("note")).to_contain_text("Not for clinical use")
 
     mask_opacity = page.get_by_label(re.compile(r"^Mask opacity"))
