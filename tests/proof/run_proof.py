@@ -61,8 +61,10 @@ FULL = {
     "S9": {"n_uploads": 60, "threads": 6},
     "S10": {"n": 10},
     "L": {"seconds": 30.0, "concurrency": 8},
+    "L2": {"seconds": 600.0},
     "L4": {"uploads": 500, "clients": 16, "queue_limit": 40},
     "L5": {"seconds": 60.0, "clients": 32},
+    "L6": {"seconds": 300.0, "faults": True},
 }
 QUICK = {
     "Q1": {"n_jobs": 10, "child_kills": 2, "worker_kills": 1, "interval": 1.5},
@@ -86,8 +88,10 @@ QUICK = {
     "S9": {"n_uploads": 8, "threads": 4},
     "S10": {"n": 10},
     "L": {"seconds": 8.0, "concurrency": 4},
+    "L2": {"seconds": 30.0},
     "L4": {"uploads": 60, "clients": 8, "queue_limit": 10},
     "L5": {"seconds": 8.0, "clients": 8},
+    "L6": {"seconds": 30.0, "faults": True, "kill_every": 8.0},
 }
 
 
@@ -278,11 +282,11 @@ def storage_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -
 
 
 def load_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -> list[Outcome]:
-    """L4 and L5 on a production-shaped deployment of their own."""
+    """L2, L4, L5 and L6 on a production-shaped deployment of their own."""
     from tests.reliability import load_scenarios as ld
     from tests.reliability import queue_scenarios as q
 
-    if not wanted & {"L4", "L5"}:
+    if not wanted & {"L2", "L4", "L5", "L6"}:
         return []
     results: list[Outcome] = []
     with q.production_stack(root / "load", models, resend_after=20) as ps:
@@ -294,6 +298,12 @@ def load_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -> l
                     lambda: ld.run_read_path_load(ps, **sizes["L5"]),
                 )
             )
+        for test, title in (("L2", "steady load"), ("L6", "steady load with faults")):
+            if test in wanted:
+                ps.ensure_healthy()
+                results.append(
+                    _guard(test, title, lambda t=test: ld.run_steady_state(ps, **sizes[t]))
+                )
         if "L4" in wanted:
             ps.ensure_healthy()
             results.append(

@@ -1,7 +1,8 @@
 """Load scenarios on the production-shaped deployment of ``queue_scenarios`` (``make proof`` only).
 
-Catalogue ids (reliability note §5.4): L4 a burst of uploads against a bounded queue
-(backpressure), L5 the read path under 32 concurrent clients. The load generator is Python
+Catalogue ids (reliability note §5.4): L2 steady load at 80 % of the measured capacity, L4 a
+burst of uploads against a bounded queue (backpressure), L5 the read path under 32 concurrent
+clients, L6 the steady load with pool-child kills and a Redis restart. The load generator is Python
 (httpx threads) on the same 2 cores as the server, so the latency figures are those of a
 shared machine; targets are reported as met or not met, and the pass conditions are the
 correctness ones (no 5xx, nothing lost).
@@ -9,15 +10,23 @@ correctness ones (no 5xx, nothing lost).
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
 from tests.reliability.harness import percentile, wait_terminal
 from tests.reliability.outcome import Outcome, timed
-from tests.reliability.queue_scenarios import SIZE, SLICES, ProdStack, _files
+from tests.reliability.queue_scenarios import (
+    SIZE,
+    SLICES,
+    ProdStack,
+    _files,
+    duplicate_result_rows,
+)
 
 
 def _restart_api(ps: ProdStack, **env: str) -> None:
@@ -182,5 +191,210 @@ def run_read_path_load(
         f"{f['clients']} clients × {f['seconds']} s over {f['urls']} result/mask URLs: "
         f"{f['requests_per_s']} req/s, p50 {f['p50_ms']} ms, p95 {f['p95_ms']} ms "
         f"(target 200 ms: {f['p95_target_200ms']}), p99 {f['p99_ms']} ms, {f['errors']} errors"
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# L2 / L6: steady load at a fraction of the measured capacity, without and with faults
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def _process_sample(ps: ProdStack) -> dict[str, float]:
+    """RSS (MiB) and open fds of the API and the worker's main process."""
+    api = ps.stack.api.pid if ps.stack.api is not None else 0
+    worker = ps.worker.pid if ps.worker is not None else 0
+    return {
+        "api_rss_mib": _rss_mib(api),
+        "api_fds": _fds(api),
+        "worker_rss_mib": _rss_mib(worker),
+        "worker_fds": _fds(worker),
+    }
+
+
+def _slope_per_min(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, value) points, per minute."""
+    if len(points) < 2:
+        return float("nan")
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    sxy = sum((p[0] - mx) * (p[1] - my) for p in points)
+    return 60 * sxy / sxx if sxx else float("nan")
+
+
+def _queued(ps: ProdStack) -> int:
+    return int(ps.db.scalar("SELECT count(*) FROM jobs WHERE status = 'queued'"))
+
+
+def _measure_capacity(ps: ProdStack, client: httpx.Client, n: int = 20) -> tuple[float, float]:
+    """Jobs per second of the workers on a backlog of ``n``, and the mean service time (s),
+    after two warm-up jobs (the first job of a child loads the models)."""
+    wait_terminal(ps.db, ps.upload(client, 2), 600)
+    ids = ps.upload(client, n)
+    t = time.monotonic()
+    wait_terminal(ps.db, ids, 600)
+    elapsed = time.monotonic() - t
+    service = [
+        (r[1] - r[0]).total_seconds()
+        for r in ps.db.rows(
+            "SELECT started_at, finished_at FROM jobs WHERE id = ANY(:ids)",
+            ids=list(ids),
+        )
+        if r[0] is not None and r[1] is not None
+    ]
+    return n / elapsed, sum(service) / max(1, len(service))
+
+
+def run_steady_state(
+    ps: ProdStack,
+    *,
+    seconds: float = 600,
+    fraction: float = 0.8,
+    faults: bool = False,
+    kill_every: float = 20.0,
+    timeout: float = 600,
+) -> Outcome:
+    """L2 (``faults=False``): uploads at ``fraction`` of the capacity measured first, for
+    ``seconds``, open loop (a fixed schedule, so slow answers do not slow the offered rate): the
+    queue must not grow, every job succeeds. L6 (``faults=True``): the same with a pool child
+    SIGKILLed every ``kill_every`` seconds and Redis SIGKILLed and restarted (append-only file
+    kept) half way: 0 lost, uploads still answered."""
+    from tests.reliability.queue_scenarios import _kill_once
+
+    test = "L6" if faults else "L2"
+    title = "steady load with child kills and a Redis restart" if faults else "steady load"
+    out = Outcome(test, title)
+    rng = random.Random(5)
+    with timed(out), ps.stack.client(timeout=60) as client:
+        capacity, service_s = _measure_capacity(ps, client)
+        rate = fraction * capacity
+        before = _process_sample(ps)
+        answers: list[tuple[float, int, float]] = []  # (t since start, status, latency)
+        ids: list[str] = []
+        depth: list[tuple[float, float]] = []
+        lock = threading.Lock()
+        started = time.monotonic()
+        stop_at = started + seconds
+        schedule = iter(started + k / rate for k in range(10**7))
+
+        def sender() -> None:
+            with ps.stack.client(timeout=60) as c:
+                while True:
+                    with lock:
+                        at = next(schedule)
+                    if at >= stop_at:
+                        return
+                    time.sleep(max(0.0, at - time.monotonic()))
+                    t = time.monotonic()
+                    try:
+                        r = c.post("/api/v1/studies", files=_files(20_000 + len(answers)))
+                        code = r.status_code
+                    except httpx.HTTPError:
+                        code = 0
+                    with lock:
+                        answers.append((t - started, code, time.monotonic() - t))
+                        if code == 202:
+                            ids.append(r.json()["jobs"][0]["id"])
+
+        senders = [threading.Thread(target=sender) for _ in range(2)]
+        for t in senders:
+            t.start()
+        kills = 0
+        redis_restarted_at: float | None = None
+        next_kill = started + kill_every
+        while any(t.is_alive() for t in senders):
+            now = time.monotonic()
+            depth.append((now - started, _queued(ps)))
+            if faults and now >= next_kill:
+                with lock:
+                    current = list(ids)
+                if _kill_once(ps, "child", ps.db.jobs(current), rng) is not None:
+                    kills += 1
+                    next_kill = now + kill_every
+            if faults and redis_restarted_at is None and now - started >= seconds / 2:
+                ps.redis.kill()
+                ps.redis.start()
+                redis_restarted_at = now - started
+            time.sleep(1)
+        for t in senders:
+            t.join()
+        after_load = _process_sample(ps)
+        drain = time.monotonic()
+        rows = wait_terminal(ps.db, ids, timeout)
+        drain_s = time.monotonic() - drain
+        ttr = [
+            (r[1] - r[0]).total_seconds()
+            for r in ps.db.rows(
+                "SELECT created_at, finished_at FROM jobs "
+                "WHERE id = ANY(:ids) AND status = 'succeeded'",
+                ids=list(ids),
+            )
+        ]
+    codes = [a[1] for a in answers]
+    latencies = [a[2] for a in answers]
+    half = [p for p in depth if p[0] >= seconds / 2]
+    succeeded = sum(1 for r in rows.values() if r.status == "succeeded")
+    slope = _slope_per_min(depth)
+    out.figures.update(
+        capacity_jobs_per_s=round(capacity, 2),
+        mean_service_s=round(service_s, 2),
+        offered_per_s=round(rate, 2),
+        achieved_per_s=round(len(answers) / seconds, 2),
+        seconds=seconds,
+        uploads=len(answers),
+        status_codes={str(c): codes.count(c) for c in sorted(set(codes))},
+        upload_p99_ms=round(percentile(latencies, 99) * 1000),
+        upload_p99_target="< 2 s: " + ("met" if percentile(latencies, 99) < 2 else "not met"),
+        queue_depth_max=max((p[1] for p in depth), default=0),
+        queue_depth_mean_second_half=round(sum(p[1] for p in half) / max(1, len(half)), 1),
+        queue_slope_jobs_per_min=round(slope, 2),
+        time_to_result_p50_s=round(percentile(ttr, 50), 1),
+        time_to_result_p95_s=round(percentile(ttr, 95), 1),
+        ttr_p95_target=f"< 3 × mean service = {3 * service_s:.1f} s: "
+        + ("met" if percentile(ttr, 95) < 3 * service_s else "not met"),
+        jobs=len(ids),
+        succeeded=succeeded,
+        failed=sum(1 for r in rows.values() if r.status == "failed"),
+        drain_after_load_s=round(drain_s, 1),
+        duplicates=duplicate_result_rows(ps.db),
+        processes_before=before,
+        processes_after=after_load,
+    )
+    if faults:
+        out.figures.update(child_kills=kills, redis_restart_at_s=redis_restarted_at)
+    out.check("every upload 202", set(codes) == {202})
+    out.check("0 lost: every job succeeded", succeeded == len(ids) > 0)
+    out.check("0 duplicated result rows", out.figures["duplicates"] == 0)
+    if faults:
+        out.check("the faults happened", kills >= 1 and redis_restarted_at is not None)
+    f = out.figures
+    out.summary = (
+        f"{f['offered_per_s']} uploads/s offered (= {fraction:.0%} of {f['capacity_jobs_per_s']} "
+        f"jobs/s measured) for {seconds:.0f} s"
+        + (f" with {kills} child kills and a Redis restart" if faults else "")
+        + f": {f['status_codes']}, upload p99 {f['upload_p99_ms']} ms; queue depth max "
+        f"{f['queue_depth_max']:.0f}, slope {f['queue_slope_jobs_per_min']} jobs/min; "
+        f"time-to-result p50 {f['time_to_result_p50_s']} s, p95 {f['time_to_result_p95_s']} s "
+        f"({f['ttr_p95_target']}); {f['succeeded']}/{f['jobs']} succeeded, {f['failed']} failed; "
+        f"API RSS {before['api_rss_mib']:.0f}→{after_load['api_rss_mib']:.0f} MiB, fds "
+        f"{before['api_fds']}→{after_load['api_fds']}"
     )
     return out
