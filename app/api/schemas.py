@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 
 def _as_utc(value: Any) -> Any:
@@ -16,6 +16,33 @@ def _as_utc(value: Any) -> Any:
 
 
 UtcDatetime = Annotated[AwareDatetime, BeforeValidator(_as_utc)]
+
+# Example values for the OpenAPI description: one CT series through the shipped models.
+_STUDY = "1.2.826.0.1.3680043.8.498.10952716306271532453127845672340965173"
+_SERIES = "1.2.826.0.1.3680043.8.498.21688549342248767199514913713792819343"
+_SOP = "1.2.826.0.1.3680043.8.498.73025310417846519263514800172964317055"
+_JOB = "0b7e6a1c9d2f4e58a3c1b2d4e6f80912"
+_EXAMPLE_JOB: dict[str, Any] = {
+    "id": _JOB,
+    "status": "queued",
+    "stage": None,
+    "queue_position": 2,
+    "eta_seconds": 24.0,
+    "models": ["classifier:1.0.0", "segnet:1.0.0", "unet:1.0.0"],
+    "timings": {},
+    "error": None,
+    "warnings": [],
+    "attempts": 0,
+    "created_at": "2026-01-05T09:30:00Z",
+    "started_at": None,
+    "finished_at": None,
+    "study_instance_uid": _STUDY,
+    "series_instance_uid": _SERIES,
+    "modality": "CT",
+    "instance_count": 40,
+    "uncertain": None,
+    "webhook": {"url_host": "ris.example.org", "status": "pending", "attempts": 0},
+}
 
 
 class ErrorBody(BaseModel):
@@ -49,6 +76,51 @@ class FileResult(BaseModel):
 class UploadResponse(BaseModel):
     """What happened to an upload: jobs created, files stored, duplicates and rejections."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "jobs": [{"id": _JOB, "series_instance_uid": _SERIES, "status": "queued"}],
+                    "stored": 2,
+                    "duplicates": 0,
+                    "rejected": [
+                        {
+                            "filename": "notes.txt",
+                            "error": "not_dicom",
+                            "detail": "notes.txt: no DICM prefix",
+                        }
+                    ],
+                    "files": [
+                        {
+                            "filename": "IM0001.dcm",
+                            "outcome": "stored",
+                            "sop_instance_uid": _SOP,
+                            "series_instance_uid": _SERIES,
+                            "error": None,
+                            "detail": None,
+                        },
+                        {
+                            "filename": "IM0002.dcm",
+                            "outcome": "stored",
+                            "sop_instance_uid": _SOP + "2",
+                            "series_instance_uid": _SERIES,
+                            "error": None,
+                            "detail": None,
+                        },
+                        {
+                            "filename": "notes.txt",
+                            "outcome": "rejected",
+                            "sop_instance_uid": None,
+                            "series_instance_uid": None,
+                            "error": "not_dicom",
+                            "detail": "notes.txt: no DICM prefix",
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
     jobs: list[JobRef]
     stored: int
     duplicates: int
@@ -74,6 +146,8 @@ class Webhook(BaseModel):
 
 class Job(BaseModel):
     """A job's state: queue position and ETA while queued, stage while running."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_EXAMPLE_JOB]})
 
     id: str
     status: Literal["queued", "running", "succeeded", "failed"]
@@ -103,6 +177,12 @@ class Page(BaseModel):
 
 
 class JobPage(Page):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"items": [_EXAMPLE_JOB], "total": 1, "limit": 50, "offset": 0}]
+        }
+    )
+
     items: list[Job]
 
 
@@ -192,6 +272,93 @@ class DicomOutputs(BaseModel):
 class Results(BaseModel):
     """Everything a succeeded job produced."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": _JOB,
+                    "status": "succeeded",
+                    "uncertain": False,
+                    "series": {
+                        "study_instance_uid": _STUDY,
+                        "series_instance_uid": _SERIES,
+                        "modality": "CT",
+                        "instances": [
+                            {
+                                "sop_instance_uid": _SOP,
+                                "instance_number": 1,
+                                "frames": 1,
+                                "rows": 512,
+                                "columns": 512,
+                                "window": {"center": -600.0, "width": 1500.0},
+                            }
+                        ],
+                    },
+                    "findings": [
+                        {
+                            "id": "f1",
+                            "model": "classifier",
+                            "model_version": "1.0.0",
+                            "label": "nodule",
+                            "probability": 0.91,
+                            "positive": True,
+                            "uncertain": False,
+                            "level": "series",
+                            "sop_instance_uid": None,
+                            "frame": None,
+                            "saliency_id": "s1",
+                        }
+                    ],
+                    "masks": [
+                        {
+                            "id": "m1",
+                            "model": "unet",
+                            "model_version": "1.0.0",
+                            "sop_instance_uid": _SOP,
+                            "frame": 0,
+                            "labels": [
+                                {"value": 1, "name": "lung", "pixels": 30008, "area_mm2": 17255.0},
+                                {"value": 2, "name": "nodule", "pixels": 148, "area_mm2": 85.1},
+                            ],
+                            "url": "/api/v1/masks/m1.png",
+                            "overlay_url": "/api/v1/masks/m1/overlay.png",
+                            "saliency_ids": ["s2"],
+                        }
+                    ],
+                    "saliency": [
+                        {
+                            "id": "s1",
+                            "model": "classifier",
+                            "model_version": "1.0.0",
+                            "method": "cam",
+                            "sop_instance_uid": _SOP,
+                            "frame": 0,
+                            "url": "/api/v1/saliency/s1.npy",
+                            "overlay_url": "/api/v1/saliency/s1/overlay.png",
+                            "colorbar_url": "/api/v1/saliency/s1/colorbar.png",
+                            "display_range": [0.0, 1.0],
+                            "suppressed": False,
+                            "target": "nodule",
+                            "params": {},
+                        }
+                    ],
+                    "dicom": {
+                        "seg": [
+                            {
+                                "model": "unet",
+                                "url": "/api/v1/artifacts/a1",
+                                "method": None,
+                                "sop_instance_uid": _SOP + "9",
+                            }
+                        ],
+                        "sr": [],
+                        "pmap": [],
+                    },
+                }
+            ]
+        }
+    )
+
     job_id: str
     status: str
     uncertain: bool | None
@@ -221,10 +388,42 @@ class ModelOut(BaseModel):
 
 
 class ModelList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "name": "unet",
+                            "version": "1.0.0",
+                            "task": "segmentation",
+                            "description": "U-Net: lungs and nodules on chest CT",
+                            "labels": [
+                                {"value": 0, "name": "background", "color": None},
+                                {"value": 1, "name": "lung", "color": [80, 160, 255]},
+                                {"value": 2, "name": "nodule", "color": [255, 80, 80]},
+                            ],
+                            "default": True,
+                            "saliency_methods": ["entropy", "occlusion"],
+                            "input_size": [256, 256],
+                            "metrics": {"dice_nodule": 0.71},
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
     items: list[ModelOut]
 
 
 class Me(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "pacs-bridge", "role": "uploader", "key_prefix": "3f9a1c2b"}]
+        }
+    )
+
     name: str
     role: str
     key_prefix: str
@@ -243,11 +442,52 @@ class AuditEvent(BaseModel):
 
 
 class AuditPage(Page):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "id": 1042,
+                            "at": "2026-01-05T09:31:12Z",
+                            "actor_name": "pacs-bridge",
+                            "action": "download",
+                            "resource": "artifact/a1",
+                            "outcome": "success",
+                            "client": "10.0.0.7",
+                            "study_instance_uid": _STUDY,
+                            "series_instance_uid": _SERIES,
+                        }
+                    ],
+                    "total": 1,
+                    "limit": 50,
+                    "offset": 0,
+                }
+            ]
+        }
+    )
+
     items: list[AuditEvent]
 
 
+RETRY_AFTER: dict[str, Any] = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again",
+        "schema": {"type": "integer", "example": 30},
+    }
+}
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "No or invalid API key"},
     403: {"model": ErrorBody, "description": "The key's role may not do this"},
+    429: {
+        "model": ErrorBody,
+        "description": "Over this key's request rate",
+        "headers": RETRY_AFTER,
+    },
+    503: {
+        "model": ErrorBody,
+        "description": "The database or storage is unavailable",
+        "headers": RETRY_AFTER,
+    },
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "Not found"}}

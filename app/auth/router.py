@@ -7,7 +7,7 @@ the same transaction. Listings never contain a key or its hash, only the lookup 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,8 +34,21 @@ class KeyCreate(BaseModel):
     expires_in_days: float | None = Field(default=None, gt=0, le=3650, examples=[90])
 
 
+_EXAMPLE_KEY: dict[str, Any] = {
+    "prefix": "3f9a1c2b",
+    "name": "pacs-bridge",
+    "role": "uploader",
+    "created_at": "2026-01-05T09:00:00Z",
+    "expires_at": "2026-04-05T09:00:00Z",
+    "revoked_at": None,
+    "last_used_at": "2026-01-05T09:31:12Z",
+}
+
+
 class KeyOut(BaseModel):
     """A key as listed: never the key itself nor its hash."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_EXAMPLE_KEY]})
 
     prefix: str
     name: str
@@ -49,10 +62,22 @@ class KeyOut(BaseModel):
 class KeyCreated(KeyOut):
     """A created key, with the secret shown this once."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{**_EXAMPLE_KEY, "last_used_at": None, "key": "mc_3f9a1c2b_" + "x" * 40}]
+        }
+    )
+
     key: str = Field(description="The API key; it is not stored and cannot be shown again.")
 
 
 class KeyPage(Page):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"items": [_EXAMPLE_KEY], "total": 1, "limit": 50, "offset": 0}]
+        }
+    )
+
     items: list[KeyOut]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
@@ -181,9 +181,30 @@ def _audit_download(
 BYTES = {**ERRORS, **NOT_FOUND}
 
 
+def _bytes(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses of a route answering raw bytes of ``media_type``."""
+    return {
+        200: {
+            "description": description,
+            "content": {media_type: {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **BYTES,
+    }
+
+
+def _stored_bytes(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
+    """As :func:`_bytes`, for a stored blob: its sha256 is the ETag, so 304 is possible."""
+    responses = _bytes(media_type, description)
+    responses[200]["headers"] = {
+        "ETag": {"description": "The sha256 of the bytes, quoted", "schema": {"type": "string"}}
+    }
+    responses[304] = {"description": "Not modified: the If-None-Match ETag is current"}
+    return responses
+
+
 @router.get(
     "/masks/{mask_id}.png",
-    responses=BYTES,
+    responses=_stored_bytes("image/png", "Label map: 8-bit grey PNG, pixel value = label value"),
     response_class=Response,
     summary="Label map PNG (pixel value = label value)",
 )
@@ -198,7 +219,7 @@ def mask_png(
 
 @router.get(
     "/masks/{mask_id}/overlay.png",
-    responses=BYTES,
+    responses=_stored_bytes("image/png", "RGBA PNG, one colour per label"),
     response_class=Response,
     summary="Coloured mask overlay (RGBA PNG)",
 )
@@ -213,7 +234,9 @@ def mask_overlay(
 
 @router.get(
     "/saliency/{saliency_id}.npy",
-    responses=BYTES,
+    responses=_stored_bytes(
+        "application/octet-stream", "NumPy .npy, float16, rows x columns of the source frame"
+    ),
     response_class=Response,
     summary="Saliency map (float16 .npy, source geometry)",
 )
@@ -234,7 +257,7 @@ def saliency_map(
 
 @router.get(
     "/saliency/{saliency_id}/overlay.png",
-    responses=BYTES,
+    responses=_stored_bytes("image/png", "RGBA PNG heat overlay on the model's fixed scale"),
     response_class=Response,
     summary="Saliency heat overlay (RGBA PNG, fixed scale)",
 )
@@ -249,7 +272,7 @@ def saliency_overlay(
 
 @router.get(
     "/artifacts/{artifact_id}",
-    responses=BYTES,
+    responses=_stored_bytes("application/dicom", "DICOM Part 10 file (SEG, SR or Parametric Map)"),
     response_class=Response,
     summary="A stored output (DICOM SEG, SR, Parametric Map)",
 )
@@ -265,7 +288,10 @@ def artifact(
 
 @router.get(
     "/instances/{sop_instance_uid}/frames/{frame}/pixels",
-    responses=BYTES,
+    responses=_bytes(
+        "application/octet-stream",
+        "int16 little endian, rows x columns, modality units (HU for CT)",
+    ),
     response_class=Response,
     summary="One frame in modality units (int16 LE)",
 )
@@ -306,7 +332,7 @@ def frame_pixels(
 
 @router.get(
     "/instances/{sop_instance_uid}/frames/{frame}/rendered",
-    responses=BYTES,
+    responses=_bytes("image/png", "8-bit grey PNG of the frame"),
     response_class=Response,
     summary="One frame rendered to a grey PNG",
 )
@@ -359,7 +385,7 @@ def _instance_uids(session: SessionDep, series_id: str) -> tuple[str | None, str
 
 @router.get(
     "/saliency/{saliency_id}/colorbar.png",
-    responses=BYTES,
+    responses=_stored_bytes("image/png", "RGBA PNG colour bar with its scale"),
     response_class=Response,
     summary="Colour bar (legend) of a saliency overlay's fixed scale",
 )

@@ -16,7 +16,15 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.api.deps import bearer_token, client_address, get_registry, get_store
 from app.api.ingest_guards import authenticate_uploader, check_capacity, ingest_limits
-from app.api.schemas import ERRORS, ErrorBody, FileResult, JobRef, RejectedFile, UploadResponse
+from app.api.schemas import (
+    ERRORS,
+    RETRY_AFTER,
+    ErrorBody,
+    FileResult,
+    JobRef,
+    RejectedFile,
+    UploadResponse,
+)
 from app.auth.service import Principal, record_audit
 from app.db.session import run_in_transaction
 from app.errors import BadRequest, PayloadTooLarge
@@ -186,8 +194,12 @@ def _either(description: str) -> dict[str, Any]:
         413: _either("Body over the upload size limit, or every file over a budget"),
         415: {"model": ErrorBody, "description": "Not multipart/form-data"},
         422: _either("Every file was rejected, or an unknown model was named"),
-        429: {"model": ErrorBody, "description": "Queue over its configured depth"},
-        503: {"model": ErrorBody, "description": "Database unavailable"},
+        429: {
+            "model": ErrorBody,
+            "description": "Queue over its configured depth, or over this key's request rate",
+            "headers": RETRY_AFTER,
+        },
+        503: {"model": ErrorBody, "description": "Database unavailable", "headers": RETRY_AFTER},
         507: {"model": ErrorBody, "description": "Storage full; nothing stored"},
     },
     openapi_extra={

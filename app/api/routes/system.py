@@ -28,13 +28,40 @@ from app.registry.service import latest_versions
 router = APIRouter(tags=["system"])
 
 
-@router.get("/healthz", summary="Liveness")
+@router.get(
+    "/healthz",
+    summary="Liveness",
+    responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+)
 def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: database, broker folder/connection, models")
+_READY = {"database": "ok", "broker": "ok", "models": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: database, broker folder/connection, models",
+    responses={
+        200: {
+            "description": "Ready",
+            "content": {"application/json": {"example": {"status": "ok", "checks": _READY}}},
+        },
+        503: {
+            "description": "Not ready; the failing checks say why",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "status": "unavailable",
+                        "checks": {**_READY, "database": "error: OperationalError"},
+                    }
+                }
+            },
+        },
+    },
+)
 def readyz(settings: SettingsDep, registry: RegistryDep) -> JSONResponse:
     """200 when the database answers, the broker is reachable and at least one model is valid."""
     checks: dict[str, str] = {}
@@ -67,7 +94,22 @@ def _broker_check(settings: SettingsDep) -> str:
         return f"error: {type(exc).__name__}"
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {
+                "text/plain": {
+                    "schema": {"type": "string"},
+                    "example": 'medcad_files_total{outcome="stored"} 80.0\n',
+                }
+            },
+        }
+    },
+)
 def metrics() -> Response:
     """Prometheus text format."""
     try:

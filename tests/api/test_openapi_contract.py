@@ -1,0 +1,125 @@
+"""The REST API's OpenAPI description is complete: every operation names what it answers (media
+type, response model), shows an example of it that the model accepts, and documents the one
+error body for every error it can give (auth, role, rate limit, outage with ``Retry-After``,
+unknown ids). DICOMweb routes follow PS3.18 and are held to less (see tests/fuzz)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from app.api import schemas as api_schemas
+from app.auth import router as auth_router
+from app.main import create_app
+
+pytestmark = pytest.mark.usefixtures("sqlite_env")
+
+SYSTEM = {"/healthz", "/readyz", "/metrics"}
+ERROR_BODY = "#/components/schemas/ErrorBody"
+UPLOAD_BODY = "#/components/schemas/UploadResponse"
+
+
+@pytest.fixture
+def app_and_spec(sqlite_env: Any) -> tuple[Any, dict[str, Any]]:
+    app = create_app()
+    return app, app.openapi()
+
+
+def _rest_operations(spec: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, operations in spec["paths"].items():
+        if path.startswith("/api/v1/") or path in SYSTEM:
+            for method, operation in operations.items():
+                yield path, method, operation
+
+
+def _refs(schema: dict[str, Any]) -> set[str]:
+    if "$ref" in schema:
+        return {schema["$ref"]}
+    return {ref for part in schema.get("anyOf", []) for ref in _refs(part)}
+
+
+def test_every_operation_documents_its_success_with_a_media_type_and_an_example(
+    app_and_spec: tuple[Any, dict[str, Any]],
+) -> None:
+    _, spec = app_and_spec
+    schemas = spec["components"]["schemas"]
+    operations = list(_rest_operations(spec))
+    assert len(operations) >= 20
+    for path, method, operation in operations:
+        where = f"{method.upper()} {path}"
+        success = {c: r for c, r in operation["responses"].items() if c.startswith("2")}
+        assert success, where
+        for code, response in success.items():
+            content = response.get("content")
+            assert content, f"{where} {code}: no media type"
+            for media_type, body in content.items():
+                if media_type == "application/json":
+                    schema = body["schema"]
+                    if "$ref" in schema:
+                        name = schema["$ref"].rsplit("/", 1)[-1]
+                        assert schemas[name].get("examples"), f"{where}: {name} has no example"
+                    else:
+                        assert "example" in body, f"{where}: JSON without a model or example"
+                else:
+                    assert body.get("schema") or "example" in body, f"{where}: {media_type}"
+
+    # Every example is accepted by the model it illustrates.
+    models = {
+        name: value
+        for module in (api_schemas, auth_router)
+        for name, value in vars(module).items()
+        if isinstance(value, type) and issubclass(value, BaseModel)
+    }
+    checked = 0
+    for name, schema in schemas.items():
+        if schema.get("examples") and name in models:
+            # (the description itself leaves out null values of an example)
+            for example in models[name].model_json_schema()["examples"]:
+                models[name].model_validate(example)
+                checked += 1
+    assert checked >= 10
+
+
+def test_every_data_operation_documents_its_errors_in_the_one_error_body(
+    app_and_spec: tuple[Any, dict[str, Any]],
+) -> None:
+    _, spec = app_and_spec
+    for path, method, operation in _rest_operations(spec):
+        where = f"{method.upper()} {path}"
+        responses = operation["responses"]
+        if path in SYSTEM:
+            continue  # public; /readyz answers 503 with its checks, not an error body
+        for code, response in responses.items():
+            if code[0] in "45":
+                refs = _refs(response["content"]["application/json"]["schema"])
+                # An upload whose every file was refused answers the per-file outcomes instead.
+                allowed = {ERROR_BODY} | ({UPLOAD_BODY} if path == "/api/v1/studies" else set())
+                assert refs and refs <= allowed, f"{where} {code}: {refs}"
+        # Every data route needs a key, may be refused by role, rate-limited or meet an outage.
+        assert {"401", "403", "429", "503"} <= set(responses), where
+        for code in ("429", "503"):
+            assert "Retry-After" in responses[code].get("headers", {}), f"{where} {code}"
+        if "{" in path:
+            assert "404" in responses, f"{where}: an unknown id is not documented"
+
+
+def test_stored_downloads_document_their_media_type_and_not_modified(
+    app_and_spec: tuple[Any, dict[str, Any]],
+) -> None:
+    _, spec = app_and_spec
+    expected = {
+        "/api/v1/masks/{mask_id}.png": "image/png",
+        "/api/v1/masks/{mask_id}/overlay.png": "image/png",
+        "/api/v1/saliency/{saliency_id}.npy": "application/octet-stream",
+        "/api/v1/saliency/{saliency_id}/overlay.png": "image/png",
+        "/api/v1/saliency/{saliency_id}/colorbar.png": "image/png",
+        "/api/v1/artifacts/{artifact_id}": "application/dicom",
+    }
+    for path, media_type in expected.items():
+        responses = spec["paths"][path]["get"]["responses"]
+        assert list(responses["200"]["content"]) == [media_type], path
+        assert "ETag" in responses["200"]["headers"], path
+        assert "304" in responses, path
