@@ -160,6 +160,11 @@ def test_drop_a_folder_and_a_zip_follow_the_queue_and_review_overlays(
     expect(page.locator("#findings-series li").first).to_contain_text("%")
     expect(page.get_by_role("note")).to_contain_text("Not for clinical use")
 
+    # The bone preset (the other two are driven in the full flow).
+    page.get_by_role("button", name=re.compile(r"^Bone")).click()
+    expect(page.locator("#wl-center")).to_have_value("400")
+    expect(page.locator("#wl-width")).to_have_value("1800")
+
     mask_opacity = page.get_by_label(re.compile(r"^Mask opacity"))
     mask_opacity.fill("0")
     expect(page.locator("#mask-opacity-value")).to_have_text("0 %")
@@ -205,3 +210,33 @@ def test_drop_a_folder_and_a_zip_follow_the_queue_and_review_overlays(
     assert horizontal_overflow(page) <= 0
     page.screenshot(path=str(screenshot_dir / "drop-05-viewer-tablet.png"), full_page=True)
     assert console.errors == []
+
+
+def test_job_lines_say_queue_position_eta_stage_and_failure_reason(
+    browser: Browser, page_server: str
+) -> None:
+    """The one line each job shows in the list, for every state the API reports."""
+    page = browser.new_page()
+    try:
+        page.goto(f"{page_server}/", wait_until="networkidle")
+        lines = page.evaluate(
+            """async () => {
+              const { describeJob } = await import('/static/jobs.js');
+              return [
+                describeJob({ status: 'queued', queue_position: 3, eta_seconds: 95 }),
+                describeJob({ status: 'queued', queue_position: 1, eta_seconds: null }),
+                describeJob({ status: 'running', stage: 'infer:unet', attempts: 2, eta_seconds: 12 }),
+                describeJob({ status: 'failed', error: { code: 'worker_lost', detail: 'ended its worker 3 times' } }),
+                describeJob({ status: 'succeeded', started_at: '2026-01-05T09:00:00Z',
+                              finished_at: '2026-01-05T09:00:42Z' }),
+              ];
+            }"""
+        )
+    finally:
+        page.close()
+    queued_eta, queued, running, failed, succeeded = lines
+    assert queued_eta == "Position 3 in the queue · starts in about 2 min"
+    assert queued == "Position 1 in the queue"  # no finished job yet: no basis for an ETA
+    assert running == "Stage: infer:unet · attempt 2 · about 12 s left"
+    assert failed == "Failed: worker_lost — ended its worker 3 times"
+    assert succeeded == "Results ready · took 42 s"
