@@ -62,7 +62,10 @@ class Preprocessing(_Strict):
     """How a decoded frame (modality units, float32, rows × columns) becomes a model input.
 
     Steps, in order: clip to ``window`` → scale to [0, 1] → resize to ``size`` with
-    ``resample`` → ``(x - mean) / std``.
+    ``resample`` → ``(x - mean) / std`` → with ``context_slices`` = k > 0, each frame is
+    stacked with its k neighbours on either side along the slice normal as input channels
+    (2.5-D input: channel k is the frame itself; frames past either end of the series repeat
+    the end frame), so the input has 2k + 1 channels.
     """
 
     modalities: list[str] = Field(default_factory=lambda: ["CT"])
@@ -72,6 +75,12 @@ class Preprocessing(_Strict):
     mean: float = 0.0
     std: float = 1.0
     batch_size: int = Field(default=8, ge=1, le=256)
+    context_slices: int = Field(default=0, ge=0, le=8)
+
+    @property
+    def channels(self) -> int:
+        """Input channels of the network: the frame and its neighbours (2k + 1)."""
+        return 2 * self.context_slices + 1
 
 
 class Code(_Strict):
@@ -158,6 +167,13 @@ class Manifest(_Strict):
             raise ValueError("classification models need a 'classification' section")
         if SaliencyMethod.CAM in self.saliency.methods and OutputRole.CAM not in roles:
             raise ValueError("saliency method 'cam' needs an output with role 'cam'")
+        shape = self.inputs[0].shape
+        channels = self.preprocessing.channels
+        if len(shape) == 4 and isinstance(shape[1], int) and shape[1] != channels:
+            raise ValueError(
+                f"input {self.inputs[0].name!r} has {shape[1]} channels but preprocessing "
+                f"gives {channels} (context_slices={self.preprocessing.context_slices})"
+            )
         values = [label.value for label in self.labels]
         if len(set(values)) != len(values):
             raise ValueError("label values must be unique")

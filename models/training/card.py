@@ -66,6 +66,11 @@ def render_card(manifest: Manifest) -> str:
         f"{manifest.preprocessing.window.width:g} HU scaled to [0, 1], {manifest.preprocessing.resample} "
         f"resampling to {manifest.preprocessing.size[0]} × {manifest.preprocessing.size[1]}.",
         f"- Input size: {p.get('input_size_rationale', '')}",
+        *(
+            [f"- Input channels: {p['input_context_rationale']}"]
+            if p.get("input_context_rationale")
+            else []
+        ),
         "- Outputs: "
         + "; ".join(
             f"`{o.name}` {o.shape} ({o.role.value if o.role else '-'})" for o in manifest.outputs

@@ -26,6 +26,9 @@ CACHE_DIR = MODELS_DIR / ".cache"
 
 # Lung window wide enough to keep ground glass (−700…−400 HU) and solid nodules apart
 # from the parenchyma (−850 HU) and from air (−1000 HU); bone saturates, which is harmless.
+# Two neighbouring slices on each side are input channels (2.5-D): in one slice a small
+# nodule and a vessel running through the plane are the same bright disc; across 5 slices
+# the vessel continues (and drifts) while the nodule ends.
 PREPROCESSING = Preprocessing(
     modalities=["CT"],
     window=Window(center=-400.0, width=1600.0),
@@ -34,7 +37,10 @@ PREPROCESSING = Preprocessing(
     mean=0.0,
     std=1.0,
     batch_size=8,
+    context_slices=2,
 )
+# The cached splits hold single slices; the context is stacked when batches are drawn.
+SLICE_PREPROCESSING = PREPROCESSING.model_copy(update={"context_slices": 0})
 
 # Seeds of the splits: disjoint ranges, so no series is in two splits.
 SPLITS: dict[str, dict[str, int | tuple[int, int] | None]] = {
@@ -87,7 +93,7 @@ def make_series(split: str, index: int) -> PhantomSeries:
 def _prepare_one(args: tuple[str, int]) -> dict[str, NDArray[np.generic]]:
     split, index = args
     s = make_series(split, index)
-    x = preprocess_frames(s.hu.astype(np.float32), PREPROCESSING)[:, 0]
+    x = preprocess_frames(s.hu.astype(np.float32), SLICE_PREPROCESSING)[:, 0]
     y = labels_to_grid(s.labels, PREPROCESSING.size)
     return {"x": x.astype(np.float16), "y": y}
 
@@ -99,6 +105,31 @@ class Split:
     x: NDArray[np.float16]
     y: NDArray[np.uint8]
     series: NDArray[np.int32]
+
+
+def context_index(series: NDArray[np.int32], context: int) -> NDArray[np.int64]:
+    """Row indices of each slice's neighbours within its own series, shape (S, 2k + 1).
+
+    Slices of one series are stored contiguously and in acquisition order; neighbours past
+    either end of a series repeat the end slice, exactly as ``preprocess.stack_context``.
+    """
+    n = len(series)
+    rows = np.arange(n)
+    starts = np.zeros(n, np.int64)
+    ends = np.zeros(n, np.int64)
+    for s in np.unique(series):
+        where = np.nonzero(series == s)[0]
+        starts[where], ends[where] = where[0], where[-1]
+    offsets = np.arange(-context, context + 1)
+    return np.clip(rows[:, None] + offsets[None, :], starts[:, None], ends[:, None])
+
+
+def network_inputs(
+    data: Split, rows: NDArray[np.integer] | slice, context: int = PREPROCESSING.context_slices
+) -> NDArray[np.float32]:
+    """Float32 network inputs (n, 2k + 1, H, W) of the slices ``rows`` of a split."""
+    index = context_index(data.series, context)[rows]
+    return np.ascontiguousarray(data.x[index], dtype=np.float32)
 
 
 def load_split(split: str, *, workers: int = 2, log: bool = True) -> Split:

@@ -224,7 +224,7 @@ def load_heldout(n_series: int, n_slices: int, image_size: int, workers: int) ->
 class Slices:
     """Network inputs of selected slices with ground truth on the network grid."""
 
-    x: Array  # (S, 1, h, w) float32
+    x: Array  # (S, C, h, w) float32 (C = 2k + 1 with k context slices per side)
     labels: Array  # (S, h, w) uint8
     positive: Array  # (S,) bool: at least ``min_lesion_px`` nodule pixels
     ids: list[tuple[int, int]]  # (series seed, slice index)
@@ -232,6 +232,12 @@ class Slices:
     def lesion(self, i: int) -> Array:
         out: Array = self.labels[i] == LABEL_NODULE
         return out
+
+
+def _centre(x: Array) -> Array:
+    """The slice itself out of a (2k + 1, h, w) 2.5-D input (the blob baseline sees only it)."""
+    out: Array = x[len(x) // 2]
+    return out
 
 
 def select_slices(
@@ -610,7 +616,7 @@ def evaluate_classifier(
 
     maps: dict[str, dict[int, Array]] = {"cam": {}, "occlusion": {}, "rise": {}, "dog": {}}
     for i in tp:
-        maps["dog"][int(i)] = S.dog_blob_map(sl.x[i], tuple(args.dog_sigmas))
+        maps["dog"][int(i)] = S.dog_blob_map(_centre(sl.x[i]), tuple(args.dog_sigmas))
         if cam_spec:
             maps["cam"][int(i)] = S.cam_map(
                 outs[1][i], class_index=min(ch, outs[1].shape[1] - 1), output_shape=sl.x.shape[2:]
@@ -1004,7 +1010,7 @@ def evaluate_segmenter(
         "occlusion_region": occ,
         "entropy": {i: entropy[i] for i in tp_order},
         "tta_std": {i: tta_maps[i] for i in tp_order if i in tta_maps},
-        "dog": {i: S.dog_blob_map(sl.x[i], tuple(args.dog_sigmas)) for i in tp_order},
+        "dog": {i: S.dog_blob_map(_centre(sl.x[i]), tuple(args.dog_sigmas)) for i in tp_order},
     }
     methods = _method_table(maps, sl, nb)
     if occ_done:

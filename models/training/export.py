@@ -45,7 +45,7 @@ from app.registry.manifest import (
 )
 from models.training.card import write_card
 from models.training.classifier import ClassifierExport, NoduleClassifier
-from models.training.data import MODELS_DIR, PREPROCESSING, SPLITS, load_split
+from models.training.data import MODELS_DIR, PREPROCESSING, SPLITS, load_split, network_inputs
 from models.training.train import CHECKPOINTS, MODEL_NAMES, build_model
 
 VERSION = "1.0.0"
@@ -85,7 +85,13 @@ def version_dir(name: str) -> Path:
 
 def load_trained(name: str, checkpoints: Path = CHECKPOINTS) -> tuple[nn.Module, dict[str, Any]]:
     ckpt = torch.load(checkpoints / f"{name}.pt", map_location="cpu", weights_only=False)
-    net = build_model(name, int(ckpt["base"]))
+    in_channels = int(ckpt.get("in_channels", 1))
+    if in_channels != PREPROCESSING.channels:
+        raise SystemExit(
+            f"{name} checkpoint takes {in_channels} input channels, the preprocessing gives "
+            f"{PREPROCESSING.channels}: retrain it"
+        )
+    net = build_model(name, int(ckpt["base"]), in_channels)
     net.load_state_dict(ckpt["state_dict"])
     net.eval()
     return net, dict(ckpt["log"])
@@ -127,7 +133,7 @@ def export_onnx(net: nn.Module, name: str, path: Path) -> None:
     """torch.export-based ONNX export, opset 18, dynamic batch dimension ``N``."""
     module = export_module(net, name)
     h, w = PREPROCESSING.size
-    example = torch.zeros(2, 1, h, w)
+    example = torch.zeros(2, PREPROCESSING.channels, h, w)
     table = {torch.ops.aten.max_unpool2d.default: _max_unpool2d} if name == "segnet" else None
     program = torch.onnx.export(
         module,
@@ -176,7 +182,7 @@ def ort_session(path: Path, threads: int = 1) -> ort.InferenceSession:
 
 
 def run_batches(sess: ort.InferenceSession, x: np.ndarray, batch: int = 8) -> list[np.ndarray]:
-    """Run ``x`` (S, 1, H, W) in batches; concatenated outputs, in graph output order."""
+    """Run ``x`` (S, C, H, W) in batches; concatenated outputs, in graph output order."""
     outs: list[list[np.ndarray]] = []
     for i in range(0, len(x), batch):
         res = sess.run(None, {"image": x[i : i + batch]})
@@ -251,7 +257,7 @@ def recheck_parity(name: str, threads: int = 1) -> Manifest:
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(len(val.x), size=min(PARITY_INPUTS, len(val.x)), replace=False))
     par = parity_verdict(
-        parity(net, name, ort_session(onnx_path, threads), val.x[pick].astype(np.float32)[:, None]),
+        parity(net, name, ort_session(onnx_path, threads), network_inputs(val, pick)),
         name,
     )
     data = manifest.model_dump(mode="json")
@@ -278,15 +284,16 @@ def count_flops(net: nn.Module, size: tuple[int, int]) -> int:
 
     handles = [m.register_forward_hook(hook) for m in net.modules()]
     with torch.no_grad():
-        net(torch.zeros(1, 1, *size))
+        net(torch.zeros(1, PREPROCESSING.channels, *size))
     for h in handles:
         h.remove()
     return total
 
 
 def measure_latency(sess: ort.InferenceSession, runs: int = 20) -> float:
-    """Median ms of one 1 × 1 × H × W inference (after warm-up)."""
-    x = np.random.default_rng(0).random((1, 1, *PREPROCESSING.size), dtype=np.float32)
+    """Median ms of one 1 × C × H × W inference (after warm-up)."""
+    shape = (1, PREPROCESSING.channels, *PREPROCESSING.size)
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
     for _ in range(3):
         sess.run(None, {"image": x})
     times = []
@@ -340,7 +347,7 @@ def build_manifest(
     review_entropy: float | None = None,
 ) -> Manifest:
     h, w = PREPROCESSING.size
-    image = TensorSpec(name="image", dtype="float32", shape=["N", 1, h, w])
+    image = TensorSpec(name="image", dtype="float32", shape=["N", PREPROCESSING.channels, h, w])
     if name == "classifier":
         outputs = [
             TensorSpec(name="logit", shape=["N", 1], role=OutputRole.LOGITS),
@@ -438,25 +445,23 @@ def export(
     sess = ort_session(onnx_path, threads)
 
     val = load_split("val")
-    if val_slices:
-        val.x, val.y = val.x[:val_slices], val.y[:val_slices]
+    n_val = min(val_slices or len(val.x), len(val.x))
     rng = np.random.default_rng(0)
-    pick = np.sort(rng.choice(len(val.x), size=min(PARITY_INPUTS, len(val.x)), replace=False))
-    xp = val.x[pick].astype(np.float32)[:, None]
-    par = parity_verdict(parity(net, name, sess, xp), name)
+    pick = np.sort(rng.choice(n_val, size=min(PARITY_INPUTS, n_val), replace=False))
+    par = parity_verdict(parity(net, name, sess, network_inputs(val, pick)), name)
 
     # Calibration needs every second validation slice (384 of 768); the segmentation display
     # and review statistics every fourth. Keeps the export a few minutes on a busy CPU.
     stride = 2 if name == "classifier" else 4
-    val.x, val.y = val.x[::stride], val.y[::stride]
-    x_val = val.x.astype(np.float32)[:, None]
-    outs = run_batches(sess, x_val)
+    rows = np.arange(0, n_val, stride)
+    outs = run_batches(sess, network_inputs(val, rows))
+    y_val = val.y[rows]
     classification = None
     review_entropy: float | None = None
     extra: dict[str, Any] = {}
     if name == "classifier":
         logits = outs[0][:, 0]
-        labels = (val.y == 2).any(axis=(1, 2))
+        labels = (y_val == 2).any(axis=(1, 2))
         temperature = fit_temperature(logits, labels)
         prob = 1.0 / (1.0 + np.exp(-logits / temperature))
         threshold = youden_threshold(prob, labels)
@@ -507,6 +512,11 @@ def export(
             "256 x 256: 512 -> 256 is an exact 2 x 2 area average (no interpolation), a 3 mm "
             "nodule still spans about 2 pixels at 0.6-0.9 mm source spacing, and the network costs "
             "about 4x less than at 512 (measured on this CPU, see models/README.md)."
+        ),
+        "input_context_rationale": (
+            f"{PREPROCESSING.channels} channels = the slice and {PREPROCESSING.context_slices} "
+            "neighbours on each side: in one slice a small nodule and a vessel crossing the "
+            "plane look alike, across slices the vessel continues while the nodule ends."
         ),
         "training": {
             "steps": log["steps"],

@@ -63,7 +63,7 @@ from onnxruntime.quantization import (
 
 from app.registry.manifest import Manifest, OutputRole, Task
 from models.training.card import render_card
-from models.training.data import CACHE_DIR, MODELS_DIR, SPLITS, load_split
+from models.training.data import CACHE_DIR, MODELS_DIR, SPLITS, load_split, network_inputs
 from models.training.export import sha256_file, strip_doc_strings, write_manifest
 
 SOURCE_VERSION = "1.0.0"
@@ -84,7 +84,7 @@ class SliceReader(CalibrationDataReader):  # type: ignore[misc]
 
 
 def calibration_slices(n: int, seed: int = 0) -> NDArray[np.float32]:
-    """``n`` validation slices (N, 1, 256, 256), half of them showing a nodule when possible."""
+    """``n`` validation inputs (N, C, 256, 256), half of them showing a nodule when possible."""
     val = load_split("val")
     rng = np.random.default_rng(seed)
     nodule = np.flatnonzero((val.y == 2).any(axis=(1, 2)))
@@ -93,7 +93,7 @@ def calibration_slices(n: int, seed: int = 0) -> NDArray[np.float32]:
     pick = np.concatenate(
         [rng.choice(nodule, k, replace=False), rng.choice(other, n - k, replace=False)]
     )
-    return val.x[np.sort(pick)].astype(np.float32)[:, None]
+    return network_inputs(val, np.sort(pick))
 
 
 def _ancestors(graph: onnx.GraphProto, tensor: str) -> set[str]:
@@ -127,7 +127,7 @@ def full_resolution_convs(model: onnx.ModelProto, manifest: Manifest) -> list[st
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     h, w = manifest.preprocessing.size
     names = [o.name for o in sess.get_outputs()]
-    x = np.zeros((1, 1, h, w), np.float32)
+    x = np.zeros((1, manifest.preprocessing.channels, h, w), np.float32)
     shapes = {
         k: v.shape
         for k, v in zip(names, sess.run(names, {sess.get_inputs()[0].name: x}), strict=True)
@@ -394,7 +394,7 @@ def build(
     q["seconds"] = round(time.time() - t0, 1)
     q["source"] = {"key": source.key, "sha256": source.sha256}
     test = load_split("test")
-    x = test.x[:eval_slices].astype(np.float32)[:, None]
+    x = network_inputs(test, np.arange(min(eval_slices, len(test.x))))
     y = test.y[:eval_slices]
     ref = run_all(session(fp32, max(threads)), x)
     got = run_all(session(out, max(threads)), x)

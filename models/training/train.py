@@ -1,9 +1,12 @@
 """Train one of the three models on phantom slices: ``python -m models.training.train <model>``.
 
-Seeded and CPU-only. Segmentation models (``unet``, ``segnet``) train on 128 × 128 crops of
-the 256 × 256 network-input slices, half of them centred on a nodule (lesion-focused
-sampling: nodules cover < 0.1 % of the pixels), with cross-entropy + soft Dice, then finish
-on whole slices. The classifier trains on the same crops with a binary cross-entropy on the
+Seeded and CPU-only. Segmentation models (``unet``, ``segnet``) train on 96 × 96 crops of
+the 256 × 256 network-input slices — half of them centred on a nodule pixel of a uniformly
+drawn nodule slice (lesion-focused sampling: nodules cover < 0.1 % of the pixels, and drawing
+per slice rather than per pixel keeps a 4 mm nodule as frequent as a 30 mm one), a quarter
+centred on lung (where the vessels that mimic nodules are), the rest uniform — with
+cross-entropy + soft Dice, then finish on whole slices; BatchNorm statistics are re-estimated
+on whole slices at the end. The classifier trains on the same crops with a binary cross-entropy on the
 pooled logit plus a localisation term on the per-position evidence (``cls_loss``), then
 finishes on whole slices. Checkpoints and logs go to ``models/.cache/``.
 """
@@ -25,7 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.training.classifier import NoduleClassifier
-from models.training.data import CACHE_DIR, SPLITS, Split, load_split
+from models.training.data import (
+    CACHE_DIR,
+    PREPROCESSING,
+    SPLITS,
+    Split,
+    context_index,
+    load_split,
+    network_inputs,
+)
 from models.training.segnet import SegNet
 from models.training.unet import UNet
 
@@ -37,6 +48,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "segnet": {"base": 12, "minutes": 25.0, "lr": 2e-3, "batch": 12, "crop": 96},
     "classifier": {"base": 12, "minutes": 28.0, "lr": 3e-3, "batch": 16, "crop": 64},
 }
+SINGLE_FRAME_FRACTION = 0.05  # 2.5-D inputs whose context repeats the centre slice
+SEG_NODULE_FRACTION = 0.5  # segmentation crops centred on a nodule pixel of a random nodule slice
+SEG_LUNG_FRACTION = 0.25  # segmentation crops centred on lung: vessels are the hard negatives
 FINAL_FULL_FRACTION = 0.1  # share of the time budget spent on whole 256 × 256 slices
 LOC_WEIGHT = 1.0  # classifier: weight of the localisation term
 EVIDENCE_TARGET = 2.0  # classifier: logit contribution of one fully covered stride-4 nodule cell
@@ -48,7 +62,7 @@ CLS_FULL_BATCH = 4
 CLS_NODULE_FRACTION = 0.5  # crops centred on a nodule pixel of a random nodule slice
 CLS_LUNG_FRACTION = 0.35  # crops centred on a random lung pixel (vessels: the hard negatives)
 WARMUP_FRACTION = 0.02  # classifier: linear learning-rate warm-up
-BN_RECALIBRATION_SLICES = 256  # classifier: BatchNorm statistics re-estimated on whole slices
+BN_RECALIBRATION_SLICES = 256  # BatchNorm statistics re-estimated on whole slices
 VAL_EVERY_SECONDS = 300.0  # classifier: progress probe on every 8th validation slice
 
 
@@ -75,18 +89,24 @@ def classifier_recipe() -> str:
     )
 
 
-def build_model(name: str, base: int) -> nn.Module:
+def build_model(name: str, base: int, in_channels: int = PREPROCESSING.channels) -> nn.Module:
     if name == "unet":
-        return UNet(base=base)
+        return UNet(in_channels=in_channels, base=base)
     if name == "segnet":
-        return SegNet(base=base)
+        return SegNet(in_channels=in_channels, base=base)
     if name == "classifier":
-        return NoduleClassifier(base=base)
+        return NoduleClassifier(in_channels=in_channels, base=base)
     raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
 
 
 class CropSampler:
     """Random (crop, label) batches from a split, half of them centred on nodule pixels.
+
+    Inputs carry ``context`` neighbouring slices on each side as channels (2.5-D), the label
+    is the centre slice's. The channel order is reversed for half the samples (the service
+    sorts frames along the slice normal, which may run either way), and
+    ``SINGLE_FRAME_FRACTION`` of them repeat the centre slice in every channel, as the
+    service does for a single-frame upload.
 
     ``per_slice`` draws the nodule pixel from a uniformly drawn nodule slice (every nodule
     slice counts the same, however large its cross-section) instead of uniformly over all
@@ -102,8 +122,11 @@ class CropSampler:
         *,
         lung_fraction: float = 0.0,
         per_slice: bool = False,
+        context: int = PREPROCESSING.context_slices,
     ):
         self.data = data
+        self.context = context
+        self.ctx = context_index(data.series, context)
         self.rng = rng
         self.nodule_fraction = nodule_fraction
         self.lung_fraction = lung_fraction
@@ -127,15 +150,28 @@ class CropSampler:
     def whole_slices(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Uniformly drawn whole slices (the natural share of nodule slices)."""
         idx = self.rng.integers(self.n, size=size)
-        x = self.data.x[idx].astype(np.float32)[:, None]
+        x = self.data.x[self.ctx[idx]].astype(np.float32)
         y = self.data.y[idx].astype(np.int64)
         flip = self.rng.random(size) < 0.5
         x[flip] = x[flip][..., ::-1]
         y[flip] = y[flip][..., ::-1]
+        for i in range(size):
+            x[i] = self._context_augment(x[i])
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
+    def _context_augment(self, x: np.ndarray) -> np.ndarray:
+        """Reverse the slice order (p = 0.5) or repeat the centre slice (single frame)."""
+        if self.context == 0:
+            return x
+        u = self.rng.random()
+        if u < SINGLE_FRAME_FRACTION:
+            return np.repeat(x[self.context : self.context + 1], len(x), axis=0)
+        if u < 0.5 + SINGLE_FRAME_FRACTION / 2:
+            return x[::-1]
+        return x
+
     def batch(self, size: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xs = np.empty((size, 1, crop, crop), np.float32)
+        xs = np.empty((size, 2 * self.context + 1, crop, crop), np.float32)
         ys = np.empty((size, crop, crop), np.int64)
         for i in range(size):
             u = self.rng.random()
@@ -151,11 +187,11 @@ class CropSampler:
                 s = self.rng.integers(self.n)
                 r0 = int(self.rng.integers(0, self.h - crop + 1))
                 c0 = int(self.rng.integers(0, self.w - crop + 1))
-            x = self.data.x[s, r0 : r0 + crop, c0 : c0 + crop].astype(np.float32)
+            x = self.data.x[self.ctx[s], r0 : r0 + crop, c0 : c0 + crop].astype(np.float32)
             y = self.data.y[s, r0 : r0 + crop, c0 : c0 + crop]
             if self.rng.random() < 0.5:  # left-right mirror: anatomy is nearly symmetric
-                x, y = x[:, ::-1], y[:, ::-1]
-            xs[i, 0] = x
+                x, y = x[..., ::-1], y[:, ::-1]
+            xs[i] = self._context_augment(x)
             ys[i] = y
         return torch.from_numpy(xs), torch.from_numpy(ys)
 
@@ -200,14 +236,18 @@ def cls_loss(
 
 
 @torch.no_grad()
-def seg_val_dice(net: nn.Module, data: Split, batch: int = 16) -> dict[str, float]:
+def seg_val_dice(
+    net: nn.Module, data: Split, rows: np.ndarray | None = None, batch: int = 16
+) -> dict[str, float]:
+    """Lung and nodule Dice on the network grid over ``rows`` of a split (all by default)."""
     net.eval()
+    rows = np.arange(len(data.x)) if rows is None else rows
     inter = np.zeros(3)
     denom = np.zeros(3)
-    for i in range(0, len(data.x), batch):
-        x = torch.from_numpy(data.x[i : i + batch].astype(np.float32))[:, None]
-        pred = net(x).argmax(1).numpy()
-        y = data.y[i : i + batch]
+    for i in range(0, len(rows), batch):
+        j = rows[i : i + batch]
+        pred = net(torch.from_numpy(network_inputs(data, j))).argmax(1).numpy()
+        y = data.y[j]
         for k in (1, 2):
             inter[k] += np.sum((pred == k) & (y == k))
             denom[k] += np.sum(pred == k) + np.sum(y == k)
@@ -219,27 +259,34 @@ def seg_val_dice(net: nn.Module, data: Split, batch: int = 16) -> dict[str, floa
 
 
 @torch.no_grad()
-def cls_val(net: NoduleClassifier, data: Split, batch: int = 16) -> dict[str, float]:
+def cls_val(
+    net: NoduleClassifier, data: Split, rows: np.ndarray | None = None, batch: int = 16
+) -> dict[str, float]:
+    """Slice AUC of the pooled logit over ``rows`` of a split (all by default)."""
     net.eval()
+    rows = np.arange(len(data.x)) if rows is None else rows
     logits = []
-    for i in range(0, len(data.x), batch):
-        x = torch.from_numpy(data.x[i : i + batch].astype(np.float32))[:, None]
+    for i in range(0, len(rows), batch):
+        x = torch.from_numpy(network_inputs(data, rows[i : i + batch]))
         logits.append(net(x)[0][:, 0].numpy())
     net.train()
     score = np.concatenate(logits)
-    label = (data.y == 2).any(axis=(1, 2))
+    label = (data.y[rows] == 2).any(axis=(1, 2))
     return {"auc": auc(score, label), "val_slices": len(score)}
 
 
 @torch.no_grad()
-def cls_val_pointing(net: NoduleClassifier, data: Split, batch: int = 16) -> float:
+def cls_val_pointing(
+    net: NoduleClassifier, data: Split, rows: np.ndarray | None = None, batch: int = 16
+) -> float:
     """Share of the nodule slices whose up-sampled CAM maximum lies on a nodule pixel."""
     net.eval()
+    rows = np.arange(len(data.x)) if rows is None else rows
     hits = []
-    pos = np.nonzero((data.y == 2).any(axis=(1, 2)))[0]
+    pos = rows[(data.y[rows] == 2).any(axis=(1, 2))]
     for i in range(0, len(pos), batch):
         j = pos[i : i + batch]
-        x = torch.from_numpy(data.x[j].astype(np.float32))[:, None]
+        x = torch.from_numpy(network_inputs(data, j))
         cam = F.interpolate(net(x)[1], size=x.shape[-2:], mode="bilinear", align_corners=False)
         flat = cam.flatten(1).argmax(1).numpy()
         hits.extend((data.y[j].reshape(len(j), -1)[np.arange(len(j)), flat] == 2).tolist())
@@ -329,7 +376,11 @@ def train(
             data, rng, CLS_NODULE_FRACTION, lung_fraction=CLS_LUNG_FRACTION, per_slice=True
         )
     else:
-        sampler = CropSampler(data, rng)
+        sampler = CropSampler(
+            data, rng, SEG_NODULE_FRACTION, lung_fraction=SEG_LUNG_FRACTION, per_slice=True
+        )
+    # NHWC activations: oneDNN's convolutions are about 20 % faster on CPU (same weights).
+    net = net.to(memory_format=torch.channels_last)
     budget = cfg["minutes"] * 60.0
     t0 = time.time()
     step = 0
@@ -340,8 +391,11 @@ def train(
         elapsed = time.time() - t0
         if is_cls and val_every and elapsed >= next_val:
             assert isinstance(net, NoduleClassifier)
-            probe = Split(val.x[::8], val.y[::8], val.series[::8])
-            v = {"auc": cls_val(net, probe)["auc"], "pointing": cls_val_pointing(net, probe)}
+            probe = np.arange(0, len(val.x), 8)
+            v = {
+                "auc": cls_val(net, val, probe)["auc"],
+                "pointing": cls_val_pointing(net, val, probe),
+            }
             history.append({"step": step, "seconds": round(elapsed, 1), **v})
             print(f"{name} step {step} t={elapsed:.0f}s validation probe {v}", flush=True)
             next_val += VAL_EVERY_SECONDS
@@ -366,6 +420,7 @@ def train(
         else:
             bsz = max(cfg["batch"] // 4, 2) if full else cfg["batch"]
             x, y = sampler.batch(bsz, data.x.shape[1] if full else cfg["crop"])
+        x = x.contiguous(memory_format=torch.channels_last)
         if is_cls:
             assert isinstance(net, NoduleClassifier)
             loss, _, _ = cls_loss(net, x, y)
@@ -380,17 +435,18 @@ def train(
         if step % log_every == 0:
             history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(running, 4)})
             print(f"{name} step {step} t={elapsed:.0f}s lr={lr:.2e} loss={running:.4f}", flush=True)
-    if is_cls:
-        recalibrate_batchnorm(net, sampler, BN_RECALIBRATION_SLICES)
+    # A step-capped run (the training smoke test) re-estimates on a token number of slices.
+    recalibrate_batchnorm(net, sampler, BN_RECALIBRATION_SLICES if max_steps is None else 8)
+    net = net.to(memory_format=torch.contiguous_format)
     seconds = time.time() - t0
     # Every 4th validation slice: enough to follow training, a quarter of the cost.
-    val_sub = Split(val.x[::4], val.y[::4], val.series[::4])
+    val_sub = np.arange(0, len(val.x), 4)
     if name == "classifier":
         assert isinstance(net, NoduleClassifier)
-        metrics = cls_val(net, val_sub)
-        metrics["pointing_game_nodule_slices"] = cls_val_pointing(net, val_sub)
+        metrics = cls_val(net, val, val_sub)
+        metrics["pointing_game_nodule_slices"] = cls_val_pointing(net, val, val_sub)
     else:
-        metrics = seg_val_dice(net, val_sub)
+        metrics = seg_val_dice(net, val, val_sub)
     print(f"{name}: {step} steps in {seconds:.0f} s; validation {metrics}", flush=True)
     command = (
         f"python -m models.training.train {name} --minutes {cfg['minutes']:g} --lr {cfg['lr']:g}"
@@ -430,6 +486,7 @@ def train(
             "state_dict": net.state_dict(),
             "optimizer": opt.state_dict(),
             "base": cfg["base"],
+            "in_channels": PREPROCESSING.channels,
             "log": log,
         },
         out / f"{name}.pt",

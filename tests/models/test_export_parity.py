@@ -18,6 +18,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 from models.training import export as ex  # noqa: E402
+from models.training.data import PREPROCESSING  # noqa: E402
 from models.training.train import build_model  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def test_onnx_matches_pytorch_on_100_inputs(name: str, tmp_path: Path) -> None:
     if name == "segnet":
         assert ops["MaxUnpool"] == 4 and ops["ScatterND"] == 0
     sess = ex.ort_session(path)
-    x = np.random.default_rng(1).random((100, 1, 256, 256), dtype=np.float32)
+    x = np.random.default_rng(1).random((100, PREPROCESSING.channels, 256, 256), dtype=np.float32)
     result = ex.parity(net, name, sess, x)
     assert result["inputs"] == 100
     first = ex.output_names(name)[0]

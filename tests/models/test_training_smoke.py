@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.training.data import PREPROCESSING, Split, labels_to_grid  # noqa: E402
+from models.training.data import PREPROCESSING, SLICE_PREPROCESSING, Split, labels_to_grid  # noqa: E402
 from models.training.phantoms import generate_series  # noqa: E402
 from models.training.train import train  # noqa: E402
 from workers.pipeline.preprocess import preprocess_frames  # noqa: E402
@@ -21,7 +21,7 @@ def tiny() -> Split:
     xs, ys = [], []
     for seed in (8_000_001, 8_000_002):
         s = generate_series(seed, n_slices=3, n_nodules=2, size_range_mm=(8.0, 16.0))
-        xs.append(preprocess_frames(s.hu.astype(np.float32), PREPROCESSING)[:, 0])
+        xs.append(preprocess_frames(s.hu.astype(np.float32), SLICE_PREPROCESSING)[:, 0])
         ys.append(labels_to_grid(s.labels, PREPROCESSING.size))
     x = np.concatenate(xs).astype(np.float16)
     return Split(x, np.concatenate(ys), np.repeat(np.arange(2, dtype=np.int32), 3))

@@ -81,17 +81,42 @@ def _halve(frames: FloatArray) -> FloatArray:
     return out
 
 
+def stack_context(x: FloatArray, context: int) -> FloatArray:
+    """Stack each frame with its ``context`` neighbours on either side as channels (2.5-D).
+
+    Parameters
+    ----------
+    x : float32, shape (F, H, W), frames in order along the slice normal (as ``decode``
+        sorts them by Image Position (Patient) projected on the normal, PS3.3 C.7.6.2.1.1).
+    context : k ≥ 0 neighbours per side.
+
+    Returns
+    -------
+    float32, shape (F, 2k + 1, H, W): channel ``k + d`` of frame ``i`` is frame
+    ``clip(i + d, 0, F - 1)`` — past either end of the series the end frame repeats, so a
+    single-frame upload gives 2k + 1 copies of itself.
+    """
+    if context == 0:
+        return np.ascontiguousarray(x[:, None, :, :], dtype=np.float32)
+    f = x.shape[0]
+    offsets = np.arange(-context, context + 1)
+    index = np.clip(np.arange(f)[:, None] + offsets[None, :], 0, f - 1)  # (F, 2k + 1)
+    return np.ascontiguousarray(x[index], dtype=np.float32)
+
+
 def preprocess_frames(frames: FloatArray, spec: Preprocessing) -> FloatArray:
     """Turn decoded frames into the network input of a manifest.
 
     Parameters
     ----------
-    frames : float32, shape (F, H, W), modality units (see ``decode``).
+    frames : float32, shape (F, H, W), modality units (see ``decode``), in order along the
+        slice normal when ``spec.context_slices`` > 0.
     spec : the manifest's ``preprocessing`` section.
 
     Returns
     -------
-    float32, shape (F, 1, size[0], size[1]), NCHW, ready for ``InferenceSession.run``.
+    float32, shape (F, 2k + 1, size[0], size[1]) with k = ``spec.context_slices`` (one
+    channel by default), NCHW, ready for ``InferenceSession.run``.
     """
     if frames.ndim != 3:
         raise ValueError(f"frames must be (F, H, W), got shape {frames.shape}")
@@ -99,4 +124,4 @@ def preprocess_frames(frames: FloatArray, spec: Preprocessing) -> FloatArray:
     x = resize_frames(x, spec.size, spec.resample)
     if spec.mean != 0.0 or spec.std != 1.0:
         x = (x - np.float32(spec.mean)) / np.float32(spec.std)
-    return np.ascontiguousarray(x[:, None, :, :], dtype=np.float32)
+    return stack_context(x, spec.context_slices)
