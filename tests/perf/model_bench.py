@@ -24,6 +24,7 @@ from app.registry.manifest import OutputRole, Task
 from app.registry.service import RegisteredModel
 from tests.perf.flops import graph_flops
 from tests.perf.timing import interleaved
+from workers.onnx_sessions import configure_spinning
 from workers.pipeline.preprocess import preprocess_frames
 
 TorchLoader = Callable[[RegisteredModel], Any]  # returns an eval() torch module, or None
@@ -36,6 +37,7 @@ def make_session(path: Path, threads: int) -> ort.InferenceSession:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    configure_spinning(so)
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
@@ -239,6 +241,7 @@ def matmul_runner(threads: int) -> Callable[[], object]:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    configure_spinning(so)  # as the model sessions it is the reference for
     sess = ort.InferenceSession(
         onnx.shape_inference.infer_shapes(model).SerializeToString(),
         so,
