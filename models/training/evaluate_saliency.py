@@ -778,7 +778,7 @@ def image_edges(x: Array) -> Array:
 
     A fixed transform (no per-slice scaling) so pixels of different slices stay comparable.
     """
-    img = np.asarray(x, dtype=np.float64).reshape(x.shape[-2:])
+    img = np.asarray(x[len(x) // 2] if x.ndim == 3 else x, dtype=np.float64)  # the slice itself
     g = np.hypot(ndimage.sobel(img, axis=0), ndimage.sobel(img, axis=1))
     out: Array = (g / (g + 0.05)).astype(np.float32)
     return out
