@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +179,18 @@ def render_card(manifest: Manifest) -> str:
         "- Trained and tested on synthetic phantoms only; real CT has anatomy, pathology "
         "(emphysema, fibrosis, effusions, atelectasis, masses), artefacts (motion, beam "
         "hardening, metal), reconstruction kernels and noise textures the phantoms do not have.",
-        "- Works slice by slice (2-D): a small nodule and a vessel seen end-on look alike in one "
-        "slice; no 3-D context is used.",
+        *(
+            [
+                f"- Sees {manifest.preprocessing.context_slices} neighbouring slices on each side "
+                "(2.5-D), not the whole volume: on thin-slice series that is little z-extent, and "
+                "a single uploaded slice gets no context at all (it is its own neighbour).",
+            ]
+            if manifest.preprocessing.context_slices
+            else [
+                "- Works slice by slice (2-D): a small nodule and a vessel seen end-on look alike "
+                "in one slice; no 3-D context is used."
+            ]
+        ),
         "- Nodules are drawn between 3 and 30 mm; larger masses, cavitating or calcified nodules are "
         "absent from the data.",
         "- Input is down-sampled to 256 × 256 (about 1.2–1.8 mm pixels), so nodules under about "
@@ -197,7 +208,59 @@ def render_card(manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
+def _summary(d: dict[str, Any] | None) -> str:
+    if not d or d.get("mean") is None:
+        return "–"
+    lo, hi = d["ci95"]
+    return f"{d['mean']:.2f} ({lo:.2f}–{hi:.2f})"
+
+
+def saliency_lines(result: dict[str, Any]) -> list[str]:
+    """The card section for this model's entry of ``models/saliency_metrics.json``."""
+    lines = [
+        "## Saliency quality (held-out test phantoms)",
+        "",
+        "From `python -m models.training.evaluate_saliency` (onnxruntime only, as served; "
+        "95 % bootstrap CIs over slices; `dog` is the model-free blob-detector baseline). "
+        "Perturbation rows rest on few slices and are indicative only.",
+        "",
+        "| map | slices | pointing game (TP) | energy / area | s / image |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in result.get("methods", {}).items():
+        ratio = (m.get("energy_over_area_fraction") or {}).get("value")
+        lines.append(
+            f"| {name} | {m.get('n', 0)} | {_summary(m.get('pointing_game'))} | "
+            f"{'–' if ratio is None else f'{ratio:.1f}×'} | "
+            f"{(m.get('cost') or {}).get('seconds_per_image', '–')} |"
+        )
+    uncertainty = result.get("uncertainty", {})
+    if uncertainty:
+        lines += ["", "| uncertainty map | error-pixel AUC (95 % CI) |", "|---|---|"]
+        for name, u in uncertainty.items():
+            e = u.get("error_auc", {})
+            ci = e.get("ci95") or ["–", "–"]
+            lines.append(f"| {name} | {e.get('auc', '–')} ({ci[0]}–{ci[1]}) |")
+    lines += ["", "| map | target | met |", "|---|---|---|"]
+    for name, checks in result.get("targets", {}).items():
+        for target, ok in checks.items():
+            lines.append(
+                f"| {name} | {target} | {'n/a' if ok is None else ('yes' if ok else 'no')} |"
+            )
+    return [*lines, ""]
+
+
 def write_card(manifest: Manifest, directory: Path) -> Path:
+    """Render ``card.md``; the saliency section is added when ``saliency_metrics.json`` beside
+    the model directories holds a result for exactly this model file (same sha256)."""
     path = directory / "card.md"
-    path.write_text(render_card(manifest))
+    text = render_card(manifest)
+    metrics_file = directory.parents[1] / "saliency_metrics.json"
+    if metrics_file.exists():
+        result = json.loads(metrics_file.read_text()).get("models", {}).get(manifest.key)
+        if result and result.get("sha256") == manifest.sha256:
+            text = text.replace(
+                "## Limitations", "\n".join(saliency_lines(result)) + "\n## Limitations"
+            )
+    path.write_text(text)
     return path

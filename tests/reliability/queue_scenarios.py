@@ -675,8 +675,8 @@ def run_db_outage(
     timeout: float = 400,
 ) -> Outcome:
     """Q6: PostgreSQL crash-stopped mid-batch for ``outage_seconds``: uploads meanwhile get
-    503 + Retry-After quickly; no job fails because of it, none even loses an attempt; everything
-    completes after. Leases are longer than the outage, as in production (900 s): the worker is
+    503 + Retry-After quickly; no job fails because of it, none loses more than the one attempt
+    whose commit was in flight; everything completes after. Leases are longer than the outage, as in production (900 s): the worker is
     restarted with ``lease_seconds`` (default: twice the outage) first."""
     out = Outcome("Q6", "PostgreSQL unavailable mid-batch")
     lease = lease_seconds or max(20, int(outage_seconds * 2))
@@ -721,7 +721,13 @@ def run_db_outage(
         )
         out.figures["lease_seconds"] = lease
         out.check("mid-batch", at_stop.get("succeeded", 0) < n_jobs)
-        out.check("the outage cost no job an attempt", set(out.figures["attempts"]) == {"1"})
+        # A claim or result commit in flight when the server dies cannot be told apart from a
+        # lost one: the worker gives the job back to its lease, which re-runs it once (seen in
+        # about 1 run of 4). The outage must never cost a job more than that, nor fail it.
+        out.check(
+            "the outage cost no job more than one attempt",
+            all(int(a) <= 2 for a in out.figures["attempts"]),
+        )
         out.check("every upload during the outage: 503", set(codes) == {503})
         out.check("every 503 has Retry-After", out.figures["with_retry_after"] == len(answers))
         out.check("no answer slower than 5 s", max(a[1] for a in answers) <= 5)
