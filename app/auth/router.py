@@ -1,4 +1,4 @@
-"""API keys over REST (admins only): create (the key is shown once), list, revoke.
+"""API keys over REST (admins only): create (the key is shown once), list, read one, revoke.
 
 The same operations as ``medcad keys create|list|revoke``; every change writes an audit event in
 the same transaction. Listings never contain a key or its hash, only the lookup prefix.
@@ -9,12 +9,19 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import SessionDep, client_address, require
 from app.api.schemas import ERRORS, NOT_FOUND, ErrorBody, Page, UtcDatetime
-from app.auth.service import Principal, create_key, list_keys, record_audit, revoke_key
+from app.auth.service import (
+    Principal,
+    create_key,
+    find_key,
+    list_keys,
+    record_audit,
+    revoke_key,
+)
 from app.db.records import ApiKeyRecord, Role, utcnow
 
 router = APIRouter(prefix="/api/v1/keys", tags=["keys"])
@@ -98,6 +105,15 @@ def _key_out(record: ApiKeyRecord) -> KeyOut:
     status_code=201,
     response_model=KeyCreated,
     responses={
+        201: {
+            "description": "The key, shown this once",
+            "headers": {
+                "Location": {
+                    "description": "The new key's resource, /api/v1/keys/{prefix}",
+                    "schema": {"type": "string"},
+                }
+            },
+        },
         **ERRORS,
         400: {"model": ErrorBody, "description": "The body is not JSON"},
         413: {"model": ErrorBody, "description": "Body over the request size limit"},
@@ -105,8 +121,13 @@ def _key_out(record: ApiKeyRecord) -> KeyOut:
     },
     summary="Create an API key (admins; the key is shown once)",
 )
-def create(body: KeyCreate, request: Request, session: SessionDep, principal: Admin) -> KeyCreated:
-    """Create a key with a role and an optional lifetime; answer the key once."""
+def create(
+    body: KeyCreate, request: Request, response: Response, session: SessionDep, principal: Admin
+) -> KeyCreated:
+    """Create a key with a role and an optional lifetime; answer the key once.
+
+    ``Location`` names the new key's own resource, ``GET /api/v1/keys/{prefix}``.
+    """
     expires = utcnow() + timedelta(days=body.expires_in_days) if body.expires_in_days else None
     record, token = create_key(session=session, name=body.name, role=body.role, expires_at=expires)
     record_audit(
@@ -117,6 +138,7 @@ def create(body: KeyCreate, request: Request, session: SessionDep, principal: Ad
         client=client_address(request),
         detail=f"role={record.role}",
     )
+    response.headers["Location"] = f"{router.prefix}/{record.prefix}"
     return KeyCreated(**_key_out(record).model_dump(), key=token)
 
 
@@ -135,6 +157,17 @@ def list_all(
         limit=limit,
         offset=offset,
     )
+
+
+@router.get(
+    "/{prefix}",
+    response_model=KeyOut,
+    responses={**ERRORS, **NOT_FOUND},
+    summary="Read one API key (admins; never the key itself)",
+)
+def read(prefix: Prefix, session: SessionDep, _principal: Admin) -> KeyOut:
+    """The key with this prefix: name, role and lifecycle dates, as listed."""
+    return _key_out(find_key(session=session, prefix=prefix))
 
 
 @router.post(

@@ -117,11 +117,17 @@ def list_keys(*, session: Session) -> list[ApiKeyRecord]:
     return list(session.scalars(select(ApiKeyRecord).order_by(ApiKeyRecord.created_at.desc())))
 
 
-def revoke_key(*, session: Session, prefix: str) -> ApiKeyRecord:
-    """Revoke the key with ``prefix`` (effective immediately)."""
+def find_key(*, session: Session, prefix: str) -> ApiKeyRecord:
+    """The key with ``prefix``; ``NotFound`` when there is none."""
     record = session.scalar(select(ApiKeyRecord).where(ApiKeyRecord.prefix == prefix))
     if record is None:
         raise NotFound(detail=f"no API key with prefix {prefix[:16]!r}")
+    return record
+
+
+def revoke_key(*, session: Session, prefix: str) -> ApiKeyRecord:
+    """Revoke the key with ``prefix`` (effective immediately)."""
+    record = find_key(session=session, prefix=prefix)
     if record.revoked_at is None:
         record.revoked_at = utcnow()
     return record

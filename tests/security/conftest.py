@@ -43,6 +43,7 @@ REQUIRED_ROLE = {
     ("POST", "/dicomweb/studies/{study}"): "uploader",
     ("GET", "/api/v1/audit"): "admin",
     ("GET", "/api/v1/keys"): "admin",
+    ("GET", "/api/v1/keys/{prefix}"): "admin",
     ("POST", "/api/v1/keys"): "admin",
     ("POST", "/api/v1/keys/{prefix}/revoke"): "admin",
 }

@@ -94,6 +94,7 @@ def test_route_inventory_is_complete(populated: Populated) -> None:
         "POST /api/v1/studies",
         "GET /api/v1/audit",
         "POST /api/v1/keys",
+        "GET /api/v1/keys/{prefix}",
         "GET /",
         "GET /dicomweb/studies",
     ):
@@ -247,6 +248,13 @@ def test_key_lifecycle_over_rest(populated: Populated) -> None:
     created = r.json()
     token, prefix = created["key"], created["prefix"]
     assert token.startswith(f"mc_{prefix}_") and len(token) > 40
+    # the 201 names the key's own resource, which reads back without the secret or its hash
+    assert r.headers["location"] == f"/api/v1/keys/{prefix}"
+    one = c.get(r.headers["location"])
+    assert one.status_code == 200, one.text
+    assert one.json() == {k: v for k, v in created.items() if k != "key"}
+    assert token not in one.text and token.split("_", 2)[2] not in one.text
+    assert hashlib.sha256(token.encode()).hexdigest() not in one.text
     expires = datetime.fromisoformat(created["expires_at"])
     assert timedelta(days=29) < expires - datetime.now(UTC) <= timedelta(days=30)
     mine = {"Authorization": f"Bearer {token}"}
@@ -257,14 +265,21 @@ def test_key_lifecycle_over_rest(populated: Populated) -> None:
     # only admins manage keys
     for role in ("viewer", "uploader"):
         assert c.get("/api/v1/keys", headers=populated.headers(role)).status_code == 403
+        r = c.get(f"/api/v1/keys/{prefix}", headers=populated.headers(role))
+        assert r.status_code == 403 and r.json()["error"] == "forbidden", r.text
         assert c.post("/api/v1/keys", json={"name": "x", "role": "admin"},
                       headers=populated.headers(role)).status_code == 403  # fmt: skip
     # revoked: refused on the very next request
     r = c.post(f"/api/v1/keys/{prefix}/revoke")
     assert r.status_code == 200 and r.json()["revoked_at"]
+    revoked_at = r.json()["revoked_at"]
     r = c.get("/api/v1/me", headers=mine)
     assert r.status_code == 401 and prefix in r.json()["detail"]
     assert c.post("/api/v1/keys/nosuchkey/revoke").status_code == 404
+    assert c.get(f"/api/v1/keys/{prefix}").json()["revoked_at"] == revoked_at
+    r = c.get("/api/v1/keys/nosuchkey")
+    assert r.status_code == 404 and r.json() == {
+        "error": "not_found", "detail": "no API key with prefix 'nosuchkey'"}  # fmt: skip
     # invalid requests are 422 in the one error shape
     for body in (
         {"name": "", "role": "viewer"},
@@ -333,6 +348,7 @@ NOT_PATIENT_DATA = {
     "/api/v1/models",
     "/api/v1/audit",
     "/api/v1/keys",
+    "/api/v1/keys/{prefix}",
     "/api/v1/saliency/{saliency_id}/colorbar.png",
 }
 
