@@ -25,6 +25,7 @@ from app.api.deps import (
     require,
 )
 from app.api.ingest_guards import authenticate_uploader, check_capacity, ingest_limits
+from app.api.schemas import ERRORS, ErrorBody
 from app.auth.service import Principal, record_audit
 from app.db.records import Role
 from app.db.session import run_in_transaction
@@ -72,6 +73,151 @@ def _accepts_json(request: Request) -> None:
         if media in (DICOM_JSON, "application/json", "*/*", "application/*"):
             return
     raise NotAcceptable(detail=f"this resource is {DICOM_JSON}, not {accept[:80]!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# OpenAPI: what each route really answers (documentation only; errors in the one body shape)
+# ---------------------------------------------------------------------------------------
+
+_UID = "1.2.826.0.1.3680043.8.498.10952716306271532453127845672340965173"
+_SERIES_UID = "1.2.826.0.1.3680043.8.498.21688549342248767199514913713792819343"
+_SOP_UID = "1.2.826.0.1.3680043.8.498.73025310417846519263514800172964317055"
+_BASE = "https://medcad.example/dicomweb"
+_DATASETS: dict[str, Any] = {"type": "array", "items": {"type": "object"}}
+_ERROR_TEXT = {
+    400: "Invalid query key, window or frame list",
+    404: "No such study, series, instance, frame or bulk data element",
+    406: "The Accept header excludes every media type this resource has",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {**ERRORS, **{c: {"model": ErrorBody, "description": _ERROR_TEXT[c]} for c in codes}}
+
+
+def _dicom_json(description: str, example: Any) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {DICOM_JSON: {"schema": _DATASETS, "example": example}},
+    }
+
+
+def _related(description: str, part_type: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {
+            f'multipart/related; type="{part_type}"': {
+                "schema": {"type": "string", "format": "binary"}
+            }
+        },
+    }
+
+
+_STUDY_EXAMPLE = [
+    {
+        "0020000D": {"vr": "UI", "Value": [_UID]},
+        "00080020": {"vr": "DA", "Value": ["20260105"]},
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "DOE^JANE"}]},
+        "00201206": {"vr": "IS", "Value": [2]},
+        "00081190": {"vr": "UR", "Value": [f"{_BASE}/studies/{_UID}"]},
+    }
+]
+_SERIES_EXAMPLE = [
+    {
+        "0020000D": {"vr": "UI", "Value": [_UID]},
+        "0020000E": {"vr": "UI", "Value": [_SERIES_UID]},
+        "00080060": {"vr": "CS", "Value": ["CT"]},
+        "00201209": {"vr": "IS", "Value": [64]},
+        "00081190": {"vr": "UR", "Value": [f"{_BASE}/studies/{_UID}/series/{_SERIES_UID}"]},
+    }
+]
+_INSTANCE_EXAMPLE = [
+    {
+        "00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+        "00080018": {"vr": "UI", "Value": [_SOP_UID]},
+        "0020000E": {"vr": "UI", "Value": [_SERIES_UID]},
+        "00200013": {"vr": "IS", "Value": [1]},
+    }
+]
+_METADATA_EXAMPLE = [
+    {
+        **_INSTANCE_EXAMPLE[0],
+        "0020000D": {"vr": "UI", "Value": [_UID]},
+        "00280010": {"vr": "US", "Value": [512]},
+        "00280011": {"vr": "US", "Value": [512]},
+        "7FE00010": {
+            "vr": "OW",
+            "BulkDataURI": f"{_BASE}/studies/{_UID}/series/{_SERIES_UID}"
+            f"/instances/{_SOP_UID}/bulk/7FE00010",
+        },
+    }
+]
+_STOW_EXAMPLE = {
+    "00081190": {"vr": "UR", "Value": [f"{_BASE}/studies/{_UID}"]},
+    "00081199": {
+        "vr": "SQ",
+        "Value": [
+            {
+                "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+                "00081155": {"vr": "UI", "Value": [_SOP_UID]},
+                "00081190": {
+                    "vr": "UR",
+                    "Value": [f"{_BASE}/studies/{_UID}/series/{_SERIES_UID}/instances/{_SOP_UID}"],
+                },
+            }
+        ],
+    },
+}
+_STOW_FAILED_EXAMPLE = {
+    "00081198": {
+        "vr": "SQ",
+        "Value": [
+            {
+                "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+                "00081155": {"vr": "UI", "Value": [_SOP_UID]},
+                "00081197": {"vr": "US", "Value": [272]},
+            }
+        ],
+    }
+}
+
+
+def _qido_doc(example: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "response_class": Response,
+        "responses": {200: _dicom_json("Matches, in DICOM JSON (PS3.18 F.2)", example)}
+        | _errors(400, 406),
+    }
+
+
+_METADATA_DOC: dict[str, Any] = {
+    "response_class": Response,
+    "responses": {200: _dicom_json("Instance metadata, in DICOM JSON", _METADATA_EXAMPLE)}
+    | _errors(404, 406),
+}
+_RETRIEVE_DOC: dict[str, Any] = {
+    "response_class": Response,
+    "responses": {200: _related("The instances, as PS3.10 parts", "application/dicom")}
+    | _errors(404, 406),
+}
+_RENDERED_DOC: dict[str, Any] = {
+    "response_class": Response,
+    "responses": {
+        200: {
+            "description": "The frame as an 8-bit image (JPEG unless PNG is preferred)",
+            "content": {
+                m: {"schema": {"type": "string", "format": "binary"}}
+                for m in ("image/jpeg", "image/png")
+            },
+        }
+    }
+    | _errors(400, 404, 406),
+}
+_FRAMES_DOC: dict[str, Any] = {
+    "response_class": Response,
+    "responses": {200: _related("Uncompressed frames or bulk data", "application/octet-stream")}
+    | _errors(400, 404),
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,13 +298,29 @@ async def _store(request: Request, study: str | None) -> Response:
 
 
 STOW_DOC: dict[str, Any] = {
+    "response_class": Response,
     "responses": {
-        200: {"description": "All instances stored (Store Instances Response Module)"},
-        202: {"description": "Some instances stored, others failed (FailedSOPSequence)"},
-        400: {"description": "Malformed multipart body, or no part was DICOM"},
-        409: {"description": "No instance stored: conflicts, unsupported classes, UID mismatch"},
-        413: {"description": "Body over the upload size limit"},
-        415: {"description": 'Not multipart/related; type="application/dicom"'},
+        200: _dicom_json("All instances stored (Store Instances Response Module)", _STOW_EXAMPLE),
+        202: _dicom_json(
+            "Some instances stored, others failed (FailedSOPSequence)",
+            {**_STOW_EXAMPLE, **_STOW_FAILED_EXAMPLE},
+        ),
+        **ERRORS,
+        400: {
+            "model": ErrorBody,
+            "description": "Malformed multipart body (error body), or no part was DICOM "
+            "(FailedSOPSequence in DICOM JSON)",
+            "content": {
+                DICOM_JSON: {"schema": {"type": "object"}, "example": _STOW_FAILED_EXAMPLE}
+            },
+        },
+        409: _dicom_json(
+            "No instance stored: conflicts, unsupported classes, UID mismatch (FailedSOPSequence)",
+            _STOW_FAILED_EXAMPLE,
+        ),
+        413: {"model": ErrorBody, "description": "Body over the upload size limit"},
+        415: {"model": ErrorBody, "description": 'Not multipart/related; type="application/dicom"'},
+        507: {"model": ErrorBody, "description": "Not enough free disk space to store the upload"},
     },
     "openapi_extra": {
         "requestBody": {
@@ -254,7 +416,7 @@ def _search_instances(
     return _json(body, headers=dict(warning_header(query)))
 
 
-@router.get("/studies", summary="QIDO-RS: search for studies")
+@router.get("/studies", summary="QIDO-RS: search for studies", **_qido_doc(_STUDY_EXAMPLE))
 def search_studies(
     request: Request, session: SessionDep, store: StoreDep, principal: Viewer
 ) -> Response:
@@ -266,7 +428,9 @@ def search_studies(
     return _json(body, headers=dict(warning_header(query)))
 
 
-@router.get("/series", summary="QIDO-RS: search for series in all studies")
+@router.get(
+    "/series", summary="QIDO-RS: search for series in all studies", **_qido_doc(_SERIES_EXAMPLE)
+)
 def search_all_series(
     request: Request, session: SessionDep, store: StoreDep, principal: Viewer
 ) -> Response:
@@ -274,7 +438,11 @@ def search_all_series(
     return _search_series(request, session, store, principal, Scope())
 
 
-@router.get("/studies/{study}/series", summary="QIDO-RS: search for series of a study")
+@router.get(
+    "/studies/{study}/series",
+    summary="QIDO-RS: search for series of a study",
+    **_qido_doc(_SERIES_EXAMPLE),
+)
 def search_study_series(
     study: str, request: Request, session: SessionDep, store: StoreDep, principal: Viewer
 ) -> Response:
@@ -282,7 +450,11 @@ def search_study_series(
     return _search_series(request, session, store, principal, Scope(study=study))
 
 
-@router.get("/instances", summary="QIDO-RS: search for instances in all studies")
+@router.get(
+    "/instances",
+    summary="QIDO-RS: search for instances in all studies",
+    **_qido_doc(_INSTANCE_EXAMPLE),
+)
 def search_all_instances(
     request: Request, session: SessionDep, store: StoreDep, principal: Viewer
 ) -> Response:
@@ -290,7 +462,11 @@ def search_all_instances(
     return _search_instances(request, session, store, principal, Scope())
 
 
-@router.get("/studies/{study}/instances", summary="QIDO-RS: search for instances of a study")
+@router.get(
+    "/studies/{study}/instances",
+    summary="QIDO-RS: search for instances of a study",
+    **_qido_doc(_INSTANCE_EXAMPLE),
+)
 def search_study_instances(
     study: str, request: Request, session: SessionDep, store: StoreDep, principal: Viewer
 ) -> Response:
@@ -301,6 +477,7 @@ def search_study_instances(
 @router.get(
     "/studies/{study}/series/{series}/instances",
     summary="QIDO-RS: search for instances of a series",
+    **_qido_doc(_INSTANCE_EXAMPLE),
 )
 def search_series_instances(
     study: str,
@@ -398,7 +575,7 @@ def _metadata(
     return _json(body)
 
 
-@router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
+@router.get("/studies/{study}", summary="WADO-RS: retrieve a study", **_RETRIEVE_DOC)
 def retrieve_study(
     study: str, request: Request, session: SessionDep, store: StoreDep, principal: Viewer
 ) -> Response:
@@ -406,7 +583,7 @@ def retrieve_study(
     return _retrieve(request, session, store, principal, Scope(study))
 
 
-@router.get("/studies/{study}/metadata", summary="WADO-RS: study metadata")
+@router.get("/studies/{study}/metadata", summary="WADO-RS: study metadata", **_METADATA_DOC)
 def retrieve_study_metadata(
     study: str, request: Request, session: SessionDep, store: StoreDep, principal: Viewer
 ) -> Response:
@@ -414,7 +591,9 @@ def retrieve_study_metadata(
     return _metadata(request, session, store, principal, Scope(study))
 
 
-@router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
+@router.get(
+    "/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series", **_RETRIEVE_DOC
+)
 def retrieve_series(
     study: str,
     series: str,
@@ -427,7 +606,11 @@ def retrieve_series(
     return _retrieve(request, session, store, principal, Scope(study, series))
 
 
-@router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: series metadata")
+@router.get(
+    "/studies/{study}/series/{series}/metadata",
+    summary="WADO-RS: series metadata",
+    **_METADATA_DOC,
+)
 def retrieve_series_metadata(
     study: str,
     series: str,
@@ -443,6 +626,7 @@ def retrieve_series_metadata(
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}",
     summary="WADO-RS: retrieve an instance",
+    **_RETRIEVE_DOC,
 )
 def retrieve_instance(
     study: str,
@@ -460,6 +644,7 @@ def retrieve_instance(
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/metadata",
     summary="WADO-RS: instance metadata",
+    **_METADATA_DOC,
 )
 def retrieve_instance_metadata(
     study: str,
@@ -499,7 +684,7 @@ def _rendered(
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/rendered",
     summary="WADO-RS: instance rendered as JPEG or PNG",
-    response_class=Response,
+    **_RENDERED_DOC,
 )
 def retrieve_instance_rendered(
     study: str,
@@ -528,7 +713,7 @@ def _frame_numbers(frames: str) -> list[int]:
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
     summary="WADO-RS: one frame rendered as JPEG or PNG",
-    response_class=Response,
+    **_RENDERED_DOC,
 )
 def retrieve_frame_rendered(
     study: str,
@@ -552,7 +737,7 @@ def retrieve_frame_rendered(
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
     summary="WADO-RS: uncompressed frames",
-    response_class=Response,
+    **_FRAMES_DOC,
 )
 def retrieve_frames(
     study: str,
@@ -576,7 +761,7 @@ def retrieve_frames(
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/bulk/{tag}",
     summary="WADO-RS: bulk data of a metadata BulkDataURI",
-    response_class=Response,
+    **_FRAMES_DOC,
 )
 def retrieve_bulk(
     study: str,

@@ -1,7 +1,8 @@
 """The REST API's OpenAPI description is complete: every operation names what it answers (media
 type, response model), shows an example of it that the model accepts, and documents the one
 error body for every error it can give (auth, role, rate limit, outage with ``Retry-After``,
-unknown ids). DICOMweb routes follow PS3.18 and are held to less (see tests/fuzz)."""
+unknown ids). DICOMweb routes follow PS3.18: they answer DICOM JSON, multipart/related or images,
+and their errors are the same one error body."""
 
 from __future__ import annotations
 
@@ -123,3 +124,97 @@ def test_stored_downloads_document_their_media_type_and_not_modified(
         assert list(responses["200"]["content"]) == [media_type], path
         assert "ETag" in responses["200"]["headers"], path
         assert "304" in responses, path
+
+
+DICOM_JSON = "application/dicom+json"
+QIDO = {
+    "/dicomweb/studies",
+    "/dicomweb/series",
+    "/dicomweb/instances",
+    "/dicomweb/studies/{study}/series",
+    "/dicomweb/studies/{study}/instances",
+    "/dicomweb/studies/{study}/series/{series}/instances",
+}
+
+
+def _dicomweb_operations(spec: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, operations in spec["paths"].items():
+        if path.startswith("/dicomweb/"):
+            for method, operation in operations.items():
+                yield path, method, operation
+
+
+def _expected_dicomweb_success(path: str, method: str) -> list[str]:
+    if method == "post" or path in QIDO or path.endswith("/metadata"):
+        return [DICOM_JSON]
+    if path.endswith("/rendered"):
+        return ["image/jpeg", "image/png"]
+    if path.endswith(("}", "/series/{series}")) and "/frames/" not in path and "/bulk/" not in path:
+        return ['multipart/related; type="application/dicom"']
+    return ['multipart/related; type="application/octet-stream"']
+
+
+def test_every_dicomweb_operation_documents_its_media_types_and_examples(
+    app_and_spec: tuple[Any, dict[str, Any]],
+) -> None:
+    _, spec = app_and_spec
+    operations = list(_dicomweb_operations(spec))
+    assert len(operations) >= 18
+    for path, method, operation in operations:
+        where = f"{method.upper()} {path}"
+        expected = _expected_dicomweb_success(path, method)
+        success = {c: r for c, r in operation["responses"].items() if c.startswith("2")}
+        assert set(success) == ({"200", "202"} if method == "post" else {"200"}), where
+        for code, response in success.items():
+            assert list(response["content"]) == expected, f"{where} {code}"
+            for media_type, body in response["content"].items():
+                if media_type == DICOM_JSON:
+                    assert body.get("example"), f"{where} {code}: DICOM JSON without an example"
+                else:
+                    assert body["schema"] == {"type": "string", "format": "binary"}, where
+
+
+def test_every_dicomweb_operation_documents_its_errors_in_the_one_error_body(
+    app_and_spec: tuple[Any, dict[str, Any]],
+) -> None:
+    _, spec = app_and_spec
+    for path, method, operation in _dicomweb_operations(spec):
+        where = f"{method.upper()} {path}"
+        responses = operation["responses"]
+        assert {"401", "403", "429", "503"} <= set(responses), where
+        for code in ("429", "503"):
+            assert "Retry-After" in responses[code].get("headers", {}), f"{where} {code}"
+        for code, response in responses.items():
+            if code[0] not in "45":
+                continue
+            content = response["content"]
+            if method == "post" and code == "409":
+                # STOW-RS: nothing stored answers the Store Instances Response (PS3.18 10.5.3)
+                assert list(content) == [DICOM_JSON] and content[DICOM_JSON]["example"], where
+                continue
+            assert _refs(content["application/json"]["schema"]) == {ERROR_BODY}, f"{where} {code}"
+            if method == "post" and code == "400":
+                # ...and so does an upload none of whose parts was DICOM
+                assert content[DICOM_JSON]["example"], where
+            else:
+                assert list(content) == ["application/json"], f"{where} {code}"
+        if method == "post":
+            assert {"400", "409", "413", "415", "507"} <= set(responses), where
+        elif path in QIDO:
+            assert {"400", "406"} <= set(responses), where
+        else:
+            assert "404" in responses, f"{where}: an unknown UID is not documented"
+            # raw frames and bulk data have one media type and do not negotiate
+            raw = "/bulk/" in path or ("/frames/" in path and not path.endswith("/rendered"))
+            assert raw or "406" in responses, where
+
+
+def test_key_creation_documents_the_location_of_the_new_key(
+    app_and_spec: tuple[Any, dict[str, Any]],
+) -> None:
+    _, spec = app_and_spec
+    created = spec["paths"]["/api/v1/keys"]["post"]["responses"]["201"]
+    assert "Location" in created["headers"]
+    one = spec["paths"]["/api/v1/keys/{prefix}"]["get"]["responses"]
+    assert one["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/KeyOut")
+    assert _refs(one["404"]["content"]["application/json"]["schema"]) == {ERROR_BODY}
