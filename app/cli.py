@@ -319,7 +319,9 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                 {
                     "key": p.key,
                     "problem": p.problem,
-                    "rows": [{"table": r.table, "id": r.row_id, "column": r.column} for r in p.refs],
+                    "rows": [
+                        {"table": r.table, "id": r.row_id, "column": r.column} for r in p.refs
+                    ],
                 }
                 for p in report.problems
             ],

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     task_time_limit: int = 1200
     sweeper_interval_seconds: float = 15.0
     queued_resend_after_seconds: float = 60.0
+    # /readyz reports the workers stalled when a job has waited this long with none consuming
+    worker_stall_seconds: float = 180.0
     saliency_max_forward_passes: int = 128  # default perturbation budget per job and model
     saliency_request_max_passes: int = 4096  # the most a request may ask for
     worker_sweeper: bool = True  # run the sweeper in each worker's main process

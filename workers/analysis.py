@@ -45,6 +45,7 @@ class SegmentationResult:
     saliency: list[SaliencyResult]
     uncertain: bool
     mean_entropy: float
+    components: dict[str, list[postprocess.Component]] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,6 +108,7 @@ def analyze_series(
     max_forward_passes: int,
     extra_methods: Sequence[SaliencyMethod] = (),
     preprocessed: dict[str, FloatArray] | None = None,
+    voxel_mm3: float | None = None,
 ) -> ModelAnalysis:
     """Run one model over a (F, H, W) float32 stack in modality units.
 
@@ -115,6 +117,8 @@ def analyze_series(
     asked for on top of the manifest's defaults. ``preprocessed``, if given, is a cache of
     network inputs for these ``frames`` keyed by preprocessing section: models that share one
     (window, size, resampling, normalisation) reuse its tensor, which nothing here modifies.
+    ``voxel_mm3`` is the volume of one source voxel (row × column spacing × slice spacing),
+    which the segmentation component filters need; None when the geometry is unknown.
     """
     analysis = ModelAnalysis(manifest=manifest)
     methods = effective_methods(manifest, extra_methods)
@@ -132,7 +136,9 @@ def analyze_series(
     source_size = (int(frames.shape[1]), int(frames.shape[2]))
     budget = max_forward_passes
     if manifest.task is Task.SEGMENTATION:
-        analysis.segmentation = _segment(run, manifest, x, outputs, source_size, budget, methods)
+        analysis.segmentation = _segment(
+            run, manifest, x, outputs, source_size, budget, methods, voxel_mm3
+        )
     else:
         analysis.classification = _classify(run, manifest, x, outputs, source_size, budget, methods)
     analysis.timings["postprocess_saliency"] = time.perf_counter() - t2
@@ -147,10 +153,16 @@ def _segment(
     size: tuple[int, int],
     budget: int,
     methods: Sequence[SaliencyMethod],
+    voxel_mm3: float | None = None,
 ) -> SegmentationResult:
     logits = outputs[OutputRole.LOGITS]
     probs = postprocess.probabilities_from_logits(logits, axis=1)
-    small = postprocess.labels_from_probabilities(probs, axis=1)
+    grid = probs.shape[-2:]
+    grid_voxel = (
+        None if voxel_mm3 is None else voxel_mm3 * (size[0] * size[1]) / (grid[0] * grid[1])
+    )
+    seg = postprocess.segment(probs, structure_rules(manifest), voxel_mm3=grid_voxel)
+    small = seg.labels
     labels = postprocess.resize_label_map(small, size)  # (F, H, W): leading axes are kept
     names = {label.value: label.name for label in manifest.labels}
     # a histogram per frame: labels are uint8, so bincount (one pass) replaces np.unique (a sort)
@@ -188,7 +200,24 @@ def _segment(
         saliency=maps,
         uncertain=uncertain,
         mean_entropy=mean_entropy,
+        components={
+            names.get(value, str(value)): result.components
+            for value, result in seg.components.items()
+        },
     )
+
+
+def structure_rules(manifest: Manifest) -> list[postprocess.StructureRule]:
+    """The manifest's component filters with their label names resolved to values."""
+    return [
+        postprocess.StructureRule(
+            value=manifest.label_value(rule.label),
+            replacement=manifest.label_value(rule.replace_with),
+            min_volume_mm3=rule.min_volume_mm3,
+            min_probability=rule.min_probability,
+        )
+        for rule in manifest.components
+    ]
 
 
 def _target_value(manifest: Manifest) -> int | None:
@@ -298,7 +327,7 @@ def _classify(
         positive=positive,
         uncertain=uncertain,
         series_probability=series_p,
-        series_positive=series_p >= spec.threshold,
+        series_positive=series_p >= spec.series_operating_point,
         series_uncertain=_in_band(series_p, band),
         series_index=series_index,
         saliency=maps,

@@ -68,6 +68,7 @@ class DecodedSeries:
     frames: NDArray[np.float32]  # (F, H, W)
     refs: list[SourceFrame]
     datasets: list[pydicom.Dataset]  # headers, in the same order as their first frame
+    slice_spacing_mm: float | None = None  # distance between neighbouring frames, if known
 
 
 def _load_instances(job_id: str) -> tuple[list[InstanceRecord], list[str], dict[str, Any]]:
@@ -106,11 +107,36 @@ def decode_series(rows: list[InstanceRecord], store: BlobStore) -> DecodedSeries
     common = max(set(shapes), key=shapes.count)
     keep = [i for i, s in enumerate(shapes) if s == common]
     frames = np.stack([stacks[i] for i in keep]).astype(np.float32, copy=False)
+    kept_refs = [refs[i] for i in keep]
+    positions = [rows[r.dataset_index].slice_position for r in kept_refs if r.frame == 0]
     return DecodedSeries(
         frames=frames,
-        refs=[refs[i] for i in keep],
+        refs=kept_refs,
         datasets=datasets,
+        slice_spacing_mm=slice_spacing(positions, datasets[kept_refs[0].dataset_index]),
     )
+
+
+def slice_spacing(positions: list[float | None], header: pydicom.Dataset) -> float | None:
+    """Distance between neighbouring frames along the slice normal, in mm.
+
+    The median step between the distinct positions of single-frame instances (their Image
+    Position projected on the normal, PS3.3 C.7.6.2.1.1); for a single frame or a multi-frame
+    instance, Spacing Between Slices (0018,0088), else Slice Thickness (0018,0050); else None.
+    """
+    known = sorted({p for p in positions if p is not None})
+    if len(known) >= 2 and len(known) == len(positions):
+        step = float(np.median(np.diff(known)))
+        if step > 0:
+            return step
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        try:  # a malformed DS raises on access already, not only in float()
+            value = float(header.get(keyword) or 0)
+        except (TypeError, ValueError, OverflowError):
+            continue
+        if value > 0:
+            return value
+    return None
 
 
 class JobRun:
@@ -322,6 +348,7 @@ def _execute(run: JobRun) -> None:
                 ),
                 extra_methods=extra,
                 preprocessed=preprocessed,
+                voxel_mm3=voxel_volume_mm3(series),
             )
             for name, seconds in analysis.timings.items():
                 run.timed(f"{name}:{model.manifest.name}", seconds)
@@ -604,6 +631,14 @@ def _mask_records(
             )
         )
     return out
+
+
+def voxel_volume_mm3(series: DecodedSeries) -> float | None:
+    """Pixel area × slice spacing of the series, or None when either is unknown."""
+    area = _pixel_area_mm2(series)
+    if area is None or series.slice_spacing_mm is None:
+        return None
+    return area * series.slice_spacing_mm
 
 
 def _pixel_area_mm2(series: DecodedSeries) -> float | None:

@@ -120,6 +120,50 @@ def queue_position(*, session: Session, job: JobRecord) -> int | None:
     return int(ahead or 0) + 1
 
 
+@dataclass(frozen=True)
+class Stall:
+    """Jobs wait and no worker consumes: what ``consumption_stall`` found."""
+
+    waiting: int
+    oldest_seconds: float
+
+
+def consumption_stall(*, session: Session, after_seconds: float) -> Stall | None:
+    """Whether the workers have stopped consuming the queue.
+
+    Stalled means: a job created more than ``after_seconds`` ago is still queued, while no job holds a live lease and none started or finished within that time. A
+    busy worker (a running job) or a slow one (recent starts) is not stalled; an idle worker
+    whose consumer silently stopped after a broker reconnect (celery#8030) is, as soon as
+    work waits for it. No waiting work: never stalled.
+    """
+    now = utcnow()
+    horizon = now - timedelta(seconds=after_seconds)
+    # created_at, not enqueued_at: the sweeper refreshes enqueued_at when it re-sends a job
+    waiting, oldest = session.execute(
+        select(func.count(), func.min(JobRecord.created_at)).where(
+            JobRecord.status == JobStatus.QUEUED, JobRecord.created_at < horizon
+        )
+    ).one()
+    if not waiting:
+        return None
+    active = session.scalar(
+        select(func.count())
+        .select_from(JobRecord)
+        .where(
+            or_(
+                and_(JobRecord.status == JobStatus.RUNNING, JobRecord.lease_expires_at > now),
+                JobRecord.started_at > horizon,
+                JobRecord.finished_at > horizon,
+            )
+        )
+    )
+    if active:
+        return None
+    oldest_at = _aware(oldest)
+    age = (now - oldest_at).total_seconds() if oldest_at is not None else after_seconds
+    return Stall(waiting=int(waiting), oldest_seconds=round(age, 1))
+
+
 def recent_duration(*, session: Session, sample: int = 20) -> float | None:
     """Median wall time of the last ``sample`` succeeded jobs (seconds)."""
     rows = session.execute(

@@ -108,6 +108,14 @@ class Classification(_Strict):
     temperature: float = Field(default=1.0, gt=0)
     threshold: float = Field(default=0.5, ge=0, le=1)
     series_aggregation: Literal["max", "mean", "noisy_or"] = "max"
+    # operating point of the series probability; None: the slice threshold. The maximum of 32
+    # slice probabilities is higher than a single slice's, so it usually needs its own.
+    series_threshold: float | None = Field(default=None, ge=0, le=1)
+
+    @property
+    def series_operating_point(self) -> float:
+        """The threshold the series probability is compared with."""
+        return self.threshold if self.series_threshold is None else self.series_threshold
 
 
 class Review(_Strict):
@@ -115,7 +123,23 @@ class Review(_Strict):
 
     probability_band: tuple[float, float] = (0.2, 0.8)
     max_mean_entropy: float | None = None  # segmentation: mean entropy inside the foreground
-    min_structure_pixels: int = 0
+
+
+class ComponentFilter(_Strict):
+    """Clean-up of one segmented structure's 3-D connected components (segmentation only).
+
+    The frames of a series are labelled together (26-connectivity across neighbouring
+    slices); a component of ``label`` is removed, its voxels becoming ``replace_with``, when
+    its volume is below ``min_volume_mm3`` or its highest probability is below
+    ``min_probability``. The volume rule needs Pixel Spacing and the slice spacing; without
+    them only the probability rule applies. ``fitted`` records how the values were chosen.
+    """
+
+    label: str
+    replace_with: str
+    min_volume_mm3: float = Field(default=0.0, ge=0)
+    min_probability: float = Field(default=0.0, ge=0, le=1)
+    fitted: dict[str, Any] = Field(default_factory=dict)
 
 
 class SaliencySpec(_Strict):
@@ -146,6 +170,7 @@ class Manifest(_Strict):
     labels: list[Label] = Field(min_length=1)
     classification: Classification | None = None
     review: Review = Review()
+    components: list[ComponentFilter] = Field(default_factory=list)
     saliency: SaliencySpec
     default: bool = True  # served when a request names no model
     provenance: dict[str, Any] = Field(default_factory=dict)
@@ -177,8 +202,14 @@ class Manifest(_Strict):
         values = [label.value for label in self.labels]
         if len(set(values)) != len(values):
             raise ValueError("label values must be unique")
+        names = {label.name for label in self.labels}
+        for rule in self.components:
+            if self.task is not Task.SEGMENTATION:
+                raise ValueError("'components' applies to segmentation models only")
+            for field in (rule.label, rule.replace_with):
+                if field not in names:
+                    raise ValueError(f"component filter names {field!r}, which is not a label")
         if self.classification is not None:
-            names = {label.name for label in self.labels}
             if self.classification.positive_label not in names:
                 raise ValueError(
                     f"positive_label {self.classification.positive_label!r} is not a label"
@@ -189,6 +220,13 @@ class Manifest(_Strict):
     def key(self) -> str:
         """``name:version``, the identity used in jobs and results."""
         return f"{self.name}:{self.version}"
+
+    def label_value(self, name: str) -> int:
+        """The value of the label called ``name`` (KeyError if there is none)."""
+        for label in self.labels:
+            if label.name == name:
+                return label.value
+        raise KeyError(name)
 
     def output(self, role: OutputRole) -> TensorSpec | None:
         """The output with ``role``, if the graph has one."""

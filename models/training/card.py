@@ -92,11 +92,29 @@ def render_card(manifest: Manifest) -> str:
             f"the validation split, never the test split); operating threshold {c.threshold:.4f} "
             "(Youden J on the validation split).",
             f"- Series label: `{c.series_aggregation}` of the calibrated slice probabilities, "
-            "compared with the same threshold.",
+            + (
+                "compared with the same threshold."
+                if c.series_threshold is None
+                else f"compared with a series threshold of {c.series_threshold:.4f} (Youden J on "
+                "the validation series)."
+            ),
             "- CAM: `cam` is the per-position logit map (stride 4) bilinearly up-sampled to the "
             "input inside the graph; `logit = mean(cam at stride 4) + bias` exactly, so for this "
             "GAP + linear head Grad-CAM equals the CAM.",
         ]
+    for rule in manifest.components:
+        fitted = rule.fitted
+        lines.append(
+            f"- Component filter: 3-D components of `{rule.label}` under {rule.min_volume_mm3:g} "
+            f"mm³ or with a highest probability under {rule.min_probability:.4f} become "
+            f"`{rule.replace_with}`"
+            + (
+                f" (fitted on {fitted.get('series')} {fitted.get('split')} series: "
+                f"{fitted.get('criterion')})."
+                if fitted
+                else "."
+            )
+        )
     lines += [
         f"- Saliency: {', '.join(m.value for m in manifest.saliency.methods)}; display range "
         f"{list(manifest.saliency.display_range)}.",
@@ -116,8 +134,14 @@ def render_card(manifest: Manifest) -> str:
         "",
         "Slices go through the serving preprocessing (`workers.pipeline.preprocess."
         "preprocess_frames`) with this manifest; labels are area-majority down-sampled to the "
-        "network grid for training, and predictions are up-sampled back to 512 × 512 for "
-        "evaluation against the original labels.",
+        "network grid for training."
+        + (
+            " Evaluation scores the served masks: `workers.pipeline.postprocess.segment` on the "
+            "network grid (argmax, then the component filter), nearest-neighbour up-sampled to "
+            "512 × 512 as in the DICOM SEG, against the original labels."
+            if manifest.task is Task.SEGMENTATION
+            else ""
+        ),
         "",
         "## Training",
         "",

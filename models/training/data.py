@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ SLICE_PREPROCESSING = PREPROCESSING.model_copy(update={"context_slices": 0})
 # Seeds of the splits: disjoint ranges, so no series is in two splits.
 SPLITS: dict[str, dict[str, int | tuple[int, int] | None]] = {
     "train": {"seed": 100_000, "series": 160, "slices": 32, "nodules": (1, 4)},
-    "val": {"seed": 200_000, "series": 24, "slices": 32, "nodules": None},
+    "val": {"seed": 200_000, "series": 48, "slices": 32, "nodules": None},
     "test": {"seed": 900_000, "series": 64, "slices": 32, "nodules": None},
 }
 
@@ -105,6 +105,13 @@ class Split:
     x: NDArray[np.float16]
     y: NDArray[np.uint8]
     series: NDArray[np.int32]
+    _context: dict[int, NDArray[np.int64]] = field(default_factory=dict, repr=False)
+
+    def context(self, k: int) -> NDArray[np.int64]:
+        """``context_index(self.series, k)``, built once per split and context width."""
+        if k not in self._context:
+            self._context[k] = context_index(self.series, k)
+        return self._context[k]
 
 
 def context_index(series: NDArray[np.int32], context: int) -> NDArray[np.int64]:
@@ -128,7 +135,7 @@ def network_inputs(
     data: Split, rows: NDArray[np.integer] | slice, context: int = PREPROCESSING.context_slices
 ) -> NDArray[np.float32]:
     """Float32 network inputs (n, 2k + 1, H, W) of the slices ``rows`` of a split."""
-    index = context_index(data.series, context)[rows]
+    index = data.context(context)[rows]
     return np.ascontiguousarray(data.x[index], dtype=np.float32)
 
 

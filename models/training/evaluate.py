@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
-from scipy import ndimage
 
 from app.registry.manifest import Manifest, Task
 from models.training.card import write_card
@@ -49,6 +48,8 @@ from models.training.data import (
     series_seed,
 )
 from models.training.phantoms import LABEL_LUNG, LABEL_NODULE
+from workers.analysis import structure_rules
+from workers.pipeline import postprocess
 from workers.pipeline.preprocess import preprocess_frames
 
 VERSION = "1.0.0"
@@ -79,48 +80,6 @@ def run(
     return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
 
 
-def upsample2(a: NDArray[np.float32], axis: int) -> NDArray[np.float32]:
-    """×2 linear up-sampling along ``axis`` with half-pixel centres (edge-clamped).
-
-    Equals bilinear interpolation with ``align_corners=False`` when applied to both axes.
-    """
-    a = np.moveaxis(a, axis, -1)
-    prev = np.concatenate([a[..., :1], a[..., :-1]], axis=-1)
-    nxt = np.concatenate([a[..., 1:], a[..., -1:]], axis=-1)
-    out = np.empty((*a.shape[:-1], a.shape[-1] * 2), np.float32)
-    out[..., 0::2] = 0.75 * a + 0.25 * prev
-    out[..., 1::2] = 0.75 * a + 0.25 * nxt
-    return np.moveaxis(out, -1, axis)
-
-
-def upsampled_prediction(
-    logits: NDArray[np.float32],
-) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
-    """Argmax and nodule probability at twice the network resolution (bilinear logits).
-
-    Uses torch when it is installed (same result as ``upsample2``, several times faster).
-    """
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        up = upsample2(upsample2(logits, 2), 3)
-        return up.argmax(1).astype(np.uint8), softmax(up)[:, LABEL_NODULE]
-    with torch.no_grad():
-        t = F.interpolate(
-            torch.from_numpy(logits), scale_factor=2, mode="bilinear", align_corners=False
-        )
-        pred = t.argmax(1).to(torch.uint8).numpy()
-        p_nod = t.softmax(1)[:, LABEL_NODULE].numpy()
-    return pred, p_nod
-
-
-def softmax(z: NDArray[np.float32], axis: int = 1) -> NDArray[np.float32]:
-    z = z - z.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Per-series records
 # ---------------------------------------------------------------------------------------------
@@ -128,10 +87,23 @@ def softmax(z: NDArray[np.float32], axis: int = 1) -> NDArray[np.float32]:
 
 @dataclass
 class SegSeries:
+    """Counts and lesion-level records of one series, after the manifest's component filters."""
+
     counts: NDArray[np.float64]  # [lung inter, lung pred+gt, nodule inter, nodule pred+gt]
     lesion_diam: list[float]
     lesion_score: list[float]  # best score of a predicted component touching the lesion (0: none)
     fp_scores: list[float]
+    counts_unfiltered: NDArray[np.float64] | None = None  # the same counts without the filters
+    candidates: list[Candidate] = field(default_factory=list)  # every component, unfiltered
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One predicted nodule component before filtering: what the filter fit looks at."""
+
+    volume_mm3: float
+    score: float
+    lesions: tuple[int, ...]  # the lesions it touches, as indices into ``SegSeries.lesion_diam``
 
 
 @dataclass
@@ -142,36 +114,73 @@ class ClsSeries:
     energy_ratio: list[float] = field(default_factory=list)
 
 
-def seg_series(
-    logits: NDArray[np.float32],
-    labels: NDArray[np.uint8],
-    lesion_map: NDArray[np.uint16],
-    lesions: list[Any],
-) -> SegSeries:
-    pred, p_nod = upsampled_prediction(logits)
+def _dice_counts(pred: NDArray[np.uint8], labels: NDArray[np.uint8]) -> NDArray[np.float64]:
     counts = np.zeros(4)
     for j, k in enumerate((LABEL_LUNG, LABEL_NODULE)):
-        counts[2 * j] = np.sum((pred == k) & (labels == k))
-        counts[2 * j + 1] = np.sum(pred == k) + np.sum(labels == k)
-    comps, n = ndimage.label(pred == LABEL_NODULE, structure=np.ones((3, 3, 3), bool))
-    # Highest nodule probability per component (np.maximum.at on the few foreground voxels;
-    # ndimage.maximum sorts the whole volume).
-    best = np.zeros(n + 1, np.float32)
-    fg = comps > 0
-    np.maximum.at(best, comps[fg], p_nod[fg])
-    scores = best[1:]
-    hit_any = np.zeros(n + 1, bool)
+        p, t = pred == k, labels == k
+        counts[2 * j] = np.count_nonzero(p & t)
+        counts[2 * j + 1] = np.count_nonzero(p) + np.count_nonzero(t)
+    return counts
+
+
+def seg_series(
+    manifest: Manifest,
+    logits: NDArray[np.float32],
+    s: Any,
+) -> SegSeries:
+    """Score one series exactly as the workers would serve it.
+
+    ``workers.pipeline.postprocess.segment`` (softmax → argmax on the network grid → the
+    manifest's component filters) and a nearest-neighbour resize to 512 × 512, the labels a
+    SEG or mask PNG carries. Lesions are matched to the 3-D components of the served nodule
+    mask; a component's score is its highest nodule probability.
+    """
+    probs = postprocess.probabilities_from_logits(logits, axis=1)
+    size = s.labels.shape[1:]
+    grid = probs.shape[-2:]
+    voxel = (
+        s.pixel_spacing[0]
+        * s.pixel_spacing[1]
+        * s.slice_thickness
+        * (size[0] * size[1])
+        / (grid[0] * grid[1])
+    )
+    rules = structure_rules(manifest)
+    if not any(r.value == LABEL_NODULE for r in rules):
+        # a rule that removes nothing, only to have the nodule components listed
+        rules.append(postprocess.StructureRule(LABEL_NODULE, LABEL_LUNG, 0.0, 0.0))
+    served = postprocess.segment(probs, rules, voxel_mm3=voxel)
+    raw = served.components[LABEL_NODULE]  # every component, with the filter's verdict
+    counts = _dice_counts(postprocess.resize_label_map(served.labels, size), s.labels)
+    unfiltered = postprocess.labels_from_probabilities(probs, axis=1)
+    counts_unfiltered = _dice_counts(postprocess.resize_label_map(unfiltered, size), s.labels)
+    ids = postprocess.resize_nearest(raw.ids, size)
+    kept = np.array([False] + [c.kept for c in raw.components])
+    scores = np.array([0.0] + [c.max_probability for c in raw.components])
+    hit_any = np.zeros(len(raw.components) + 1, bool)
+    touched: dict[int, list[int]] = {}
     diam, lscore = [], []
-    for les in lesions:
+    for les in s.lesions:
         if les.voxels == 0:
             continue  # fell between slices: nothing to detect
-        touching = np.unique(comps[lesion_map == les.lesion_id])
+        touching = np.unique(ids[s.lesion_map == les.lesion_id])
         touching = touching[touching > 0]
-        hit_any[touching] = True
+        for c in touching:
+            touched.setdefault(int(c), []).append(len(diam))
+        served_touching = touching[kept[touching]]
+        hit_any[served_touching] = True
         diam.append(les.diameter_mm)
-        lscore.append(float(scores[touching - 1].max()) if len(touching) else 0.0)
-    fp = [float(scores[i - 1]) for i in range(1, n + 1) if not hit_any[i]]
-    return SegSeries(counts, diam, lscore, fp)
+        lscore.append(float(scores[served_touching].max()) if len(served_touching) else 0.0)
+    fp = [float(scores[c]) for c in range(1, len(scores)) if kept[c] and not hit_any[c]]
+    candidates = [
+        Candidate(
+            volume_mm3=float(c.volume_mm3 or 0.0),
+            score=c.max_probability,
+            lesions=tuple(touched.get(i + 1, ())),
+        )
+        for i, c in enumerate(raw.components)
+    ]
+    return SegSeries(counts, diam, lscore, fp, counts_unfiltered, candidates)
 
 
 def cam_localisation(cam: NDArray[np.float32], nodule: NDArray[np.bool_]) -> tuple[bool, float]:
@@ -227,6 +236,68 @@ def froc_sensitivity(series: list[SegSeries], max_fp: float = 1.0) -> dict[str, 
     return out
 
 
+FIT_VOLUMES_MM3 = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 65.0)
+
+
+def refilter(series: SegSeries, min_volume_mm3: float) -> SegSeries:
+    """The lesion records of ``series`` had its candidates been filtered at ``min_volume_mm3``."""
+    kept = [c for c in series.candidates if c.volume_mm3 >= min_volume_mm3]
+    score = [0.0] * len(series.lesion_diam)
+    for c in kept:
+        for j in c.lesions:
+            score[j] = max(score[j], c.score)
+    fp = [c.score for c in kept if not c.lesions]
+    return SegSeries(series.counts, series.lesion_diam, score, fp)
+
+
+def fit_component_filter(series: list[SegSeries]) -> dict[str, Any]:
+    """Choose the nodule component filter on validation series (never the test split).
+
+    For each minimum volume in ``FIT_VOLUMES_MM3`` the per-lesion sensitivity for nodules of
+    6 mm and more at ≤ 1 false-positive component per series is computed; the volume with the
+    highest sensitivity wins (ties: the smaller volume), and the minimum probability is that
+    operating point's score threshold, so the served mask itself runs at ≤ 1 FP per series.
+    The candidates must come from an unfiltered model (``SegSeries.candidates``).
+    """
+    table = []
+    for volume in FIT_VOLUMES_MM3:
+        froc = froc_sensitivity([refilter(s, volume) for s in series])
+        table.append(
+            {
+                "min_volume_mm3": volume,
+                "min_probability": round(max(froc["threshold"], 0.5), 4),
+                "sensitivity_ge6mm": round(froc[">=6 mm"][1], 4),
+                "sensitivity_all": round(froc["all"][1], 4),
+                "fp_per_series": round(froc["fp_per_series"], 3),
+            }
+        )
+    best = max(
+        table, key=lambda r: (r["sensitivity_ge6mm"], r["sensitivity_all"], -r["min_volume_mm3"])
+    )
+    return {
+        "min_volume_mm3": best["min_volume_mm3"],
+        "min_probability": best["min_probability"],
+        "fitted": {
+            "split": "val",
+            "series": len(series),
+            "lesions_ge6mm": int(sum(np.sum(np.asarray(s.lesion_diam) >= 6.0) for s in series)),
+            "criterion": "max per-lesion sensitivity >= 6 mm at <= 1 FP/series; then the smaller volume",
+            "candidates": table,
+        },
+    }
+
+
+def fit_components(manifest: Manifest, sess: ort.InferenceSession, n_series: int) -> dict[str, Any]:
+    """Fit the nodule component filter of a segmentation export on the validation series."""
+    bare = Manifest.model_validate({**manifest.model_dump(mode="json"), "components": []})
+    records = []
+    for i in range(n_series):
+        s = make_series("val", i)
+        x = preprocess_frames(s.hu.astype(np.float32), bare.preprocessing)
+        records.append(seg_series(bare, run(sess, x, bare.preprocessing.batch_size)[0], s))
+    return fit_component_filter(records)
+
+
 def seg_metrics(series: list[SegSeries], rng: np.random.Generator) -> dict[str, Any]:
     counts = np.stack([s.counts for s in series])
 
@@ -235,6 +306,8 @@ def seg_metrics(series: list[SegSeries], rng: np.random.Generator) -> dict[str, 
         return 2 * c[0] / c[1], 2 * c[2] / max(c[3], 1)
 
     lung, nod = dice(np.arange(len(series)))
+    raw = np.stack([s.counts_unfiltered for s in series if s.counts_unfiltered is not None])
+    nod_unfiltered = 2 * raw[:, 2].sum() / max(raw[:, 3].sum(), 1) if len(raw) else float("nan")
     boots = [dice(i) for i in _boot(len(series), rng)]
     froc = froc_sensitivity(series)
     froc_boot = [froc_sensitivity([series[j] for j in i]) for i in _boot(len(series), rng)]
@@ -250,6 +323,7 @@ def seg_metrics(series: list[SegSeries], rng: np.random.Generator) -> dict[str, 
     return {
         "lung_dice": {"value": round(lung, 4), "ci95": _ci([b[0] for b in boots])},
         "nodule_dice": {"value": round(nod, 4), "ci95": _ci([b[1] for b in boots])},
+        "nodule_dice_without_component_filter": round(float(nod_unfiltered), 4),
         "lesion_sensitivity_ge6mm_at_1fp": {
             "value": per_band[">=6 mm"]["value"],
             "ci95": per_band[">=6 mm"]["ci95"],
@@ -315,10 +389,10 @@ def cls_metrics(
             "ece": ece(p, y),
             "ece_uncalibrated": ece(1 / (1 + np.exp(-z)), y),
             "series_auc": auc(ps, ys),
-            "series_sensitivity": float((ps[ys] >= c.threshold).mean())
+            "series_sensitivity": float((ps[ys] >= c.series_operating_point).mean())
             if ys.any()
             else float("nan"),
-            "series_specificity": float((ps[~ys] < c.threshold).mean())
+            "series_specificity": float((ps[~ys] < c.series_operating_point).mean())
             if (~ys).any()
             else float("nan"),
         }
@@ -386,7 +460,7 @@ def _series_record(m: Manifest, sess: ort.InferenceSession, s: Any) -> SegSeries
     x = preprocess_frames(s.hu.astype(np.float32), m.preprocessing)
     outs = run(sess, x, m.preprocessing.batch_size)
     if m.task is Task.SEGMENTATION:
-        return seg_series(outs[0], s.labels, s.lesion_map, s.lesions)
+        return seg_series(m, outs[0], s)
     grid = labels_to_grid(s.labels, m.preprocessing.size) == LABEL_NODULE
     y = grid.any(axis=(1, 2))
     rec = ClsSeries(outs[0][:, 0], y)

@@ -34,6 +34,7 @@ from torch import nn
 from app.registry.manifest import (
     Classification,
     Code,
+    ComponentFilter,
     Label,
     Manifest,
     OutputRole,
@@ -46,6 +47,7 @@ from app.registry.manifest import (
 from models.training.card import write_card
 from models.training.classifier import ClassifierExport, NoduleClassifier
 from models.training.data import MODELS_DIR, PREPROCESSING, SPLITS, load_split, network_inputs
+from models.training.evaluate import fit_components
 from models.training.train import CHECKPOINTS, MODEL_NAMES, build_model
 
 VERSION = "1.0.0"
@@ -369,11 +371,7 @@ def build_manifest(
             target_label="nodule",
         )
         task, labels = Task.SEGMENTATION, SEG_LABELS
-        review = Review(
-            probability_band=(0.2, 0.8),
-            max_mean_entropy=review_entropy,
-            min_structure_pixels=4,
-        )
+        review = Review(probability_band=(0.2, 0.8), max_mean_entropy=review_entropy)
     return Manifest(
         name=name,
         version=VERSION,
@@ -450,9 +448,9 @@ def export(
     pick = np.sort(rng.choice(n_val, size=min(PARITY_INPUTS, n_val), replace=False))
     par = parity_verdict(parity(net, name, sess, network_inputs(val, pick)), name)
 
-    # Calibration needs every second validation slice (384 of 768); the segmentation display
-    # and review statistics every fourth. Keeps the export a few minutes on a busy CPU.
-    stride = 2 if name == "classifier" else 4
+    # Calibration uses every validation slice (whole series, for the series threshold); the
+    # segmentation display and review statistics every fourth. Keeps the export a few minutes.
+    stride = 1 if name == "classifier" else 4
     rows = np.arange(0, n_val, stride)
     outs = run_batches(sess, network_inputs(val, rows))
     y_val = val.y[rows]
@@ -465,11 +463,16 @@ def export(
         temperature = fit_temperature(logits, labels)
         prob = 1.0 / (1.0 + np.exp(-logits / temperature))
         threshold = youden_threshold(prob, labels)
+        series_ids = val.series[rows]
+        groups = [series_ids == k for k in np.unique(series_ids)]
+        series_prob = np.array([prob[g].max() for g in groups])
+        series_labels = np.array([labels[g].any() for g in groups])
         classification = Classification(
             positive_label="nodule",
             temperature=round(temperature, 6),
             threshold=round(threshold, 4),
             series_aggregation="max",
+            series_threshold=round(youden_threshold(series_prob, series_labels), 4),
         )
         cam_pos = outs[1][labels]
         hi = float(np.percentile(cam_pos, 99.9)) if len(cam_pos) else 1.0
@@ -478,7 +481,9 @@ def export(
             "calibration": {
                 "split": "val",
                 "slices": len(logits),
-                "method": "temperature scaling (NLL), threshold = Youden J on calibrated probabilities",
+                "series": len(groups),
+                "method": "temperature scaling (NLL), threshold = Youden J on calibrated "
+                "probabilities; series threshold = Youden J on the series maxima",
             }
         }
     else:
@@ -552,12 +557,37 @@ def export(
         display_range=display,
         review_entropy=review_entropy,
     )
+    if manifest.task is Task.SEGMENTATION:
+        manifest = with_component_filter(manifest, sess)
     write_manifest(manifest, directory)
     write_card(manifest, directory)
     print(
         f"exported {name}: {size / 2**20:.2f} MiB, parity {par['max_abs_diff']}, "
         f"ops {dict(graph_ops)}"
     )
+    return manifest
+
+
+def with_component_filter(manifest: Manifest, sess: ort.InferenceSession) -> Manifest:
+    """The manifest with its nodule component filter fitted on the validation series."""
+    n_series = int(SPLITS["val"]["series"])  # type: ignore[call-overload]
+    fit = fit_components(manifest, sess, n_series)
+    rule = ComponentFilter(label="nodule", replace_with="lung", **fit)
+    print(
+        f"{manifest.name}: component filter {rule.min_volume_mm3} mm3, p >= {rule.min_probability}"
+    )
+    return Manifest.model_validate(
+        {**manifest.model_dump(mode="json"), "components": [rule.model_dump(mode="json")]}
+    )
+
+
+def refit_components(name: str, threads: int = 1) -> Manifest:
+    """Re-fit the component filter of the existing export (ONNX file untouched)."""
+    directory = version_dir(name)
+    manifest = Manifest.model_validate_json((directory / "manifest.json").read_text())
+    manifest = with_component_filter(manifest, ort_session(directory / manifest.file, threads))
+    write_manifest(manifest, directory)
+    write_card(manifest, directory)
     return manifest
 
 
@@ -568,8 +598,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--parity-only", action="store_true", help="recheck parity of the existing export"
     )
+    p.add_argument(
+        "--components-only",
+        action="store_true",
+        help="re-fit the nodule component filter of the existing export on the validation split",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.components_only:
+        if args.model == "classifier":
+            p.error("--components-only applies to segmentation models")
+        refit_components(args.model, threads=args.threads)
+        return 0
     if args.parity_only:
         manifest = recheck_parity(args.model, threads=args.threads)
     else:

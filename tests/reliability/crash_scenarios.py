@@ -577,8 +577,12 @@ def run_broker_double_restart(
             all_done_after_upload_s=round(done_s, 1),
             attempts=_histogram_str([r.attempts for r in rows.values()]),
             same_worker_process=ps.worker.pid == worker_pid and pid_alive(worker_pid),
+            readyz_workers=client.get("/readyz").json()["checks"].get("workers"),
         )
         out.check("two restarts within 3 s", restarts_span <= 3)
+        # the stall check (red when jobs wait with no worker consuming) is tested to turn red
+        # in tests/api/test_readiness.py; here it must be green after the restarts
+        out.check("/readyz: workers consuming", out.figures["readyz_workers"] == "ok")
         out.check(f"{n_jobs}/{n_jobs} done", succeeded == n_jobs)
         out.check(f"done within {deadline_s:.0f} s", done_s <= deadline_s)
         out.check("by the same worker process (no restart needed)",

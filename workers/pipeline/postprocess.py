@@ -1,18 +1,20 @@
 """Post-processing: network outputs → probabilities, labels and maps in source geometry.
 
-Pure numpy. Resampling is centre-aligned (pixel centres at ``i + 0.5``, the convention
-of Pillow and of ``align_corners=False`` in deep-learning frameworks), so a map resized
-from the network grid back to Rows × Columns lines up with the pixels it came from.
+Pure numpy, and scipy for connected components. Resampling is centre-aligned (pixel centres
+at ``i + 0.5``, the convention of Pillow and of ``align_corners=False`` in deep-learning
+frameworks), so a map resized from the network grid back to Rows × Columns lines up with the
+pixels it came from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from scipy import ndimage
 
 FloatArray = NDArray[np.float32]
 LabelArray = NDArray[np.uint8]
@@ -79,13 +81,19 @@ def resize_label_map(labels: ArrayLike, size: tuple[int, int]) -> LabelArray:
     -------
     uint8 array of shape (..., H, W).
     """
-    arr = np.asarray(labels, dtype=np.uint8)
-    h, w = arr.shape[-2:]
+    resized: LabelArray = resize_nearest(np.asarray(labels, dtype=np.uint8), size)
+    return resized
+
+
+def resize_nearest(values: NDArray[Any], size: tuple[int, int]) -> NDArray[Any]:
+    """Nearest-neighbour resize of the last two axes of any array, keeping its dtype."""
+    h, w = values.shape[-2:]
     height, width = size
     if (h, w) == (height, width):
-        return arr.copy()
+        return values.copy()
     rows, cols = _centre_indices(h, height), _centre_indices(w, width)
-    return arr[..., rows[:, None], cols[None, :]]
+    out: NDArray[Any] = values[..., rows[:, None], cols[None, :]]
+    return out
 
 
 def _linear_weights(
@@ -226,3 +234,149 @@ def label_statistics(
         for value in range(first, 256)
         if counts[value] > 0
     ]
+
+
+@dataclass(frozen=True)
+class Component:
+    """One 3-D connected component of a segmented structure in a series.
+
+    ``frames`` is the inclusive (first, last) frame index it spans; ``volume_mm3`` is its voxel
+    count times the voxel volume (None when the geometry is unknown); ``max_probability`` is the
+    highest probability of the structure inside it, the component's detection score.
+    """
+
+    voxels: int
+    volume_mm3: float | None
+    max_probability: float
+    frames: tuple[int, int]
+    kept: bool
+
+
+@dataclass(frozen=True)
+class ComponentMap:
+    """The result of ``filter_components``.
+
+    ``labels`` are the cleaned labels; ``ids`` gives, per voxel, the 1-based index into
+    ``components`` of the component it belonged to before cleaning (0: none).
+    """
+
+    labels: LabelArray
+    ids: NDArray[np.int32]
+    components: list[Component]
+
+
+def filter_components(
+    labels: ArrayLike,
+    probability: ArrayLike,
+    *,
+    value: int,
+    replacement: int,
+    voxel_mm3: float | None,
+    min_volume_mm3: float = 0.0,
+    min_probability: float = 0.0,
+) -> ComponentMap:
+    """Remove the small or unconvincing 3-D components of one structure.
+
+    Parameters
+    ----------
+    labels : uint8 (F, H, W), the frames of one series in order along the slice normal.
+    probability : float (F, H, W), the probability of ``value`` on the same grid.
+    value : the structure's label (e.g. nodule).
+    replacement : the label removed voxels take (e.g. lung: a rejected nodule candidate lies
+        in the lung it was found in).
+    voxel_mm3 : volume of one voxel of this grid (row × column spacing × slice spacing), or
+        None when the geometry is unknown: then the volume rule is not applied.
+    min_volume_mm3 : components smaller than this are removed.
+    min_probability : components whose highest probability is below this are removed.
+
+    Components are 26-connected across frames, as a lesion spans neighbouring slices; every
+    component found is reported, kept or not, in label order.
+    """
+    arr = np.asarray(labels, dtype=np.uint8)
+    prob = np.asarray(probability, dtype=np.float32)
+    if arr.ndim != 3 or prob.shape != arr.shape:
+        raise ValueError(f"labels {arr.shape} and probability {prob.shape} must be equal (F, H, W)")
+    out = arr.copy()
+    ids, n = ndimage.label(arr == value, structure=np.ones((3, 3, 3), bool), output=np.int32)
+    if n == 0:
+        return ComponentMap(out, ids, [])
+    fg = ids > 0
+    members = ids[fg]
+    voxels = np.bincount(members, minlength=n + 1)
+    # highest probability per component: np.maximum.at over the few foreground voxels
+    # (ndimage.maximum would sort the whole volume)
+    best = np.zeros(n + 1, np.float32)
+    np.maximum.at(best, members, prob[fg])
+    extents = ndimage.find_objects(ids)
+    found: list[Component] = []
+    drop = np.zeros(n + 1, bool)
+    for c in range(1, n + 1):
+        volume = None if voxel_mm3 is None else float(voxels[c]) * voxel_mm3
+        small = volume is not None and volume < min_volume_mm3
+        drop[c] = small or float(best[c]) < min_probability
+        z = extents[c - 1][0]
+        found.append(
+            Component(
+                voxels=int(voxels[c]),
+                volume_mm3=volume,
+                max_probability=float(best[c]),
+                frames=(int(z.start), int(z.stop) - 1),
+                kept=not bool(drop[c]),
+            )
+        )
+    out[drop[ids] & fg] = replacement
+    return ComponentMap(out, ids, found)
+
+
+@dataclass(frozen=True)
+class StructureRule:
+    """One component filter with its label values resolved (see ``ComponentFilter``)."""
+
+    value: int
+    replacement: int
+    min_volume_mm3: float
+    min_probability: float
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Labels on the network grid after the component filters, and what the filters saw."""
+
+    labels: LabelArray  # (F, h, w)
+    components: dict[int, ComponentMap]  # by structure value
+
+
+def segment(
+    probabilities: ArrayLike,
+    rules: Sequence[StructureRule] = (),
+    *,
+    voxel_mm3: float | None = None,
+) -> Segmentation:
+    """Per-pixel labels of a series from class probabilities, then the component filters.
+
+    The one path from network output to served labels: the workers and the held-out
+    evaluation both call it, so the reported metrics are those of the served masks.
+
+    Parameters
+    ----------
+    probabilities : float (F, K, h, w) softmax output for the frames of one series, in order
+        along the slice normal.
+    rules : component filters, applied in order.
+    voxel_mm3 : volume of one network-grid voxel, or None when the geometry is unknown.
+    """
+    p = np.asarray(probabilities, dtype=np.float32)
+    labels = labels_from_probabilities(p, axis=1)
+    maps: dict[int, ComponentMap] = {}
+    for rule in rules:
+        result = filter_components(
+            labels,
+            p[:, rule.value],
+            value=rule.value,
+            replacement=rule.replacement,
+            voxel_mm3=voxel_mm3,
+            min_volume_mm3=rule.min_volume_mm3,
+            min_probability=rule.min_probability,
+        )
+        labels = result.labels
+        maps[rule.value] = result
+    return Segmentation(labels, maps)

@@ -179,7 +179,10 @@ def _validate_callback(url: str | None) -> str | None:
 def _either(description: str) -> dict[str, Any]:
     """A status answered with the error body or, when it is every file's, the upload body."""
     refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (ErrorBody, UploadResponse)]
-    return {"description": description, "content": {"application/json": {"schema": {"anyOf": refs}}}}
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"anyOf": refs}}},
+    }
 
 
 @router.post(

@@ -22,6 +22,7 @@ from app.api.schemas import (
 from app.auth.service import Principal, list_audit
 from app.db.records import JobRecord, Role
 from app.db.session import session_scope
+from app.jobs.service import consumption_stall
 from app.metrics import JOBS, QUEUE_DEPTH
 from app.registry.service import latest_versions
 
@@ -38,12 +39,12 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-_READY = {"database": "ok", "broker": "ok", "models": "ok"}
+_READY = {"database": "ok", "broker": "ok", "models": "ok", "workers": "ok"}
 
 
 @router.get(
     "/readyz",
-    summary="Readiness: database, broker folder/connection, models",
+    summary="Readiness: database, broker folder/connection, models, queue consumption",
     responses={
         200: {
             "description": "Ready",
@@ -63,14 +64,24 @@ _READY = {"database": "ok", "broker": "ok", "models": "ok"}
     },
 )
 def readyz(settings: SettingsDep, registry: RegistryDep) -> JSONResponse:
-    """200 when the database answers, the broker is reachable and at least one model is valid."""
+    """200 when the database answers, the broker is reachable, at least one model is valid and
+    the workers consume the queue (no job waits longer than ``worker_stall_seconds`` while
+    nothing runs: the silent stop after a broker reconnect, celery#8030)."""
     checks: dict[str, str] = {}
     try:
         with session_scope() as session:
             session.execute(text("SELECT 1"))
+            stall = consumption_stall(session=session, after_seconds=settings.worker_stall_seconds)
         checks["database"] = "ok"
+        checks["workers"] = (
+            "ok"
+            if stall is None
+            else f"error: {stall.waiting} job(s) queued for up to {stall.oldest_seconds:.0f} s "
+            "and no worker consuming"
+        )
     except Exception as exc:  # readiness reports, never raises
         checks["database"] = f"error: {type(exc).__name__}"
+        checks["workers"] = "unknown: no database"
     checks["broker"] = _broker_check(settings)
     checks["models"] = "ok" if registry else "error: no valid model manifest"
     ok = all(v == "ok" for v in checks.values())
