@@ -46,8 +46,12 @@ def test_waiting_jobs_with_no_consumer_make_readyz_red(api: Any) -> None:
 
     # a worker holding a live lease on another job is busy, not stalled
     other = _upload(api, "b")
-    _age(other, status=JobStatus.RUNNING, started_at=hour_ago,
-         lease_expires_at=utcnow() + timedelta(minutes=5))
+    _age(
+        other,
+        status=JobStatus.RUNNING,
+        started_at=hour_ago,
+        lease_expires_at=utcnow() + timedelta(minutes=5),
+    )
     assert api.get("/readyz").status_code == 200
     # its lease expired (the worker died): stalled again
     _age(other, lease_expires_at=utcnow() - timedelta(seconds=1))

@@ -278,15 +278,23 @@ def storage_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -
                 lambda: _load_postgres(root / "l-pg", models, sizes["L"]),
             )
         )
+    if "L1" in wanted:
+        results.append(
+            _guard(
+                "L1",
+                "ingest at stepped offered rates, PostgreSQL",
+                lambda: _steps_postgres(root / "l1", models, sizes["L1"]),
+            )
+        )
     return results
 
 
 def load_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -> list[Outcome]:
-    """L2, L4, L5 and L6 on a production-shaped deployment of their own."""
+    """L2, L3, L4, L5 and L6 on a production-shaped deployment of their own."""
     from tests.reliability import load_scenarios as ld
     from tests.reliability import queue_scenarios as q
 
-    if not wanted & {"L2", "L4", "L5", "L6"}:
+    if not wanted & {"L2", "L3", "L4", "L5", "L6"}:
         return []
     results: list[Outcome] = []
     with q.production_stack(root / "load", models, resend_after=20) as ps:
@@ -298,11 +306,12 @@ def load_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -> l
                     lambda: ld.run_read_path_load(ps, **sizes["L5"]),
                 )
             )
-        for test, title in (("L2", "steady load"), ("L6", "steady load with faults")):
+        steady = (("L2", "steady load"), ("L6", "steady load with faults"), ("L3", "soak"))
+        for test, title in steady:
             if test in wanted:
                 ps.ensure_healthy()
                 results.append(
-                    _guard(test, title, lambda t=test: ld.run_steady_state(ps, **sizes[t]))
+                    _guard(test, title, lambda t=test: ld.run_steady_state(ps, test=t, **sizes[t]))
                 )
         if "L4" in wanted:
             ps.ensure_healthy()
@@ -340,6 +349,14 @@ def _scrubber(root: Path, models: Path, sizes: dict) -> Outcome:
             del os.environ[key]
         os.environ.update(saved)
         reset_caches()
+
+
+def _steps_postgres(root: Path, models: Path, sizes: dict) -> Outcome:
+    from tests.helpers.services import postgres_database
+    from tests.reliability.storage_scenarios import run_ingest_steps
+
+    with postgres_database() as url:
+        return run_ingest_steps(root, models, database_url=url, **sizes)
 
 
 def _load_postgres(root: Path, models: Path, sizes: dict) -> Outcome:

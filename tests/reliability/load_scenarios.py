@@ -240,6 +240,26 @@ def _slope_per_min(points: list[tuple[float, float]]) -> float:
     return 60 * sxy / sxx if sxx else float("nan")
 
 
+def _soak_checks(
+    out: Outcome, ps: ProdStack, before: dict[str, float], after: dict[str, float]
+) -> None:
+    """L3's resource checks: RSS growth < 10 %, fds flat (± 8), no orphan or missing blob."""
+    from tests.reliability.storage_scenarios import run_scrub
+
+    for proc in ("api", "worker"):
+        growth = after[f"{proc}_rss_mib"] / before[f"{proc}_rss_mib"] - 1
+        out.figures[f"{proc}_rss_growth"] = round(growth, 3)
+        out.check(f"{proc} RSS growth < 10 %", growth < 0.10)
+        out.check(f"{proc} fds flat", abs(after[f"{proc}_fds"] - before[f"{proc}_fds"]) <= 8)
+    report = run_scrub(
+        ps.stack.database_url, (ps.stack.data_dir / "blobs").resolve(), grace_seconds=0
+    )
+    out.figures.update(
+        scrub_orphan_blobs=len(report.orphans), scrub_rows_missing_blob=len(report.missing)
+    )
+    out.check("no orphan blob, no row without its blob", not report.orphans and not report.missing)
+
+
 def _queued(ps: ProdStack) -> int:
     return int(ps.db.scalar("SELECT count(*) FROM jobs WHERE status = 'queued'"))
 
@@ -271,16 +291,22 @@ def run_steady_state(
     faults: bool = False,
     kill_every: float = 20.0,
     timeout: float = 600,
+    test: str | None = None,
 ) -> Outcome:
     """L2 (``faults=False``): uploads at ``fraction`` of the capacity measured first, for
     ``seconds``, open loop (a fixed schedule, so slow answers do not slow the offered rate): the
     queue must not grow, every job succeeds. L6 (``faults=True``): the same with a pool child
     SIGKILLed every ``kill_every`` seconds and Redis SIGKILLed and restarted (append-only file
-    kept) half way: 0 lost, uploads still answered."""
+    kept) half way: 0 lost, uploads still answered. L3 (``test="L3"``, the soak): the L2 load
+    at 70 % for 30-60 min; the API's and the worker's RSS may not grow by 10 % or more, their
+    open file descriptors stay flat, and the scrubber finds no orphan and no missing blob."""
     from tests.reliability.queue_scenarios import _kill_once
 
-    test = "L6" if faults else "L2"
-    title = "steady load with child kills and a Redis restart" if faults else "steady load"
+    test = test or ("L6" if faults else "L2")
+    title = {
+        "L6": "steady load with child kills and a Redis restart",
+        "L3": "soak",
+    }.get(test, "steady load")
     out = Outcome(test, title)
     rng = random.Random(5)
     with timed(out), ps.stack.client(timeout=60) as client:
@@ -385,6 +411,8 @@ def run_steady_state(
     out.check("0 duplicated result rows", out.figures["duplicates"] == 0)
     if faults:
         out.check("the faults happened", kills >= 1 and redis_restarted_at is not None)
+    if test == "L3":
+        _soak_checks(out, ps, before, after_load)
     f = out.figures
     out.summary = (
         f"{f['offered_per_s']} uploads/s offered (= {fraction:.0%} of {f['capacity_jobs_per_s']} "

@@ -897,3 +897,156 @@ def run_stow_partial(s: Stack, *, n: int = 10, size: int = 64, seed: int = 4242)
         f"{f['wrong_study_status']}, {f['wrong_study_rows']} stored"
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# L1: ingest at stepped offered rates (open loop), workers stopped
+
+
+def _uid_like(template: str, k: int) -> str:
+    """A UID of exactly ``len(template)`` characters, unique per ``k`` (2.25 form)."""
+    digits = len(template) - len("2.25.")
+    return f"2.25.{10 ** (digits - 1) + k}"
+
+
+class _Renamer:
+    """Fresh Study/Series/SOP Instance UIDs in a template's bytes, without re-encoding.
+
+    The new UIDs have the template's lengths, so every length field stays valid; a byte
+    replacement costs far less than a pydicom round trip, which keeps the load generator's
+    own CPU off the measurement.
+    """
+
+    def __init__(self, inst: Instance) -> None:
+        self.data = inst.data
+        self.uids = [inst.study, inst.series, inst.sop]
+
+    def body(self, k: int) -> bytes:
+        data = self.data
+        for j, uid in enumerate(self.uids):
+            data = data.replace(uid.encode(), _uid_like(uid, 3 * k + j).encode())
+        return data
+
+
+def _offer_step(
+    s: Stack,
+    template: _Renamer,
+    counter: Iterator[int],
+    rate: float,
+    seconds: float,
+    senders: int,
+) -> dict[str, Any]:
+    """One L1 step: ``rate`` × ``seconds`` uploads on a fixed schedule from ``senders`` threads."""
+    answers: list[tuple[int, float]] = []
+    lock = threading.Lock()
+    started = time.monotonic() + 0.2
+    total = int(rate * seconds)
+    slots = iter(range(total))
+
+    def sender() -> None:
+        with s.client(timeout=60) as client:
+            while True:
+                with lock:
+                    k = next(slots, None)
+                    n = next(counter)
+                if k is None:
+                    return
+                time.sleep(max(0.0, started + k / rate - time.monotonic()))
+                body = template.body(n)
+                t = time.monotonic()
+                try:
+                    r = client.post(
+                        "/api/v1/studies", files=[("files", ("x.dcm", body, "application/dicom"))]
+                    )
+                    code = r.status_code
+                except httpx.HTTPError:
+                    code = 0
+                with lock:
+                    answers.append((code, time.monotonic() - t))
+
+    threads = [threading.Thread(target=sender) for _ in range(senders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # the schedule spans ``seconds``; answers arriving later stretch the step
+    elapsed = max(seconds, time.monotonic() - started)
+    codes = [a[0] for a in answers]
+    latencies = [a[1] for a in answers]
+    ok = sum(1 for c in codes if 200 <= c < 300)
+    p99 = percentile(latencies, 99) * 1000
+    return {
+        "offered_per_s": rate,
+        "offered": total,
+        "acknowledged": ok,
+        "achieved_per_s": round(ok / elapsed, 1),
+        "acknowledged_fraction": round(ok / total, 4),
+        "p50_ms": round(percentile(latencies, 50) * 1000),
+        "p95_ms": round(percentile(latencies, 95) * 1000),
+        "p99_ms": round(p99),
+        "answers_5xx": sum(1 for c in codes if c >= 500),
+        "connection_errors": codes.count(0),
+        "served": ok >= 0.99 * total and p99 < 300,
+    }
+
+
+def run_ingest_steps(
+    root: Path,
+    models_dir: Path,
+    *,
+    rates: tuple[float, ...] = (10.0, 25.0, 50.0, 75.0),
+    seconds: float = 60.0,
+    senders: int = 24,
+    image_size: int = 512,
+    target_rate: float = 50.0,
+    database_url: str | None = None,
+) -> Outcome:
+    """L1: uploads offered at each of ``rates`` per second for ``seconds`` (a fixed schedule:
+    slow answers do not slow the offered rate) to ``medcad serve --no-worker``; per step the
+    achieved rate, latency percentiles and 5xx; the knee is the highest step still served
+    (≥ 99 % of the offered uploads acknowledged with p99 < 300 ms)."""
+    out = Outcome("L1", "ingest at stepped offered rates")
+    env = {"MEDCAD_DATABASE_URL": database_url} if database_url else {}
+    template = _Renamer(make_instances(1, image_size, seed=31000)[0])
+    steps: list[dict[str, Any]] = []
+    counter = iter(range(10**9))
+    with timed(out), stack(root, models_dir, **env) as s:
+        s.start_api()
+        with s.client(timeout=60) as warm:  # first request pays imports and pool set-up
+            assert (
+                warm.post(
+                    "/api/v1/studies",
+                    files=[("files", ("w.dcm", template.body(next(counter)), "application/dicom"))],
+                ).status_code
+                == 202
+            )
+        for rate in rates:
+            steps.append(_offer_step(s, template, counter, rate, seconds, senders))
+    served = [st["offered_per_s"] for st in steps if st["served"]]
+    at_target = next((st for st in steps if st["offered_per_s"] == target_rate), None)
+    out.figures.update(
+        shape="serve --no-worker, " + ("PostgreSQL" if database_url else "SQLite"),
+        body_kib=round(len(template.data) / 1024),
+        seconds_per_step=seconds,
+        senders=senders,
+        steps=steps,
+        knee_per_s=max(served) if served else 0.0,
+        generator="Python httpx threads on the same 2 cores as the API",
+    )
+    if at_target is not None:
+        out.figures["target"] = f"at {target_rate:g}/s: p99 < 300 ms, 0 5xx, ≥ 99 % achieved: " + (
+            "met" if at_target["served"] and at_target["answers_5xx"] == 0 else "not met"
+        )
+    out.check("no 5xx at any step", all(st["answers_5xx"] == 0 for st in steps))
+    out.check("no connection errors", all(st["connection_errors"] == 0 for st in steps))
+    f = out.figures
+    out.summary = (
+        f"{f['body_kib']} KiB uploads, {seconds:g} s per step: "
+        + "; ".join(
+            f"{st['offered_per_s']:g}/s → {st['achieved_per_s']}/s p99 {st['p99_ms']} ms"
+            for st in steps
+        )
+        + f"; knee {f['knee_per_s']:g}/s"
+        + (f" ({f['target']})" if "target" in f else "")
+    )
+    return out

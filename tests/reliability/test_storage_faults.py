@@ -15,6 +15,7 @@ from tests.reliability.storage_scenarios import (
     run_concurrent_same_file,
     run_conflicting_sop_uid,
     run_disk_full,
+    run_ingest_steps,
     run_sqlite_writers,
     run_stow_partial,
 )
@@ -63,3 +64,18 @@ def test_s7_disk_full_answers_507_and_stores_nothing(tmp_path: Path, tiny_models
     outcome = run_disk_full(tmp_path, tiny_models_dir, size_mib=2)
     print(outcome.summary)
     assert outcome.passed, outcome.report()
+
+
+def test_l1_stepped_ingest_answers_every_step_without_5xx(
+    tmp_path: Path, tiny_models_dir: Path
+) -> None:
+    """L1, bounded: two short steps on SQLite; the byte-renamed uploads are all distinct."""
+    outcome = run_ingest_steps(
+        tmp_path, tiny_models_dir, rates=(5.0, 10.0), seconds=3.0, senders=6, image_size=256
+    )
+    print(outcome.summary)
+    assert outcome.passed, outcome.report()
+    steps = outcome.figures["steps"]
+    assert [st["offered"] for st in steps] == [15, 30]
+    # every acknowledged upload was a new instance (the renamer never repeats a UID)
+    assert sum(st["acknowledged"] for st in steps) == 45

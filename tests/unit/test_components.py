@@ -54,8 +54,13 @@ def test_diagonal_neighbours_across_slices_are_one_component() -> None:
 def test_small_and_weak_components_become_the_replacement_label() -> None:
     labels, prob = _volume()
     result = pp.filter_components(
-        labels, prob, value=NODULE, replacement=LUNG, voxel_mm3=2.0,
-        min_volume_mm3=10.0, min_probability=0.9,
+        labels,
+        prob,
+        value=NODULE,
+        replacement=LUNG,
+        voxel_mm3=2.0,
+        min_volume_mm3=10.0,
+        min_probability=0.9,
     )
     kept = [c for c in result.components if c.kept]
     assert [c.voxels for c in kept] == [27]
@@ -68,8 +73,13 @@ def test_small_and_weak_components_become_the_replacement_label() -> None:
 def test_unknown_geometry_applies_only_the_probability_rule() -> None:
     labels, prob = _volume()
     result = pp.filter_components(
-        labels, prob, value=NODULE, replacement=LUNG, voxel_mm3=None,
-        min_volume_mm3=1e6, min_probability=0.9,
+        labels,
+        prob,
+        value=NODULE,
+        replacement=LUNG,
+        voxel_mm3=None,
+        min_volume_mm3=1e6,
+        min_probability=0.9,
     )
     assert sorted(c.voxels for c in result.components if c.kept) == [1, 27]
     assert all(c.volume_mm3 is None for c in result.components)
@@ -78,7 +88,10 @@ def test_unknown_geometry_applies_only_the_probability_rule() -> None:
 def test_shapes_must_agree() -> None:
     with pytest.raises(ValueError, match="must be equal"):
         pp.filter_components(
-            np.zeros((2, 4, 4), np.uint8), np.zeros((2, 4, 5)), value=1, replacement=0,
+            np.zeros((2, 4, 4), np.uint8),
+            np.zeros((2, 4, 5)),
+            value=1,
+            replacement=0,
             voxel_mm3=1.0,
         )
 
@@ -105,12 +118,18 @@ def test_resize_nearest_keeps_the_dtype_of_component_ids() -> None:
 
 def _segmenter(components: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "name": "seg", "version": "1", "task": "segmentation", "sha256": "0" * 64,
+        "name": "seg",
+        "version": "1",
+        "task": "segmentation",
+        "sha256": "0" * 64,
         "inputs": [{"name": "x", "shape": ["N", 1, 16, 16]}],
         "outputs": [{"name": "y", "shape": ["N", 3, 16, 16], "role": "logits"}],
         "preprocessing": {"window": {"center": 0, "width": 100}, "size": [16, 16]},
-        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "lung"},
-                   {"value": 2, "name": "nodule"}],
+        "labels": [
+            {"value": 0, "name": "background"},
+            {"value": 1, "name": "lung"},
+            {"value": 2, "name": "nodule"},
+        ],
         "saliency": {"methods": []},
         "components": components,
     }
@@ -129,8 +148,14 @@ def test_manifest_component_rules_name_existing_labels() -> None:
 def test_workers_serve_the_filtered_mask_with_physical_volumes() -> None:
     """Through analyze_series: the 8-voxel nodule (8 mm³ at 1 mm voxels) goes, 27 stays."""
     labels, prob = _volume()
-    logits = np.stack([np.full_like(prob, -9), np.where(labels == LUNG, 3.0, 0.0),
-                       np.where(labels == NODULE, 6.0, -3.0)], axis=1).astype(np.float32)
+    logits = np.stack(
+        [
+            np.full_like(prob, -9),
+            np.where(labels == LUNG, 3.0, 0.0),
+            np.where(labels == NODULE, 6.0, -3.0),
+        ],
+        axis=1,
+    ).astype(np.float32)
     rule = {"label": "nodule", "replace_with": "lung", "min_volume_mm3": 10.0}
     manifest = Manifest.model_validate(_segmenter([rule]))
 
