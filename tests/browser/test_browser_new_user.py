@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.helpers.services import free_port, wait_ready
+from tests.helpers.services import make_run as run_make_run
 
 from .support import VIEWPORTS, drop_paths, watch_console
 
@@ -66,34 +65,8 @@ class Running:
 @pytest.fixture()
 def make_run(tmp_path: Path) -> Iterator[Running]:
     """``make run PORT=…`` exactly as the README says, with its data under ``tmp_path``."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDCAD_")}
-    env["MEDCAD_DATA_DIR"] = str(tmp_path / "medcad-data")
-    log = tmp_path / "make-run.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["make", "-s", "run", f"PORT={port}"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, [proc], timeout=300)
-        yield Running(url, log, tmp_path / "medcad-data")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    with run_make_run(tmp_path / "medcad-data", tmp_path / "make-run.log") as url:
+        yield Running(url, tmp_path / "make-run.log", tmp_path / "medcad-data")
 
 
 def _changed(page: Page) -> float:

@@ -4,34 +4,22 @@ file uploaded with curl ends `succeeded` with findings, masks and saliency for e
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers.services import free_port, wait_for_jobs, wait_ready
+from tests.helpers.services import make_run, wait_for_jobs
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
 def test_make_run_then_curl_upload(tmp_path: Path, demo_series_dir: Path) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDCAD_")}
-    env["MEDCAD_DATA_DIR"] = str(tmp_path / "data")
-    log = (tmp_path / "make-run.log").open("wb")
-    proc = subprocess.Popen(["make", "-s", "run", f"PORT={port}"], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, [proc], timeout=300)
+    with make_run(tmp_path / "data", tmp_path / "make-run.log") as url:
         key = (tmp_path / "data" / "admin.key").read_text().strip()
         assert key in (tmp_path / "make-run.log").read_text()  # printed once, like a notebook token
         first_slice = sorted(demo_series_dir.glob("*.dcm"))[len(list(demo_series_dir.glob("*.dcm"))) // 2]
@@ -48,17 +36,6 @@ def test_make_run_then_curl_upload(tmp_path: Path, demo_series_dir: Path) -> Non
             assert final["status"] == "succeeded", final
             models = {m["name"] for m in client.get("/api/v1/models").json()["items"] if m["default"]}
             res = client.get(f"/api/v1/jobs/{job_id}/results").json()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        time.sleep(0.5)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert {"unet", "segnet", "classifier"} <= models
     assert {m["model"] for m in res["masks"]} == {"unet", "segnet"}
     assert {f["model"] for f in res["findings"]} == {"classifier"}

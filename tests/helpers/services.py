@@ -196,6 +196,53 @@ def medcad_deployment(
         deployment.stop()
 
 
+@contextmanager
+def make_run(data_dir: Path, log: Path, *, timeout: float = 300) -> Iterator[str]:
+    """``make run PORT=…`` exactly as the README says, its data in ``data_dir``; yields the URL.
+
+    ``make`` and everything it starts lead one process group, stopped as a whole at the end.
+    """
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDCAD_")}
+    env["MEDCAD_DATA_DIR"] = str(data_dir)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["make", "-s", "run", f"PORT={port}"],
+            cwd=Path(__file__).resolve().parents[2],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, [proc], timeout=timeout)
+        yield url
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
+    """SIGTERM the process group ``proc`` leads, SIGKILL whatever is left after ``grace``."""
+    with _suppress_gone():
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    with _suppress_gone():
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@contextmanager
+def _suppress_gone() -> Iterator[None]:
+    try:
+        yield
+    except ProcessLookupError:
+        pass
+
+
 def wait_for_jobs(
     client: httpx.Client, job_ids: list[str], timeout: float = 300
 ) -> dict[str, dict]:

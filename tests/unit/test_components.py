@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
-from pydicom.tag import Tag
 import pytest
 from pydantic import ValidationError
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 from app.registry.manifest import Manifest
 from workers.analysis import analyze_series, structure_rules
