@@ -46,7 +46,14 @@ from app.registry.manifest import (
 )
 from models.training.card import write_card
 from models.training.classifier import ClassifierExport, NoduleClassifier
-from models.training.data import MODELS_DIR, PREPROCESSING, SPLITS, load_split, network_inputs
+from models.training.data import (
+    MODELS_DIR,
+    PREPROCESSING,
+    SPLITS,
+    Split,
+    load_split,
+    network_inputs,
+)
 from models.training.evaluate import fit_components
 from models.training.train import CHECKPOINTS, MODEL_NAMES, build_model
 
@@ -453,39 +460,11 @@ def export(
     stride = 1 if name == "classifier" else 4
     rows = np.arange(0, n_val, stride)
     outs = run_batches(sess, network_inputs(val, rows))
-    y_val = val.y[rows]
     classification = None
     review_entropy: float | None = None
     extra: dict[str, Any] = {}
     if name == "classifier":
-        logits = outs[0][:, 0]
-        labels = (y_val == 2).any(axis=(1, 2))
-        temperature = fit_temperature(logits, labels)
-        prob = 1.0 / (1.0 + np.exp(-logits / temperature))
-        threshold = youden_threshold(prob, labels)
-        series_ids = val.series[rows]
-        groups = [series_ids == k for k in np.unique(series_ids)]
-        series_prob = np.array([prob[g].max() for g in groups])
-        series_labels = np.array([labels[g].any() for g in groups])
-        classification = Classification(
-            positive_label="nodule",
-            temperature=round(temperature, 6),
-            threshold=round(threshold, 4),
-            series_aggregation="max",
-            series_threshold=round(youden_threshold(series_prob, series_labels), 4),
-        )
-        cam_pos = outs[1][labels]
-        hi = float(np.percentile(cam_pos, 99.9)) if len(cam_pos) else 1.0
-        display = (0.0, round(max(hi, 1e-3), 3))
-        extra = {
-            "calibration": {
-                "split": "val",
-                "slices": len(logits),
-                "series": len(groups),
-                "method": "temperature scaling (NLL), threshold = Youden J on calibrated "
-                "probabilities; series threshold = Youden J on the series maxima",
-            }
-        }
+        classification, display, extra = calibrate_classifier(outs, val, rows)
     else:
         display = (0.0, round(min(entropy_display_max(outs[0]), math.log(3)), 4))
         review_entropy = round(entropy_review_threshold(outs[0]), 4)
@@ -568,6 +547,63 @@ def export(
     return manifest
 
 
+def calibrate_classifier(
+    outs: list[np.ndarray], val: Split, rows: np.ndarray
+) -> tuple[Classification, tuple[float, float], dict[str, Any]]:
+    """Temperature, slice and series thresholds and the CAM display range, from the
+    classifier's outputs on validation slices ``rows`` (whole series for the series threshold).
+    """
+    logits = outs[0][:, 0]
+    labels = (val.y[rows] == 2).any(axis=(1, 2))
+    temperature = fit_temperature(logits, labels)
+    prob = 1.0 / (1.0 + np.exp(-logits / temperature))
+    threshold = youden_threshold(prob, labels)
+    series_ids = val.series[rows]
+    groups = [series_ids == k for k in np.unique(series_ids)]
+    series_prob = np.array([prob[g].max() for g in groups])
+    series_labels = np.array([labels[g].any() for g in groups])
+    classification = Classification(
+        positive_label="nodule",
+        temperature=round(temperature, 6),
+        threshold=round(threshold, 4),
+        series_aggregation="max",
+        series_threshold=round(youden_threshold(series_prob, series_labels), 4),
+    )
+    cam_pos = outs[1][labels]
+    hi = float(np.percentile(cam_pos, 99.9)) if len(cam_pos) else 1.0
+    extra = {
+        "calibration": {
+            "split": "val",
+            "slices": len(logits),
+            "series": len(groups),
+            "method": "temperature scaling (NLL), threshold = Youden J on calibrated "
+            "probabilities; series threshold = Youden J on the series maxima",
+        }
+    }
+    return classification, (0.0, round(max(hi, 1e-3), 3)), extra
+
+
+def recalibrate_classifier(threads: int = 1) -> Manifest:
+    """Re-fit the calibration of the existing classifier export on the validation split
+    (the ONNX file and everything else in the manifest untouched)."""
+    directory = version_dir("classifier")
+    manifest = Manifest.model_validate_json((directory / "manifest.json").read_text())
+    sess = ort_session(directory / manifest.file, threads)
+    val = load_split("val")
+    rows = np.arange(len(val.x))
+    classification, display, extra = calibrate_classifier(
+        run_batches(sess, network_inputs(val, rows)), val, rows
+    )
+    data = manifest.model_dump(mode="json")
+    data["classification"] = classification.model_dump(mode="json")
+    data["saliency"]["display_range"] = list(display)
+    data["provenance"] = {**data["provenance"], **extra}
+    manifest = Manifest.model_validate(data)
+    write_manifest(manifest, directory)
+    write_card(manifest, directory)
+    return manifest
+
+
 def with_component_filter(manifest: Manifest, sess: ort.InferenceSession) -> Manifest:
     """The manifest with its nodule component filter fitted on the validation series."""
     n_series = int(SPLITS["val"]["series"])  # type: ignore[call-overload]
@@ -599,12 +635,22 @@ def main(argv: list[str] | None = None) -> int:
         "--parity-only", action="store_true", help="recheck parity of the existing export"
     )
     p.add_argument(
+        "--calibration-only",
+        action="store_true",
+        help="re-fit the classifier's temperature and thresholds of the existing export",
+    )
+    p.add_argument(
         "--components-only",
         action="store_true",
         help="re-fit the nodule component filter of the existing export on the validation split",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.calibration_only:
+        if args.model != "classifier":
+            p.error("--calibration-only applies to the classifier")
+        recalibrate_classifier(threads=args.threads)
+        return 0
     if args.components_only:
         if args.model == "classifier":
             p.error("--components-only applies to segmentation models")
