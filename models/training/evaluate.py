@@ -5,15 +5,19 @@
 The ONNX files are run with onnxruntime exactly as the workers run them: each test series is
 generated at 512 × 512 in HU (seeds disjoint from training and validation, see
 ``data.SPLITS["test"]``), preprocessed by ``workers.pipeline.preprocess.preprocess_frames``
-with the model's manifest, and segmentation logits are up-sampled (bilinear, ×2) back to
-512 × 512 before the argmax, so Dice is measured against the original labels.
+with the model's manifest, and segmentations go through the workers' own post-processing
+(``workers.pipeline.postprocess.segment``: argmax on the network grid, then the manifest's
+component filters) and the nearest-neighbour resize to 512 × 512 of the served masks, so Dice
+is that of what a user gets, against the original labels.
 
-Segmentation: lung and nodule Dice (voxels pooled over the test set), per-lesion sensitivity
-at ≤ 1 false-positive component per series by lesion diameter band (3-D connected components
-of the predicted nodule mask, scored by their maximum nodule probability). Classification:
+Segmentation: lung and nodule Dice (voxels pooled over the test set; the nodule Dice without
+the component filter is reported beside it), per-lesion sensitivity at ≤ 1 false-positive
+component per series by lesion diameter band (3-D connected components of the served nodule
+mask, scored by their maximum nodule probability). ``fit_components`` chooses the component
+filter on the validation split for ``export``. Classification:
 slice AUC, sensitivity/specificity at the manifest threshold on calibrated probabilities,
 expected calibration error (15 bins) after temperature scaling, series-level AUC with the
-manifest's aggregation, and CAM localisation on true-positive slices. CIs: percentile
+manifest's aggregation and sensitivity/specificity at its series threshold, and CAM localisation on true-positive slices. CIs: percentile
 bootstrap over whole series (1,000 resamples). Metrics are written into the manifest (the
 ONNX file and its sha256 are untouched) and the card, and the U-Net vs SegNet table in
 ``models/README.md`` is refreshed.
