@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
 from models.training.classifier import NoduleClassifier
@@ -110,7 +111,9 @@ class CropSampler:
 
     ``per_slice`` draws the nodule pixel from a uniformly drawn nodule slice (every nodule
     slice counts the same, however large its cross-section) instead of uniformly over all
-    nodule pixels. ``lung_fraction`` of the crops are centred on a random lung pixel, where
+    nodule pixels; ``per_lesion`` from a uniformly drawn lesion (a 3-D connected component
+    of the nodule label within its series), then one of its slices: a 7 mm nodule on two
+    slices is drawn as often as a 25 mm one on ten. ``lung_fraction`` of the crops are centred on a random lung pixel, where
     the vessels that look like nodules are; the rest are placed uniformly.
     """
 
@@ -122,6 +125,7 @@ class CropSampler:
         *,
         lung_fraction: float = 0.0,
         per_slice: bool = False,
+        per_lesion: bool = False,
         context: int = PREPROCESSING.context_slices,
     ):
         self.data = data
@@ -139,8 +143,14 @@ class CropSampler:
         )
         self.lung_pixels = np.argwhere(data.y == 1) if lung_fraction > 0 else np.zeros((0, 3))
         self.n, self.h, self.w = data.x.shape
+        self.lesion_slices: list[np.ndarray] = lesion_slices(data) if per_lesion else []
 
     def _nodule_pixel(self) -> np.ndarray:
+        if self.lesion_slices:
+            rows = self.lesion_slices[self.rng.integers(len(self.lesion_slices))]
+            k = rows[self.rng.integers(len(rows))]  # index into slice_start / slice_count
+            j = self.slice_start[k] + self.rng.integers(self.slice_count[k])
+            return self.nodule_pixels[j]
         if self.per_slice:
             k = self.rng.integers(len(self.slice_start))
             j = self.slice_start[k] + self.rng.integers(self.slice_count[k])
@@ -196,15 +206,44 @@ class CropSampler:
         return torch.from_numpy(xs), torch.from_numpy(ys)
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + soft Dice over the lung and nodule classes."""
+def lesion_slices(data: Split) -> list[np.ndarray]:
+    """Per lesion, the indices of its slices among the split's nodule slices (sorted).
+
+    Lesions are the 3-D connected components (26-connectivity) of the nodule label within
+    each series; the indices refer to ``np.unique(argwhere(y == 2)[:, 0])``.
+    """
+    nodule_slices = np.unique(np.nonzero((data.y == 2).any(axis=(1, 2)))[0])
+    position = {int(s): i for i, s in enumerate(nodule_slices)}
+    out: list[np.ndarray] = []
+    for series in np.unique(data.series):
+        rows = np.nonzero(data.series == series)[0]
+        ids, n = ndimage.label(data.y[rows] == 2, structure=np.ones((3, 3, 3), bool))
+        for c in range(1, n + 1):
+            z = np.nonzero((ids == c).any(axis=(1, 2)))[0]
+            out.append(np.array([position[int(rows[k])] for k in z]))
+    return out
+
+
+def seg_loss(
+    logits: torch.Tensor, target: torch.Tensor, *, per_sample_nodule: bool = False
+) -> torch.Tensor:
+    """Cross-entropy + soft Dice of the lung and nodule classes, pooled over the batch.
+
+    With ``per_sample_nodule`` the nodule term averages the soft Dice of each sample that
+    contains nodule instead: pooled, a 25 mm nodule's pixels outweigh a 7 mm one's ten to one.
+    """
     ce = F.cross_entropy(logits, target, weight=torch.tensor([1.0, 1.0, 2.0]))
     prob = logits.softmax(1)
     onehot = F.one_hot(target, 3).permute(0, 3, 1, 2).float()
-    inter = (prob * onehot).sum((0, 2, 3))
-    denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    dice = (2 * inter + 1.0) / (denom + 1.0)
-    return ce + (1.0 - dice[1:]).mean()
+    inter = (prob * onehot).sum((2, 3))  # (B, 3)
+    denom = prob.sum((2, 3)) + onehot.sum((2, 3))
+    lung = (2 * inter[:, 1].sum() + 1.0) / (denom[:, 1].sum() + 1.0)
+    has = onehot[:, 2].sum((1, 2)) > 0
+    if per_sample_nodule and bool(has.any()):
+        nodule = ((2 * inter[has, 2] + 1.0) / (denom[has, 2] + 1.0)).mean()
+    else:
+        nodule = (2 * inter[:, 2].sum() + 1.0) / (denom[:, 2].sum() + 1.0)
+    return ce + ((1.0 - lung) + (1.0 - nodule)) / 2
 
 
 def cls_loss(
@@ -342,11 +381,14 @@ def train(
     lr: float | None = None,
     max_steps: int | None = None,
     val_every: bool = True,
+    lesion_balanced: bool = False,
 ) -> dict[str, Any]:
     """Train ``name`` within a wall-clock budget; save ``<out>/<name>.pt`` and a JSON log.
 
     With ``resume`` the checkpoint in ``out`` is trained further (a new cosine cycle from
-    ``lr``); steps, time and commands of all sessions add up in the log.
+    ``lr``); steps, time and commands of all sessions add up in the log. ``lesion_balanced``
+    (segmenters) draws nodule crops per lesion and averages the nodule Dice per sample, so
+    small nodules weigh as much as large ones (an experiment: see models/README.md).
     """
     out = out or CHECKPOINTS
     cfg = dict(DEFAULTS[name])
@@ -377,7 +419,12 @@ def train(
         )
     else:
         sampler = CropSampler(
-            data, rng, SEG_NODULE_FRACTION, lung_fraction=SEG_LUNG_FRACTION, per_slice=True
+            data,
+            rng,
+            SEG_NODULE_FRACTION,
+            lung_fraction=SEG_LUNG_FRACTION,
+            per_slice=True,
+            per_lesion=lesion_balanced,
         )
     # NHWC activations: oneDNN's convolutions are about 20 % faster on CPU (same weights).
     net = net.to(memory_format=torch.channels_last)
@@ -425,7 +472,7 @@ def train(
             assert isinstance(net, NoduleClassifier)
             loss, _, _ = cls_loss(net, x, y)
         else:
-            loss = seg_loss(net(x), y)
+            loss = seg_loss(net(x), y, per_sample_nodule=lesion_balanced)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -452,6 +499,7 @@ def train(
         f"python -m models.training.train {name} --minutes {cfg['minutes']:g} --lr {cfg['lr']:g}"
     )
     command += " --resume" if resume else f" --seed {seed}"
+    command += " --lesion-balanced" if lesion_balanced else ""
     command += f" --threads {threads}"
     session = {
         "command": command,
@@ -520,6 +568,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of the cycle")
     p.add_argument("--resume", action="store_true", help="continue the saved checkpoint")
+    p.add_argument(
+        "--lesion-balanced",
+        action="store_true",
+        help="segmenters: nodule crops per lesion, nodule Dice per sample (experimental)",
+    )
     args = p.parse_args(argv)
     train(
         args.model,
@@ -528,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         resume=args.resume,
         lr=args.lr,
+        lesion_balanced=args.lesion_balanced,
     )
     return 0
 

@@ -60,3 +60,17 @@ def test_one_epoch_trains_and_saves(name: str, tiny: Split, tmp_path: Path) -> N
         assert 0.0 <= log["validation"]["auc"] <= 1.0
     else:
         assert 0.0 <= log["validation"]["lung_dice"] <= 1.0
+
+
+def test_lesion_balanced_recipe_trains_and_says_so(tiny: Split, tmp_path: Path) -> None:
+    from models.training.train import lesion_slices
+
+    # two series, two nodules each (8-16 mm): every lesion is a 3-D component of its series
+    lesions = lesion_slices(tiny)
+    assert 2 <= len(lesions) <= 4 and all(len(rows) >= 1 for rows in lesions)
+    log = train(
+        "unet", minutes=5.0, seed=0, threads=1, data=tiny, val=tiny, out=tmp_path,
+        max_steps=2, log_every=1, lesion_balanced=True,
+    )  # fmt: skip
+    assert log["steps"] == 2 and all(math.isfinite(h["loss"]) for h in log["history"])
+    assert log["commands"][0].endswith("--threads 1") and "--lesion-balanced" in log["commands"][0]
