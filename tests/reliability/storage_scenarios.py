@@ -986,7 +986,8 @@ def _offer_step(
         "p99_ms": round(p99),
         "answers_5xx": sum(1 for c in codes if c >= 500),
         "connection_errors": codes.count(0),
-        "served": ok >= 0.99 * total and p99 < 300,
+        # served: (nearly) every upload acknowledged, at (nearly) the offered rate, p99 < 300 ms
+        "served": ok >= 0.99 * total and ok / elapsed >= 0.99 * rate and p99 < 300,
     }
 
 
