@@ -131,10 +131,11 @@ class Stall:
 def consumption_stall(*, session: Session, after_seconds: float) -> Stall | None:
     """Whether the workers have stopped consuming the queue.
 
-    Stalled means: a job created more than ``after_seconds`` ago is still queued, while no job holds a live lease and none started or finished within that time. A
-    busy worker (a running job) or a slow one (recent starts) is not stalled; an idle worker
-    whose consumer silently stopped after a broker reconnect (celery#8030) is, as soon as
-    work waits for it. No waiting work: never stalled.
+    Stalled means: a job created more than ``after_seconds`` ago is still queued, while no
+    job holds a live lease and none started or finished within that time. A busy worker (a
+    running job) or a slow one (recent starts) is not stalled; an idle worker whose consumer
+    silently stopped after a broker reconnect (celery#8030) is, as soon as work waits for it.
+    No waiting work: never stalled.
     """
     now = utcnow()
     horizon = now - timedelta(seconds=after_seconds)

@@ -206,9 +206,9 @@ class Manifest(_Strict):
         for rule in self.components:
             if self.task is not Task.SEGMENTATION:
                 raise ValueError("'components' applies to segmentation models only")
-            for field in (rule.label, rule.replace_with):
-                if field not in names:
-                    raise ValueError(f"component filter names {field!r}, which is not a label")
+            for name in (rule.label, rule.replace_with):
+                if name not in names:
+                    raise ValueError(f"component filter names {name!r}, which is not a label")
         if self.classification is not None:
             if self.classification.positive_label not in names:
                 raise ValueError(
