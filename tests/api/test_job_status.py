@@ -9,26 +9,10 @@ from typing import Any
 
 import pytest
 
-from app.db.records import JobRecord, JobStatus, utcnow
-from app.db.session import session_scope
-from tests.fixtures.dicom_files import bright_disc_series
+from app.db.records import JobStatus, utcnow
+from tests.helpers.jobs import new_job, update_job
 
 pytestmark = pytest.mark.usefixtures("medcad_env")
-
-
-def _new_job(api: Any, seed: int) -> str:
-    blobs, _ = bright_disc_series(n=1, seed=seed)
-    r = api.post("/api/v1/studies", files=[("files", ("a.dcm", blobs[0], "application/dicom"))])
-    assert r.status_code == 202, r.text
-    return str(r.json()["jobs"][0]["id"])
-
-
-def _update(job_id: str, **values: Any) -> None:
-    with session_scope() as session:
-        job = session.get(JobRecord, job_id)
-        assert job is not None
-        for name, value in values.items():
-            setattr(job, name, value)
 
 
 def _views(api: Any, job_id: str) -> dict[str, Any]:
@@ -45,14 +29,14 @@ def _views(api: Any, job_id: str) -> dict[str, Any]:
 
 
 def test_queued_jobs_show_position_and_eta_from_recent_durations(api: Any) -> None:
-    first, second, third = (_new_job(api, seed) for seed in (1, 2, 3))
+    first, second, third = (new_job(api, seed) for seed in (1, 2, 3))
     # No job has finished yet: positions, but no basis for an ETA.
     assert [_views(api, j)["queue_position"] for j in (first, second, third)] == [1, 2, 3]
     assert _views(api, third)["eta_seconds"] is None
 
     # One job took 8 s: each job ahead (and this one) is expected to take as long.
     now = utcnow()
-    _update(
+    update_job(
         first,
         status=JobStatus.SUCCEEDED,
         started_at=now - timedelta(seconds=8),
@@ -65,7 +49,7 @@ def test_queued_jobs_show_position_and_eta_from_recent_durations(api: Any) -> No
     assert (_views(api, third)["queue_position"], _views(api, third)["eta_seconds"]) == (2, 16.0)
 
     # Running for 3 s: its stage, and about 5 s left; the job behind it moves up.
-    _update(
+    update_job(
         second,
         status=JobStatus.RUNNING,
         stage="infer:tinyseg",
@@ -79,8 +63,8 @@ def test_queued_jobs_show_position_and_eta_from_recent_durations(api: Any) -> No
 
 
 def test_failed_job_shows_its_reason(api: Any) -> None:
-    job_id = _new_job(api, 7)
-    _update(
+    job_id = new_job(api, 7)
+    update_job(
         job_id,
         status=JobStatus.FAILED,
         error_code="decode_failed",

@@ -10,33 +10,17 @@ from sqlalchemy import select
 
 from app.db.records import JobRecord, JobStatus, utcnow
 from app.db.session import session_scope
-from tests.fixtures.dicom_files import bright_disc_series
+from tests.helpers.jobs import new_job, update_job
 
 pytestmark = pytest.mark.usefixtures("medcad_env")
 
 
-def _upload(api: Any, prefix: str) -> str:
-    blobs, _ = bright_disc_series(n=1)
-    files = [("files", (f"{prefix}.dcm", blobs[0], "application/dicom"))]
-    r = api.post("/api/v1/studies", files=files)
-    assert r.status_code == 202, r.text
-    return str(r.json()["jobs"][0]["id"])
-
-
-def _age(job_id: str, **changes: Any) -> None:
-    with session_scope() as session:
-        job = session.get(JobRecord, job_id)
-        assert job is not None
-        for key, value in changes.items():
-            setattr(job, key, value)
-
-
 def test_waiting_jobs_with_no_consumer_make_readyz_red(api: Any) -> None:
-    job_id = _upload(api, "a")
+    job_id = new_job(api)
     assert api.get("/readyz").json()["checks"]["workers"] == "ok"  # fresh: not yet overdue
 
     hour_ago = utcnow() - timedelta(hours=1)
-    _age(job_id, created_at=hour_ago)
+    update_job(job_id, created_at=hour_ago)
     r = api.get("/readyz")
     assert r.status_code == 503
     body = r.json()
@@ -45,8 +29,8 @@ def test_waiting_jobs_with_no_consumer_make_readyz_red(api: Any) -> None:
     assert body["checks"]["database"] == body["checks"]["broker"] == "ok"
 
     # a worker holding a live lease on another job is busy, not stalled
-    other = _upload(api, "b")
-    _age(
+    other = new_job(api)
+    update_job(
         other,
         status=JobStatus.RUNNING,
         started_at=hour_ago,
@@ -54,10 +38,10 @@ def test_waiting_jobs_with_no_consumer_make_readyz_red(api: Any) -> None:
     )
     assert api.get("/readyz").status_code == 200
     # its lease expired (the worker died): stalled again
-    _age(other, lease_expires_at=utcnow() - timedelta(seconds=1))
+    update_job(other, lease_expires_at=utcnow() - timedelta(seconds=1))
     assert api.get("/readyz").status_code == 503
     # a job finished a moment ago: the workers are consuming, just behind
-    _age(other, status=JobStatus.SUCCEEDED, finished_at=utcnow())
+    update_job(other, status=JobStatus.SUCCEEDED, finished_at=utcnow())
     assert api.get("/readyz").status_code == 200
     with session_scope() as session:
         assert session.scalars(select(JobRecord.status)).all().count(JobStatus.QUEUED) == 1
