@@ -84,6 +84,14 @@ def test_every_operation_documents_its_success_with_a_media_type_and_an_example(
     assert checked >= 10
 
 
+def _assert_guarded(where: str, responses: dict[str, Any]) -> None:
+    """A data route needs a key, may be refused by role, rate-limited or meet an outage; the
+    last two tell the client when to come back."""
+    assert {"401", "403", "429", "503"} <= set(responses), where
+    for code in ("429", "503"):
+        assert "Retry-After" in responses[code].get("headers", {}), f"{where} {code}"
+
+
 def test_every_data_operation_documents_its_errors_in_the_one_error_body(
     app_and_spec: tuple[Any, dict[str, Any]],
 ) -> None:
@@ -99,10 +107,7 @@ def test_every_data_operation_documents_its_errors_in_the_one_error_body(
                 # An upload whose every file was refused answers the per-file outcomes instead.
                 allowed = {ERROR_BODY} | ({UPLOAD_BODY} if path == "/api/v1/studies" else set())
                 assert refs and refs <= allowed, f"{where} {code}: {refs}"
-        # Every data route needs a key, may be refused by role, rate-limited or meet an outage.
-        assert {"401", "403", "429", "503"} <= set(responses), where
-        for code in ("429", "503"):
-            assert "Retry-After" in responses[code].get("headers", {}), f"{where} {code}"
+        _assert_guarded(where, responses)
         if "{" in path:
             assert "404" in responses, f"{where}: an unknown id is not documented"
 
@@ -181,9 +186,7 @@ def test_every_dicomweb_operation_documents_its_errors_in_the_one_error_body(
     for path, method, operation in _dicomweb_operations(spec):
         where = f"{method.upper()} {path}"
         responses = operation["responses"]
-        assert {"401", "403", "429", "503"} <= set(responses), where
-        for code in ("429", "503"):
-            assert "Retry-After" in responses[code].get("headers", {}), f"{where} {code}"
+        _assert_guarded(where, responses)
         for code, response in responses.items():
             if code[0] not in "45":
                 continue
