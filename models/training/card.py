@@ -274,6 +274,19 @@ def saliency_lines(result: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def write_manifest(manifest: Manifest, directory: Path) -> Path:
+    """Write ``manifest.json`` (indented JSON, as shipped) into a model version directory."""
+    path = directory / "manifest.json"
+    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return path
+
+
+def publish(manifest: Manifest, directory: Path) -> None:
+    """Write a model version's ``manifest.json`` and the ``card.md`` rendered from it."""
+    write_manifest(manifest, directory)
+    write_card(manifest, directory)
+
+
 def write_card(manifest: Manifest, directory: Path) -> Path:
     """Render ``card.md``; the saliency section is added when ``saliency_metrics.json`` beside
     the model directories holds a result for exactly this model file (same sha256)."""

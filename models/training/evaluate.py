@@ -42,7 +42,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from app.registry.manifest import Manifest, Task
-from models.training.card import write_card
+from models.training.card import publish
 from models.training.data import (
     CACHE_DIR,
     MODELS_DIR,
@@ -554,11 +554,7 @@ def evaluate(
         )
         results[name] = metrics
         if write:
-            updated = Manifest.model_validate({**m.model_dump(mode="json"), "metrics": metrics})
-            (d / "manifest.json").write_text(
-                json.dumps(updated.model_dump(mode="json"), indent=2) + "\n"
-            )
-            write_card(updated, d)
+            publish(Manifest.model_validate({**m.model_dump(mode="json"), "metrics": metrics}), d)
         out = CACHE_DIR / "eval" / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2))

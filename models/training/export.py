@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import json
 import math
 import platform
 import sys
@@ -44,7 +43,7 @@ from app.registry.manifest import (
     Task,
     TensorSpec,
 )
-from models.training.card import write_card
+from models.training.card import publish
 from models.training.classifier import ClassifierExport, NoduleClassifier
 from models.training.data import (
     MODELS_DIR,
@@ -54,7 +53,7 @@ from models.training.data import (
     load_split,
     network_inputs,
 )
-from models.training.evaluate import fit_components
+from models.training.evaluate import fit_components, load_manifest
 from models.training.train import CHECKPOINTS, MODEL_NAMES, build_model
 
 VERSION = "1.0.0"
@@ -257,8 +256,7 @@ def parity_verdict(par: dict[str, Any], name: str) -> dict[str, Any]:
 def recheck_parity(name: str, threads: int = 1) -> Manifest:
     """Recompute the parity record of an existing export (model file and sha256 unchanged)."""
     net, _ = load_trained(name)
-    directory = version_dir(name)
-    manifest = Manifest.model_validate_json((directory / "manifest.json").read_text())
+    manifest, directory = load_manifest(name)
     onnx_path = directory / manifest.file
     if sha256_file(onnx_path) != manifest.sha256:
         raise SystemExit(f"{onnx_path} does not match its manifest sha256")
@@ -272,8 +270,7 @@ def recheck_parity(name: str, threads: int = 1) -> Manifest:
     data = manifest.model_dump(mode="json")
     data["provenance"]["export"]["parity"] = par
     updated = Manifest.model_validate(data)
-    write_manifest(updated, directory)
-    write_card(updated, directory)
+    publish(updated, directory)
     print(f"{name} parity: {par}")
     return updated
 
@@ -397,12 +394,6 @@ def build_manifest(
         provenance=provenance,
         metrics=metrics or {},
     )
-
-
-def write_manifest(manifest: Manifest, directory: Path) -> Path:
-    path = directory / "manifest.json"
-    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-    return path
 
 
 def _entropy(logits: np.ndarray) -> np.ndarray:
@@ -538,8 +529,7 @@ def export(
     )
     if manifest.task is Task.SEGMENTATION:
         manifest = with_component_filter(manifest, sess)
-    write_manifest(manifest, directory)
-    write_card(manifest, directory)
+    publish(manifest, directory)
     print(
         f"exported {name}: {size / 2**20:.2f} MiB, parity {par['max_abs_diff']}, "
         f"ops {dict(graph_ops)}"
@@ -586,8 +576,7 @@ def calibrate_classifier(
 def recalibrate_classifier(threads: int = 1) -> Manifest:
     """Re-fit the calibration of the existing classifier export on the validation split
     (the ONNX file and everything else in the manifest untouched)."""
-    directory = version_dir("classifier")
-    manifest = Manifest.model_validate_json((directory / "manifest.json").read_text())
+    manifest, directory = load_manifest("classifier")
     sess = ort_session(directory / manifest.file, threads)
     val = load_split("val")
     rows = np.arange(len(val.x))
@@ -599,8 +588,7 @@ def recalibrate_classifier(threads: int = 1) -> Manifest:
     data["saliency"]["display_range"] = list(display)
     data["provenance"] = {**data["provenance"], **extra}
     manifest = Manifest.model_validate(data)
-    write_manifest(manifest, directory)
-    write_card(manifest, directory)
+    publish(manifest, directory)
     return manifest
 
 
@@ -619,11 +607,9 @@ def with_component_filter(manifest: Manifest, sess: ort.InferenceSession) -> Man
 
 def refit_components(name: str, threads: int = 1) -> Manifest:
     """Re-fit the component filter of the existing export (ONNX file untouched)."""
-    directory = version_dir(name)
-    manifest = Manifest.model_validate_json((directory / "manifest.json").read_text())
+    manifest, directory = load_manifest(name)
     manifest = with_component_filter(manifest, ort_session(directory / manifest.file, threads))
-    write_manifest(manifest, directory)
-    write_card(manifest, directory)
+    publish(manifest, directory)
     return manifest
 
 

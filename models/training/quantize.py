@@ -62,9 +62,9 @@ from onnxruntime.quantization import (
 )
 
 from app.registry.manifest import Manifest, OutputRole, Task
-from models.training.card import render_card
+from models.training.card import render_card, write_manifest
 from models.training.data import CACHE_DIR, MODELS_DIR, SPLITS, load_split, network_inputs
-from models.training.export import sha256_file, strip_doc_strings, write_manifest
+from models.training.export import sha256_file, strip_doc_strings
 
 SOURCE_VERSION = "1.0.0"
 INT8_VERSION = "1.0.0-int8"
