@@ -676,8 +676,9 @@ def run_db_outage(
 ) -> Outcome:
     """Q6: PostgreSQL crash-stopped mid-batch for ``outage_seconds``: uploads meanwhile get
     503 + Retry-After quickly; no job fails because of it, none loses more than the one attempt
-    whose commit was in flight; everything completes after. Leases are longer than the outage, as in production (900 s): the worker is
-    restarted with ``lease_seconds`` (default: twice the outage) first."""
+    whose commit was in flight; everything completes after. Leases are longer than the outage,
+    as in production (900 s): the worker is restarted with ``lease_seconds`` (default: twice
+    the outage) first."""
     out = Outcome("Q6", "PostgreSQL unavailable mid-batch")
     lease = lease_seconds or max(20, int(outage_seconds * 2))
     if ps.worker_env.get("MEDCAD_JOB_LEASE_SECONDS") != str(lease):

@@ -33,9 +33,14 @@ def _volume() -> tuple[np.ndarray, np.ndarray]:
     return labels, prob
 
 
+def _nodules(labels: np.ndarray, prob: np.ndarray, **rule: Any) -> pp.ComponentMap:
+    """``filter_components`` of the nodule label, removed voxels becoming lung."""
+    return pp.filter_components(labels, prob, value=NODULE, replacement=LUNG, **rule)
+
+
 def test_components_are_found_in_3d_and_scored_by_their_peak() -> None:
     labels, prob = _volume()
-    result = pp.filter_components(labels, prob, value=NODULE, replacement=LUNG, voxel_mm3=2.0)
+    result = _nodules(labels, prob, voxel_mm3=2.0)
     assert np.array_equal(result.labels, labels)  # no thresholds: nothing removed
     found = sorted((c.voxels, c.frames, round(c.max_probability, 2)) for c in result.components)
     assert found == [(1, (0, 0), 0.99), (8, (3, 4), 0.55), (27, (1, 3), 0.97)]
@@ -53,15 +58,7 @@ def test_diagonal_neighbours_across_slices_are_one_component() -> None:
 
 def test_small_and_weak_components_become_the_replacement_label() -> None:
     labels, prob = _volume()
-    result = pp.filter_components(
-        labels,
-        prob,
-        value=NODULE,
-        replacement=LUNG,
-        voxel_mm3=2.0,
-        min_volume_mm3=10.0,
-        min_probability=0.9,
-    )
+    result = _nodules(labels, prob, voxel_mm3=2.0, min_volume_mm3=10.0, min_probability=0.9)
     kept = [c for c in result.components if c.kept]
     assert [c.voxels for c in kept] == [27]
     assert int((result.labels == NODULE).sum()) == 27
@@ -72,15 +69,7 @@ def test_small_and_weak_components_become_the_replacement_label() -> None:
 
 def test_unknown_geometry_applies_only_the_probability_rule() -> None:
     labels, prob = _volume()
-    result = pp.filter_components(
-        labels,
-        prob,
-        value=NODULE,
-        replacement=LUNG,
-        voxel_mm3=None,
-        min_volume_mm3=1e6,
-        min_probability=0.9,
-    )
+    result = _nodules(labels, prob, voxel_mm3=None, min_volume_mm3=1e6, min_probability=0.9)
     assert sorted(c.voxels for c in result.components if c.kept) == [1, 27]
     assert all(c.volume_mm3 is None for c in result.components)
 
