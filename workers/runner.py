@@ -319,6 +319,7 @@ def _execute(run: JobRun) -> None:
     preprocessed: dict[str, NDArray[np.float32]] = {}  # models sharing a preprocessing share x
     modality = str(series.datasets[0].get("Modality", "") or "")
     threads = ort_threads(run.settings)
+    voxel_mm3 = voxel_volume_mm3(series)  # the same for every model
     with OutputBuilder(run, series, overlap=threads < _cores()) as outputs:
         for model in models:
             run.stage(f"infer:{model.manifest.name}")
@@ -348,7 +349,7 @@ def _execute(run: JobRun) -> None:
                 ),
                 extra_methods=extra,
                 preprocessed=preprocessed,
-                voxel_mm3=voxel_volume_mm3(series),
+                voxel_mm3=voxel_mm3,
             )
             for name, seconds in analysis.timings.items():
                 run.timed(f"{name}:{model.manifest.name}", seconds)
