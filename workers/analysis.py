@@ -36,9 +36,31 @@ class SaliencyResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Lesion:
+    """One kept 3-D component of a filtered structure (e.g. a nodule), in source geometry.
+
+    ``number`` ranks the lesions of a structure by decreasing volume (1 = largest);
+    ``centroid`` is (frame, row, column) in source pixels; ``frames`` the inclusive (first,
+    last) frame indices it spans and ``key_frame`` the one with its largest cross-section.
+    ``volume_mm3`` and ``equivalent_diameter_mm`` (the sphere of the same volume) are None
+    when Pixel Spacing or the slice spacing is unknown.
+    """
+
+    structure: str
+    value: int
+    number: int
+    max_probability: float
+    volume_mm3: float | None
+    equivalent_diameter_mm: float | None
+    frames: tuple[int, int]
+    key_frame: int
+    centroid: tuple[float, float, float]
+
+
 @dataclass
 class SegmentationResult:
-    """Label maps in source geometry, per-frame label statistics and saliency maps."""
+    """Label maps in source geometry, per-frame label statistics, lesions and saliency maps."""
 
     labels: NDArray[np.uint8]  # (F, H, W)
     stats: list[list[dict[str, Any]]]  # per frame: [{"value", "name", "pixels"}]
@@ -46,6 +68,7 @@ class SegmentationResult:
     uncertain: bool
     mean_entropy: float
     components: dict[str, list[postprocess.Component]] = field(default_factory=dict)
+    lesions: list[Lesion] = field(default_factory=list)
 
 
 @dataclass
@@ -157,7 +180,7 @@ def _segment(
 ) -> SegmentationResult:
     logits = outputs[OutputRole.LOGITS]
     probs = postprocess.probabilities_from_logits(logits, axis=1)
-    grid = probs.shape[-2:]
+    grid = (int(probs.shape[-2]), int(probs.shape[-1]))
     grid_voxel = (
         None if voxel_mm3 is None else voxel_mm3 * (size[0] * size[1]) / (grid[0] * grid[1])
     )
@@ -190,8 +213,10 @@ def _segment(
                     params={"normalised_by": "log(K)"},
                 )
             )
+    lesions = lesions_in_source(seg, names, grid, size)
     if SaliencyMethod.OCCLUSION in methods:
-        maps.extend(_segmentation_occlusion(run, manifest, x, small, size, budget))
+        first = [lesion.key_frame for lesion in lesions if lesion.value == _target_value(manifest)]
+        maps.extend(_segmentation_occlusion(run, manifest, x, small, size, budget, first))
     limit = manifest.review.max_mean_entropy
     uncertain = limit is not None and mean_entropy > limit
     return SegmentationResult(
@@ -204,7 +229,41 @@ def _segment(
             names.get(value, str(value)): result.components
             for value, result in seg.components.items()
         },
+        lesions=lesions,
     )
+
+
+def lesions_in_source(
+    seg: postprocess.Segmentation,
+    names: dict[int, str],
+    grid: tuple[int, int],
+    size: tuple[int, int],
+) -> list[Lesion]:
+    """The kept components of every filtered structure, largest first, in source pixels.
+
+    Components are found on the network grid; a centroid moves to source pixels by the
+    centre-aligned scale of each axis (pixel centres at ``i + 0.5``).
+    """
+    sy, sx = size[0] / grid[0], size[1] / grid[1]
+    out: list[Lesion] = []
+    for value, result in seg.components.items():
+        kept = sorted((c for c in result.components if c.kept), key=lambda c: -c.voxels)
+        for number, c in enumerate(kept, start=1):
+            f, r, col = c.centroid
+            out.append(
+                Lesion(
+                    structure=names.get(value, str(value)),
+                    value=value,
+                    number=number,
+                    max_probability=c.max_probability,
+                    volume_mm3=c.volume_mm3,
+                    equivalent_diameter_mm=c.equivalent_diameter_mm,
+                    frames=c.frames,
+                    key_frame=c.key_frame,
+                    centroid=(f, (r + 0.5) * sy - 0.5, (col + 0.5) * sx - 0.5),
+                )
+            )
+    return out
 
 
 def structure_rules(manifest: Manifest) -> list[postprocess.StructureRule]:
@@ -232,17 +291,21 @@ def _segmentation_occlusion(
     small: NDArray[np.uint8],
     size: tuple[int, int],
     budget: int,
+    first: Sequence[int] = (),
 ) -> list[SaliencyResult]:
     """Occlusion of the target structure's score on the frames where it is predicted.
 
-    The budget (forward passes per job and model) is spent on the frames with the largest
-    predicted target area first, so cost stays predictable on long series.
+    The budget (forward passes per job and model) is spent on the ``first`` frames (each
+    lesion's key frame, largest lesion first, so every lesion gets its explanation), then on
+    the other frames with the largest predicted target area first, so cost stays predictable
+    on long series.
     """
     value = _target_value(manifest)
     if value is None:
         return []
     areas = (small == value).reshape(small.shape[0], -1).sum(axis=1)
-    order = [int(i) for i in np.argsort(-areas) if areas[i] > 0]
+    by_area = [int(i) for i in np.argsort(-areas) if areas[i] > 0]
+    order = list(dict.fromkeys([*(int(i) for i in first if areas[i] > 0), *by_area]))
     spec = manifest.saliency
     maps: list[SaliencyResult] = []
     remaining = budget

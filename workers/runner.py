@@ -476,6 +476,7 @@ def _finish_model_outputs(
         saliency_ids[(sal.index, sal.method.value)] = record.id
     if analysis.segmentation is not None:
         records.extend(_mask_records(run, series, analysis, saliency_ids, pending.masks))
+        records.extend(_lesion_records(run, series, analysis, saliency_ids))
         records.extend(
             _dicom_output(run, "seg", manifest.name, _seg_artifact, series, analysis, warnings)
         )
@@ -699,6 +700,75 @@ def _finding_records(
         )
     )
     return out
+
+
+def _lesion_records(
+    run: JobRun,
+    series: DecodedSeries,
+    analysis: ModelAnalysis,
+    saliency_ids: dict[tuple[int, str], str],
+) -> list[FindingRecord]:
+    """One ``lesion`` finding per kept component of a filtered structure (e.g. each nodule).
+
+    The finding sits on the lesion's key frame (its largest cross-section); its probability is
+    the component's highest voxel probability, the score the component filter ranked it by.
+    Its saliency is the structure occlusion map of the key frame when one was computed, else
+    the uncertainty map of that frame.
+    """
+    seg = analysis.segmentation
+    assert seg is not None
+    manifest = analysis.manifest
+    band = manifest.review.probability_band
+    out: list[FindingRecord] = []
+    for lesion in seg.lesions:
+        key = series.refs[lesion.key_frame]
+        first, last = (series.refs[i] for i in lesion.frames)
+        saliency_id = next(
+            (
+                saliency_ids[(lesion.key_frame, m)]
+                for m in _LESION_SALIENCY
+                if (lesion.key_frame, m) in saliency_ids
+            ),
+            None,
+        )
+        out.append(
+            FindingRecord(
+                job_id=run.job_id,
+                model=manifest.name,
+                model_version=manifest.version,
+                label=lesion.structure,
+                probability=lesion.max_probability,
+                positive=True,
+                uncertain=band[0] <= lesion.max_probability <= band[1],
+                level="lesion",
+                sop_instance_uid=key.sop_instance_uid,
+                frame=key.frame,
+                extra={
+                    "saliency_id": saliency_id,
+                    "lesion": {
+                        "number": lesion.number,
+                        "volume_mm3": _rounded(lesion.volume_mm3, 1),
+                        "equivalent_diameter_mm": _rounded(lesion.equivalent_diameter_mm, 1),
+                        "first": {"sop_instance_uid": first.sop_instance_uid, "frame": first.frame},
+                        "last": {"sop_instance_uid": last.sop_instance_uid, "frame": last.frame},
+                        "frame_count": lesion.frames[1] - lesion.frames[0] + 1,
+                        "centroid": {
+                            "row": round(lesion.centroid[1], 1),
+                            "column": round(lesion.centroid[2], 1),
+                        },
+                    },
+                },
+            )
+        )
+    return out
+
+
+# what explains a lesion best: the structure's own evidence, then the model's uncertainty
+_LESION_SALIENCY = ("occlusion", "rise", "entropy", "tta_std")
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _frame_groups(series: DecodedSeries) -> tuple[list[pydicom.Dataset], list[int]]:

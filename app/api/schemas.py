@@ -207,7 +207,41 @@ class SeriesInfo(BaseModel):
     instances: list[InstanceInfo]
 
 
+class FrameRef(BaseModel):
+    sop_instance_uid: str
+    frame: int
+
+
+class PixelPoint(BaseModel):
+    row: float
+    column: float
+
+
+class LesionOut(BaseModel):
+    """One segmented lesion (a 3-D connected component kept by the model's component filter).
+
+    ``number`` ranks the model's lesions of this label by volume (1 = largest). The finding's
+    ``sop_instance_uid``/``frame`` is the key slice (largest cross-section); ``centroid`` is
+    the lesion's centre of mass on that grid, in source pixels. Volume and the equivalent
+    sphere diameter are null when Pixel Spacing or the slice spacing is unknown.
+    """
+
+    number: int
+    volume_mm3: float | None
+    equivalent_diameter_mm: float | None
+    first: FrameRef
+    last: FrameRef
+    frame_count: int
+    centroid: PixelPoint
+
+
 class FindingOut(BaseModel):
+    """A classifier's slice or series label, or a segmenter's lesion (``level`` says which).
+
+    ``probability`` is the calibrated probability for slice and series findings, and the
+    lesion's highest voxel probability for lesion findings.
+    """
+
     id: str
     model: str
     model_version: str
@@ -215,10 +249,11 @@ class FindingOut(BaseModel):
     probability: float
     positive: bool
     uncertain: bool
-    level: Literal["slice", "series"]
+    level: Literal["slice", "series", "lesion"]
     sop_instance_uid: str | None
     frame: int | None
     saliency_id: str | None
+    lesion: LesionOut | None = None
 
 
 class MaskLabel(BaseModel):
@@ -307,7 +342,29 @@ class Results(BaseModel):
                             "sop_instance_uid": None,
                             "frame": None,
                             "saliency_id": "s1",
-                        }
+                        },
+                        {
+                            "id": "f2",
+                            "model": "unet",
+                            "model_version": "1.0.0",
+                            "label": "nodule",
+                            "probability": 0.99,
+                            "positive": True,
+                            "uncertain": False,
+                            "level": "lesion",
+                            "sop_instance_uid": _SOP,
+                            "frame": 0,
+                            "saliency_id": "s2",
+                            "lesion": {
+                                "number": 1,
+                                "volume_mm3": 412.5,
+                                "equivalent_diameter_mm": 9.2,
+                                "first": {"sop_instance_uid": _SOP, "frame": 0},
+                                "last": {"sop_instance_uid": _SOP, "frame": 0},
+                                "frame_count": 1,
+                                "centroid": {"row": 301.4, "column": 188.0},
+                            },
+                        },
                     ],
                     "masks": [
                         {

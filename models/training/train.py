@@ -382,13 +382,15 @@ def train(
     max_steps: int | None = None,
     val_every: bool = True,
     lesion_balanced: bool = False,
+    lesion_sampling: bool = False,
 ) -> dict[str, Any]:
     """Train ``name`` within a wall-clock budget; save ``<out>/<name>.pt`` and a JSON log.
 
     With ``resume`` the checkpoint in ``out`` is trained further (a new cosine cycle from
     ``lr``); steps, time and commands of all sessions add up in the log. ``lesion_balanced``
     (segmenters) draws nodule crops per lesion and averages the nodule Dice per sample, so
-    small nodules weigh as much as large ones (an experiment: see models/README.md).
+    small nodules weigh as much as large ones (an experiment: see models/README.md);
+    ``lesion_sampling`` draws the crops per lesion but keeps the pooled nodule Dice.
     """
     out = out or CHECKPOINTS
     cfg = dict(DEFAULTS[name])
@@ -424,7 +426,7 @@ def train(
             SEG_NODULE_FRACTION,
             lung_fraction=SEG_LUNG_FRACTION,
             per_slice=True,
-            per_lesion=lesion_balanced,
+            per_lesion=lesion_balanced or lesion_sampling,
         )
     # NHWC activations: oneDNN's convolutions are about 20 % faster on CPU (same weights).
     net = net.to(memory_format=torch.channels_last)
@@ -500,6 +502,8 @@ def train(
     )
     command += " --resume" if resume else f" --seed {seed}"
     command += " --lesion-balanced" if lesion_balanced else ""
+    command += " --lesion-sampling" if lesion_sampling and not lesion_balanced else ""
+    command += f" --out {out}" if out != CHECKPOINTS else ""
     command += f" --threads {threads}"
     session = {
         "command": command,
@@ -573,6 +577,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="segmenters: nodule crops per lesion, nodule Dice per sample (experimental)",
     )
+    p.add_argument(
+        "--lesion-sampling",
+        action="store_true",
+        help="segmenters: nodule crops per lesion, nodule Dice pooled (experimental)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="checkpoint folder")
     args = p.parse_args(argv)
     train(
         args.model,
@@ -582,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         lr=args.lr,
         lesion_balanced=args.lesion_balanced,
+        lesion_sampling=args.lesion_sampling,
+        out=args.out,
     )
     return 0
 

@@ -214,8 +214,16 @@ def test_upload_demo_series_and_review_results(
     page.evaluate("() => window.scrollTo(0, 0)")
     page.screenshot(path=str(screenshot_dir / "flow-05-viewer-heatmap.png"))
 
-    # Findings with probabilities.
+    # Findings with probabilities; the nodule both segmenters find in this series is listed
+    # as a lesion with its size, and its button shows the lesion's largest cross-section.
     expect(page.locator("#findings-series li").first).to_contain_text("%")
+    lesions = page.locator("#findings-lesions li.lesion")
+    expect(lesions.first).to_contain_text(re.compile(r"nodule 1.*≈ \d+(\.\d)? mm.*mm³"))
+    assert set(lesions.all_inner_texts()) and all("%" in t for t in lesions.all_inner_texts())
+    go = lesions.first.get_by_role("button", name=re.compile(r"^Go to slice \d+, the largest"))
+    key = int(re.search(r"slice (\d+)", go.inner_text()).group(1))  # type: ignore[union-attr]
+    go.click()
+    expect(page.locator("#slice-label")).to_have_text(re.compile(rf"^{key} / "))
 
     # The populated viewer (chips, badges, findings, legends) keeps AA contrast.
     contrast = page.evaluate(CONTRAST_SCRIPT)

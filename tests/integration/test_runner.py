@@ -56,6 +56,24 @@ def test_job_runs_and_results_are_served(api: Any) -> None:
     saliency_ids = {s["id"] for s in res["saliency"]}
     assert all(f["saliency_id"] in saliency_ids for f in findings)
     assert all(m["saliency_ids"] for m in res["masks"])
+    # the disc through the 3 slices is one 3-D lesion of the segmenter, measured from the
+    # geometry (1 mm pixels, 2 mm slices) and explained by the occlusion of its key slice
+    (lesion,) = [f for f in findings if f["level"] == "lesion"]
+    assert lesion["model"] == "tinyseg" and lesion["label"] == "nodule" and lesion["positive"]
+    volume = 3 * int(disc.sum()) * 1.0 * 1.0 * 2.0
+    assert lesion["lesion"]["volume_mm3"] == pytest.approx(volume, rel=0.05)
+    assert lesion["lesion"]["equivalent_diameter_mm"] == pytest.approx(
+        (6 * volume / np.pi) ** (1 / 3), rel=0.02
+    )
+    assert lesion["lesion"]["number"] == 1 and lesion["lesion"]["frame_count"] == 3
+    centre = lesion["lesion"]["centroid"]
+    assert abs(centre["row"] - 31.5) < 1.5 and abs(centre["column"] - 31.5) < 1.5
+    explained = next(s for s in res["saliency"] if s["id"] == lesion["saliency_id"])
+    assert explained["method"] == "occlusion" and explained["model"] == "tinyseg"
+    assert (explained["sop_instance_uid"], explained["frame"]) == (
+        lesion["sop_instance_uid"],
+        lesion["frame"],
+    )
     # the CAM of the mean classifier is 10*(x-0.5): its argmax lies in the bright disc
     cam = next(s for s in res["saliency"] if s["method"] == "cam")
     values = np.load(io.BytesIO(api.get(cam["url"]).content)).astype(np.float32)

@@ -49,6 +49,21 @@ def test_components_are_found_in_3d_and_scored_by_their_peak() -> None:
     assert set(np.unique(result.ids)) == {0, 1, 2, 3}
 
 
+def test_components_know_their_centre_key_frame_and_equivalent_diameter() -> None:
+    labels = np.zeros((4, 16, 16), np.uint8)
+    labels[1, 4:6, 4:6] = NODULE  # 4 voxels on frame 1
+    labels[2, 3:7, 3:9] = NODULE  # 24 on frame 2: the key frame
+    labels[3, 4:6, 5:7] = NODULE  # 4 on frame 3
+    (c,) = _nodules(labels, labels / 2.0, voxel_mm3=0.5).components
+    assert c.key_frame == 2 and c.frames == (1, 3)
+    f, r, col = c.centroid
+    rows, cols, frames = np.nonzero(labels.transpose(1, 2, 0))
+    assert (f, r, col) == pytest.approx((frames.mean(), rows.mean(), cols.mean()))
+    assert c.equivalent_diameter_mm == pytest.approx((6 * 32 * 0.5 / np.pi) ** (1 / 3))
+    unknown = _nodules(labels, labels / 2.0, voxel_mm3=None).components[0]
+    assert unknown.equivalent_diameter_mm is None
+
+
 def test_diagonal_neighbours_across_slices_are_one_component() -> None:
     labels = np.zeros((2, 4, 4), np.uint8)
     labels[0, 0, 0] = labels[1, 1, 1] = NODULE
@@ -158,6 +173,17 @@ def test_workers_serve_the_filtered_mask_with_physical_volumes() -> None:
     kept = sorted(c.voxels for c in seg.components["nodule"] if c.kept)
     assert kept == [27]
     assert int((seg.labels == NODULE).sum()) == 27 * 4
+    # the kept nodule is one lesion, its centre moved from the 16-grid to 32 source pixels
+    (lesion,) = seg.lesions
+    assert (lesion.structure, lesion.number, lesion.frames, lesion.key_frame) == (
+        "nodule", 1, (1, 3), 1,
+    )
+    assert lesion.volume_mm3 == pytest.approx(27.0)  # 27 grid voxels of 4 × 0.25 mm³
+    # grid pixels 2..4 (centre 3) cover source pixels 4..9 (centre 6.5)
+    assert lesion.centroid == pytest.approx((2.0, 6.5, 6.5))
+    assert lesion.max_probability == pytest.approx(
+        np.exp(6.0) / (np.exp(6.0) + np.exp(0.0) + np.exp(-9.0))
+    )
     no_geometry = analyze_series(run, manifest, frames, max_forward_passes=0)
     assert no_geometry.segmentation is not None
     assert int((no_geometry.segmentation.labels == NODULE).sum()) == 36 * 4
@@ -180,3 +206,36 @@ def test_slice_spacing_from_positions_then_the_header() -> None:
     malformed = _header()  # as read from a file: converted (and failing) only when accessed
     malformed[0x00180050] = RawDataElement(Tag(0x00180050), "DS", 6, b"bogus ", 0, True, True)
     assert slice_spacing([1.0], malformed) is None
+
+
+def test_structure_occlusion_explains_every_lesion_before_larger_cross_sections() -> None:
+    """Budget for two frames: the big lesion's key frame, then the small lesion's — not the big
+    lesion's other frames, though their nodule area is larger."""
+    labels = np.full((5, 16, 16), LUNG, np.uint8)
+    labels[0:3, 2:6, 2:6] = NODULE  # 16 pixels on each of frames 0–2
+    labels[1, 2:7, 2:7] = NODULE  # frame 1 is its largest cross-section
+    labels[4, 10:12, 10:12] = NODULE  # a second, small lesion on frame 4
+    logits = np.stack(
+        [np.full(labels.shape, -9.0), np.where(labels == LUNG, 3.0, 0.0),
+         np.where(labels == NODULE, 6.0, -3.0)], axis=1,
+    ).astype(np.float32)
+    manifest = Manifest.model_validate(
+        dict(
+            _segmenter([{"label": "nodule", "replace_with": "lung"}]),
+            saliency={"methods": ["occlusion"], "target_label": "nodule",
+                      "occlusion_patch": 8, "occlusion_stride": 8},
+        )
+    )
+
+    def run(names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        n = len(feeds["x"])
+        return [logits[:n] if n == len(logits) else np.repeat(logits[1:2], n, axis=0)]
+
+    frames = np.zeros((5, 16, 16), np.float32)
+    one_frame = analyze_series(run, manifest, frames, max_forward_passes=5)
+    assert one_frame.segmentation is not None
+    assert [m.index for m in one_frame.segmentation.saliency] == [1]
+    two_frames = analyze_series(run, manifest, frames, max_forward_passes=10)
+    assert two_frames.segmentation is not None
+    assert [m.index for m in two_frames.segmentation.saliency] == [1, 4]
+    assert [(les.number, les.key_frame) for les in two_frames.segmentation.lesions] == [(1, 1), (2, 4)]

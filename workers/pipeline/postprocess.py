@@ -243,6 +243,8 @@ class Component:
     ``frames`` is the inclusive (first, last) frame index it spans; ``volume_mm3`` is its voxel
     count times the voxel volume (None when the geometry is unknown); ``max_probability`` is the
     highest probability of the structure inside it, the component's detection score.
+    ``centroid`` is its centre of mass (frame, row, column) on the grid it was found on, and
+    ``key_frame`` the frame holding most of its voxels (its largest cross-section).
     """
 
     voxels: int
@@ -250,6 +252,15 @@ class Component:
     max_probability: float
     frames: tuple[int, int]
     kept: bool
+    centroid: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    key_frame: int = 0
+
+    @property
+    def equivalent_diameter_mm(self) -> float | None:
+        """Diameter of the sphere of the same volume, (6 V / π)^(1/3); None without geometry."""
+        if self.volume_mm3 is None:
+            return None
+        return float((6.0 * self.volume_mm3 / np.pi) ** (1.0 / 3.0))
 
 
 @dataclass(frozen=True)
@@ -308,6 +319,11 @@ def filter_components(
     best = np.zeros(n + 1, np.float32)
     np.maximum.at(best, members, prob[fg])
     extents = ndimage.find_objects(ids)
+    coords = np.nonzero(fg)  # (frame, row, column) of each foreground voxel, ``members`` order
+    sums = [np.bincount(members, weights=axis, minlength=n + 1) for axis in coords]
+    # voxels per (component, frame): the key frame is each component's most populated frame
+    per_frame = np.zeros((n + 1, arr.shape[0]), np.int64)
+    np.add.at(per_frame, (members, coords[0]), 1)
     found: list[Component] = []
     drop = np.zeros(n + 1, bool)
     for c in range(1, n + 1):
@@ -322,6 +338,12 @@ def filter_components(
                 max_probability=float(best[c]),
                 frames=(int(z.start), int(z.stop) - 1),
                 kept=not bool(drop[c]),
+                centroid=(
+                    float(sums[0][c] / voxels[c]),
+                    float(sums[1][c] / voxels[c]),
+                    float(sums[2][c] / voxels[c]),
+                ),
+                key_frame=int(np.argmax(per_frame[c])),
             )
         )
     out[drop[ids] & fg] = replacement

@@ -67,6 +67,7 @@ def _results_schema(res: results.JobResults) -> Results:
                 sop_instance_uid=f.sop_instance_uid,
                 frame=f.frame,
                 saliency_id=(f.extra or {}).get("saliency_id"),
+                lesion=(f.extra or {}).get("lesion"),
             )
             for f in res.findings
         ],

@@ -591,13 +591,45 @@ export function initViewer({ announce, getModels }) {
     return item;
   }
 
+  function sliceIndexOf(ref) {
+    return V.slices.findIndex((s) => s.sop === ref.sop_instance_uid && s.frame === (ref.frame ?? 0));
+  }
+
+  // A segmented lesion: size, extent and score, and a button to its largest cross-section.
+  function lesionItem(finding) {
+    const lesion = finding.lesion || {};
+    const key = sliceIndexOf(finding);
+    const first = lesion.first ? sliceIndexOf(lesion.first) : -1;
+    const last = lesion.last ? sliceIndexOf(lesion.last) : -1;
+    const size = [
+      lesion.equivalent_diameter_mm != null ? `≈ ${lesion.equivalent_diameter_mm} mm` : null,
+      lesion.volume_mm3 != null ? `${Math.round(lesion.volume_mm3)} mm³` : null,
+      first >= 0 && last >= 0 ? (first === last ? `slice ${first + 1}` : `slices ${Math.min(first, last) + 1}–${Math.max(first, last) + 1}`) : null,
+    ].filter(Boolean).join(" · ");
+    const item = findingItem(finding);
+    item.classList.add("lesion");
+    item.querySelector(".finding-label").textContent = `${finding.label} ${lesion.number ?? ""}`.trim();
+    item.insertBefore(el("div", { class: "small", text: size || "size unknown (no pixel or slice spacing)" }), item.querySelector("meter"));
+    if (key >= 0) {
+      const label = `Go to slice ${key + 1}, the largest cross-section of ${finding.label} ${lesion.number ?? ""}`;
+      const button = el("button", { type: "button", class: "button small", text: `Go to slice ${key + 1}`, "aria-label": label });
+      button.addEventListener("click", () => showSlice(key));
+      item.append(button);
+    }
+    return item;
+  }
+
   function renderFindings() {
     const slice = V.slices[V.index];
     const findings = (V.results && V.results.findings) || [];
     const here = findings.filter((f) => f.level === "slice" && slice && f.sop_instance_uid === slice.sop && (f.frame ?? 0) === slice.frame);
     const series = findings.filter((f) => f.level === "series");
+    const lesions = findings
+      .filter((f) => f.level === "lesion")
+      .sort((a, b) => a.model.localeCompare(b.model) || (a.lesion?.number ?? 0) - (b.lesion?.number ?? 0));
     $("findings-slice").replaceChildren(...(here.length ? here.map(findingItem) : [el("li", { class: "muted", text: "No findings on this slice." })]));
     $("findings-series").replaceChildren(...(series.length ? series.map(findingItem) : [el("li", { class: "muted", text: "No series-level findings." })]));
+    $("findings-lesions").replaceChildren(...(lesions.length ? lesions.map(lesionItem) : [el("li", { class: "muted", text: "No lesion segmented." })]));
   }
 
   function renderFindingSlices() {
