@@ -480,6 +480,10 @@ def _finish_model_outputs(
         records.extend(
             _dicom_output(run, "seg", manifest.name, _seg_artifact, series, analysis, warnings)
         )
+        if manifest.components:  # a segmenter that reports lesions
+            records.extend(
+                _dicom_output(run, "sr", manifest.name, _sr_artifact, series, analysis, warnings)
+            )
     if analysis.classification is not None:
         records.extend(_finding_records(run, series, analysis, saliency_ids))
         records.extend(
@@ -812,24 +816,39 @@ def _seg_artifact(run: JobRun, series: DecodedSeries, analysis: ModelAnalysis) -
 
 
 def _sr_artifact(run: JobRun, series: DecodedSeries, analysis: ModelAnalysis) -> ArtifactRecord:
-    cls = analysis.classification
+    """The model's findings SR: a classifier's series finding and its positive or uncertain
+    slices; a segmenter's lesions (or the statement that it found none)."""
     manifest = analysis.manifest
-    assert cls is not None and manifest.classification is not None
-    label = manifest.classification.positive_label
     multi = any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in series.datasets)
+
+    def frame_number(ref: SourceFrame) -> int | None:
+        return ref.frame + 1 if multi else None
+
+    if analysis.classification is not None:
+        findings = _classification_sr_findings(series, analysis, frame_number)
+    else:
+        findings = _lesion_sr_findings(series, analysis, frame_number)
+    datasets, _ = _frame_groups(series)
+    ds = dicom_sr.build_findings_sr(
+        datasets,
+        findings,
+        model_name=manifest.name,
+        model_version=manifest.version,
+        labels=manifest.labels,
+    )
+    return _artifact(run, ArtifactKind.SR, manifest.name, ds)
+
+
+def _classification_sr_findings(
+    series: DecodedSeries,
+    analysis: ModelAnalysis,
+    frame_number: Callable[[SourceFrame], int | None],
+) -> list[Finding]:
+    cls = analysis.classification
+    spec = analysis.manifest.classification
+    assert cls is not None and spec is not None
+    label = spec.positive_label
     findings = [
-        Finding(
-            label=label,
-            probability=float(cls.probabilities[i]),
-            positive=bool(cls.positive[i]),
-            sop_instance_uid=ref.sop_instance_uid,
-            frame=ref.frame + 1 if multi else None,
-            level="slice",
-            uncertain=bool(cls.uncertain[i]),
-        )
-        for i, ref in enumerate(series.refs)
-    ]
-    findings.append(
         Finding(
             label=label,
             probability=cls.series_probability,
@@ -839,12 +858,56 @@ def _sr_artifact(run: JobRun, series: DecodedSeries, analysis: ModelAnalysis) ->
             level="series",
             uncertain=cls.series_uncertain,
         )
+    ]
+    findings.extend(
+        Finding(
+            label=label,
+            probability=float(cls.probabilities[i]),
+            positive=bool(cls.positive[i]),
+            sop_instance_uid=ref.sop_instance_uid,
+            frame=frame_number(ref),
+            level="slice",
+            uncertain=bool(cls.uncertain[i]),
+        )
+        for i, ref in enumerate(series.refs)
+        if cls.positive[i] or cls.uncertain[i]
     )
-    datasets, _ = _frame_groups(series)
-    ds = dicom_sr.build_findings_sr(
-        datasets, findings, model_name=manifest.name, model_version=manifest.version
-    )
-    return _artifact(run, ArtifactKind.SR, manifest.name, ds)
+    return findings
+
+
+def _lesion_sr_findings(
+    series: DecodedSeries,
+    analysis: ModelAnalysis,
+    frame_number: Callable[[SourceFrame], int | None],
+) -> list[Finding]:
+    seg = analysis.segmentation
+    manifest = analysis.manifest
+    assert seg is not None
+    band = manifest.review.probability_band
+    findings = []
+    for lesion in seg.lesions:
+        key = series.refs[lesion.key_frame]
+        span = series.refs[lesion.frames[0] : lesion.frames[1] + 1]
+        findings.append(
+            Finding(
+                label=lesion.structure,
+                probability=lesion.max_probability,
+                positive=True,
+                sop_instance_uid=key.sop_instance_uid,
+                frame=frame_number(key),
+                level="lesion",
+                uncertain=band[0] <= lesion.max_probability <= band[1],
+                number=lesion.number,
+                volume_mm3=lesion.volume_mm3,
+                extent=tuple((ref.sop_instance_uid, frame_number(ref)) for ref in span),
+            )
+        )
+    if not findings:  # say what was looked for and not found
+        findings = [
+            Finding(rule.label, None, False, None, None, "series", False)
+            for rule in manifest.components
+        ]
+    return findings
 
 
 def _pmap_artifacts(

@@ -31,8 +31,11 @@ def _check_results(client, job_ids: list[str]) -> None:  # type: ignore[no-untyp
     for job_id in job_ids:
         res = client.get(f"/api/v1/jobs/{job_id}/results").json()
         assert {m["model"] for m in res["masks"]} == {"tinyseg"}
-        assert {f["model"] for f in res["findings"]} == {"tinycls"}
-        assert res["saliency"] and res["dicom"]["seg"] and res["dicom"]["sr"]
+        assert {(f["model"], f["level"]) for f in res["findings"]} == {
+            ("tinycls", "slice"), ("tinycls", "series"), ("tinyseg", "lesion"),
+        }
+        assert res["saliency"] and res["dicom"]["seg"]
+        assert {sr["model"] for sr in res["dicom"]["sr"]} == {"tinycls", "tinyseg"}
 
 
 def test_embedded_shape(tmp_path: Path, tiny_models_dir: Path) -> None:

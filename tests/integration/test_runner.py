@@ -6,9 +6,12 @@ import hashlib
 import io
 from typing import Any
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
+from pydicom.sr.codedict import codes
 from sqlalchemy import func, select
 
 from app.db.records import FindingRecord, JobRecord, MaskRecord, SaliencyRecord
@@ -93,6 +96,20 @@ def test_job_runs_and_results_are_served(api: Any) -> None:
         again = api.get(url, headers={"If-None-Match": etag})
         assert again.status_code == 304 and again.content == b"", kind
         assert again.headers["etag"] == etag
+    # the classifier's SR: its series finding, then the slices it calls positive or uncertain;
+    # the segmenter's SR: its lesion with the volume the API reports
+    reports = {
+        link["model"]: hd.sr.Comprehensive3DSR.from_dataset(
+            pydicom.dcmread(io.BytesIO(api.get(link["url"]).content))
+        ).content.get_image_measurement_groups()
+        for link in res["dicom"]["sr"]
+    }
+    flagged = [f for f in findings if f["level"] == "slice" and (f["positive"] or f["uncertain"])]
+    assert len(reports["tinycls"]) == 1 + len(flagged)
+    (group,) = reports["tinyseg"]
+    assert group.tracking_identifier == "nodule 1" and len(group.source_images) == 3
+    (volume,) = group.get_measurements(name=codes.SCT.Volume)
+    assert volume.value == pytest.approx(lesion["lesion"]["volume_mm3"], abs=0.1)
     pixels = api.get(
         f"/api/v1/instances/{res['series']['instances'][0]['sop_instance_uid']}/frames/0/pixels"
     )

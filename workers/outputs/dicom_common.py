@@ -61,46 +61,61 @@ _GENERIC_CODES: tuple[Code, Code] = (codes.SCT.Tissue, codes.SCT.Tissue)
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    """One classifier result to be written into the findings SR.
+    """One model result to be written into a findings SR (one TID 1501 measurement group).
 
     Attributes
     ----------
     label:
         Name of the predicted label (a manifest ``Label.name``), e.g. ``"nodule"``.
     probability:
-        Calibrated probability of ``label``, in [0, 1].
+        Calibrated probability of ``label`` (slice, series), or a lesion's highest voxel
+        probability, in [0, 1]; ``None`` when no probability applies (a segmenter's "no
+        lesion" statement): then the group carries no Probability measurement.
     positive:
-        Whether the finding is reported as present (probability at or above the threshold).
+        Whether the finding is reported as present.
     sop_instance_uid:
-        SOP Instance UID of the source image the finding was computed on; ``None`` for a
-        series-level finding.
+        SOP Instance UID of the source image the finding was computed on (a lesion's key
+        slice); ``None`` for a series-level finding.
     frame:
         1-based frame number inside a multi-frame source instance (the DICOM
         Referenced Frame Number convention, PS3.3 C.7.6.16.2.6); ``None`` for single-frame
         instances and for series-level findings.
     level:
-        ``"slice"`` for a per-image finding, ``"series"`` for the aggregate over the series.
+        ``"slice"`` for a per-image finding, ``"series"`` for the aggregate over the series,
+        ``"lesion"`` for one segmented lesion (a 3-D connected component).
     uncertain:
         Whether the result falls in the "uncertain — please review" band.
+    number:
+        A lesion's rank among the model's lesions of this label (1 = largest).
+    volume_mm3:
+        A lesion's volume, or ``None`` when the geometry is unknown.
+    extent:
+        A lesion's source images as (SOP Instance UID, 1-based frame or ``None``), every
+        slice it spans.
     """
 
     label: str
-    probability: float
+    probability: float | None
     positive: bool
     sop_instance_uid: str | None
     frame: int | None
-    level: Literal["slice", "series"]
+    level: Literal["slice", "series", "lesion"]
     uncertain: bool
+    number: int | None = None
+    volume_mm3: float | None = None
+    extent: tuple[tuple[str, int | None], ...] = ()
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.probability <= 1.0:
+        if self.probability is not None and not 0.0 <= self.probability <= 1.0:
             raise ValueError(f"probability must lie in [0, 1], got {self.probability!r}")
-        if self.level == "slice" and self.sop_instance_uid is None:
-            raise ValueError(f"slice-level finding {self.label!r} needs a sop_instance_uid")
+        if self.level != "series" and self.sop_instance_uid is None:
+            raise ValueError(f"{self.level}-level finding {self.label!r} needs a sop_instance_uid")
         if self.level == "series" and (self.sop_instance_uid is not None or self.frame is not None):
             raise ValueError(f"series-level finding {self.label!r} must not name an instance")
         if self.frame is not None and self.frame < 1:
             raise ValueError(f"frame numbers are 1-based, got {self.frame!r}")
+        if self.level == "lesion" and (self.number is None or not self.extent):
+            raise ValueError(f"lesion finding {self.label!r} needs a number and its extent")
 
 
 def series_description(kind: str, model_name: str, model_version: str) -> str:

@@ -1,4 +1,10 @@
-"""Comprehensive 3D SR (TID 1500 Measurement Report) of a classifier's findings.
+"""Comprehensive 3D SR (TID 1500 Measurement Report) of a model's findings.
+
+A classifier's report holds its series finding and the slices it calls positive or uncertain
+(every slice's probability is in the API's JSON results; a group per negative slice would
+bury the findings and cost about 0.1 s each to build). A segmenter's report holds one group
+per lesion it keeps, with the lesion's volume and peak probability, or, when it keeps none,
+one series-level group stating the structure is absent.
 
 PS3.3 A.35.13 (Comprehensive 3D SR IOD), PS3.16 TID 1500 / TID 1501, built with
 :class:`highdicom.sr.Comprehensive3DSR` and :class:`highdicom.sr.MeasurementReport`.
@@ -13,9 +19,11 @@ Document layout::
         ├── tracking identifier + UID, finding = the label's code, algorithm = the model
         ├── qualitative evaluation: <label concept> = Present | Absent
         ├── qualitative evaluation: Certainty of finding = Uncertain (review band only)
-        ├── measurement: Probability (DCM 122157), UCUM "1", with the algorithm
-        └── source: the slice (and frame) for a slice finding; every image of the series
-            (or the whole multi-frame image) for a series finding.
+        ├── measurement: Probability (DCM 122157), UCUM "1", with the algorithm; for a
+        │   lesion its highest voxel probability (derivation Maximum, SCT 56851009)
+        ├── measurement: Volume (SCT 118565006), UCUM "mm3" (lesions, when known)
+        └── source: the slice (and frame) for a slice finding; every slice a lesion spans;
+            every image of the series (or the whole multi-frame image) for a series finding.
 """
 
 from __future__ import annotations
@@ -48,6 +56,9 @@ PRESENT = codes.SCT.Present  # (52101004, SCT, "Present")
 ABSENT = codes.SCT.Absent  # (272519000, SCT, "Absent")
 CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding  # (111012, DCM)
 UNCERTAIN = codes.SCT.Uncertain  # (64957009, SCT)
+MAXIMUM = codes.SCT.Maximum  # (56851009, SCT): derivation of a lesion's peak probability
+VOLUME = codes.SCT.Volume  # (118565006, SCT)
+CUBIC_MM = codes.UCUM.CubicMillimeter  # (mm3, UCUM)
 
 
 # Procedure Reported (CID 100) by source modality; anything else is "Imaging procedure".
@@ -70,25 +81,65 @@ def _finding_code(name: str, labels: Sequence[Label]) -> Code:
 def _source_reference(
     finding: Finding, sources: Sequence[pydicom.Dataset], by_uid: dict[str, pydicom.Dataset]
 ) -> list[hd.sr.SourceImageForMeasurementGroup]:
-    """The image (and frame) a slice finding was computed on; every source for the series.
+    """The image (and frame) a slice finding was computed on; the slices a lesion spans;
+    every source for the series.
 
     A multi-frame source is referenced without frame numbers for a series finding, which
     means all of its frames.
     """
     if finding.level == "series":
         return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]
-    uid = str(finding.sop_instance_uid)
-    source = by_uid.get(uid)
-    if source is None:
-        raise ValueError(f"finding {finding.label!r} names instance {uid} not among the sources")
-    frames: list[int] | None = None
-    if is_multiframe(source):
-        if finding.frame is None:
-            raise ValueError(f"finding {finding.label!r} on multi-frame {uid} needs a frame")
-        frames = [finding.frame]
-    elif finding.frame not in (None, 1):
-        raise ValueError(f"finding {finding.label!r}: {uid} has one frame, got {finding.frame}")
-    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(source, frames)]
+    refs = (
+        list(finding.extent)
+        if finding.level == "lesion"
+        else [(str(finding.sop_instance_uid), finding.frame)]
+    )
+    out = []
+    for uid, frame in refs:
+        source = by_uid.get(uid)
+        if source is None:
+            raise ValueError(
+                f"finding {finding.label!r} names instance {uid} not among the sources"
+            )
+        frames: list[int] | None = None
+        if is_multiframe(source):
+            if frame is None:
+                raise ValueError(f"finding {finding.label!r} on multi-frame {uid} needs a frame")
+            frames = [frame]
+        elif frame not in (None, 1):
+            raise ValueError(f"finding {finding.label!r}: {uid} has one frame, got {frame}")
+        out.append(hd.sr.SourceImageForMeasurementGroup.from_source_image(source, frames))
+    return out
+
+
+def _measurements(
+    finding: Finding, algorithm: hd.sr.AlgorithmIdentification
+) -> list[hd.sr.Measurement]:
+    """Probability (a lesion's is its maximum over the lesion) and a lesion's volume."""
+    out = []
+    if finding.probability is not None:
+        out.append(
+            hd.sr.Measurement(
+                name=PROBABILITY,
+                value=float(finding.probability),
+                unit=UNITLESS,
+                algorithm_id=algorithm,
+                derivation=MAXIMUM if finding.level == "lesion" else None,
+            )
+        )
+    if finding.volume_mm3 is not None:
+        out.append(
+            hd.sr.Measurement(
+                name=VOLUME, value=float(finding.volume_mm3), unit=CUBIC_MM, algorithm_id=algorithm
+            )
+        )
+    return out
+
+
+def _tracking_name(index: int, finding: Finding) -> str:
+    if finding.level == "lesion":
+        return f"{finding.label} {finding.number}"[:64]
+    return f"{finding.label} ({finding.level} finding {index})"[:64]
 
 
 def _measurement_group(
@@ -108,19 +159,12 @@ def _measurement_group(
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(tracking_root, str(index)),
-            identifier=f"{finding.label} ({finding.level} finding {index})"[:64],
+            identifier=_tracking_name(index, finding),
         ),
         finding_type=concept,
         algorithm_id=algorithm,
         qualitative_evaluations=evaluations,
-        measurements=[
-            hd.sr.Measurement(
-                name=PROBABILITY,
-                value=float(finding.probability),
-                unit=UNITLESS,
-                algorithm_id=algorithm,
-            )
-        ],
+        measurements=_measurements(finding, algorithm) or None,
         source_images=_source_reference(finding, sources, by_uid),
     )
 
@@ -138,7 +182,7 @@ def build_findings_sr(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> pydicom.Dataset:
-    """Build a Comprehensive 3D SR (TID 1500) carrying a classifier's findings.
+    """Build a Comprehensive 3D SR (TID 1500) carrying a model's findings.
 
     Parameters
     ----------
@@ -147,9 +191,10 @@ def build_findings_sr(
         one multi-frame image). They form the Image Library and the SR evidence.
     findings:
         One measurement group per finding, in the given order. Slice findings must name
-        one of the source instances (and a 1-based frame for a multi-frame source).
+        one of the source instances (and a 1-based frame for a multi-frame source), lesion
+        findings every source image they span.
     model_name, model_version:
-        The classifier, recorded as observer device and as algorithm (TID 4019) of every
+        The model, recorded as observer device and as algorithm (TID 4019) of every
         group and probability.
     labels:
         The model's manifest labels, used for the coded concept of each finding label;

@@ -225,3 +225,42 @@ def test_sr_rejects_a_frame_on_a_single_frame_source(ct_series):
     finding = Finding("nodule", 0.5, True, str(ct_series[0].SOPInstanceUID), 3, "slice", False)
     with pytest.raises(ValueError, match="one frame"):
         build_findings_sr(ct_series, [finding], **MODEL)
+
+
+def test_lesion_groups_carry_volume_peak_probability_and_the_slices_spanned(ct_series, labels):
+    spanned = [str(ds.SOPInstanceUID) for ds in ct_series[2:5]]
+    lesions = [
+        Finding("nodule", 0.97, True, spanned[1], None, "lesion", False, number=1,
+                volume_mm3=812.5, extent=tuple((uid, None) for uid in spanned)),
+        Finding("nodule", 0.55, True, spanned[0], None, "lesion", True, number=2,
+                volume_mm3=None, extent=((spanned[0], None),)),
+    ]
+    sr = reread(build_findings_sr(ct_series, lesions, labels=labels, **MODEL))
+    assert dciodvfy_errors(sr) == []
+    groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["nodule 1", "nodule 2"]
+    first, second = groups
+    (probability,) = first.get_measurements(name=codes.DCM.Probability)
+    assert probability.value == pytest.approx(0.97) and probability.derivation == codes.SCT.Maximum
+    (volume,) = first.get_measurements(name=codes.SCT.Volume)
+    assert volume.value == pytest.approx(812.5) and volume.unit == codes.UCUM.CubicMillimeter
+    assert [str(s.referenced_sop_instance_uid) for s in first.source_images] == spanned
+    assert second.get_measurements(name=codes.SCT.Volume) == []  # unknown geometry
+    certainty = second.get_qualitative_evaluations(name=codes.DCM.CertaintyOfFinding)
+    assert [e.value for e in certainty] == [codes.SCT.Uncertain]
+
+
+def test_absent_structure_is_a_series_group_without_a_probability(ct_series, labels):
+    absent = Finding("nodule", None, False, None, None, "series", False)
+    sr = reread(build_findings_sr(ct_series, [absent], labels=labels, **MODEL))
+    assert dciodvfy_errors(sr) == []
+    (group,) = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
+    assert group.get_measurements() == []
+    presence = group.get_qualitative_evaluations(name=codes.SCT.Nodule)
+    assert [e.value for e in presence] == [codes.SCT.Absent]
+    assert len(group.source_images) == len(ct_series)
+
+
+def test_lesion_findings_need_their_number_and_extent():
+    with pytest.raises(ValueError, match="number and its extent"):
+        Finding("nodule", 0.9, True, "1.2.3", None, "lesion", False)
