@@ -423,6 +423,9 @@ class OutputBuilder:
             records, warnings = future.result()
             out.extend(records)
             self.run.warnings.extend(warnings)
+        t = time.perf_counter()
+        out.extend(_report_output(self.run, self.series, self.analyses))
+        self.run.timed("outputs_built", time.perf_counter() - t)
         return out
 
     def _submit(self, analysis: ModelAnalysis) -> None:
@@ -478,30 +481,24 @@ def _finish_model_outputs(
         records.extend(_mask_records(run, series, analysis, saliency_ids, pending.masks))
         records.extend(_lesion_records(run, series, analysis, saliency_ids))
         records.extend(
-            _dicom_output(run, "seg", manifest.name, _seg_artifact, series, analysis, warnings)
-        )
-        if manifest.components:  # a segmenter that reports lesions
-            records.extend(
-                _dicom_output(run, "sr", manifest.name, _sr_artifact, series, analysis, warnings)
+            _dicom_output(
+                "seg", manifest.name, lambda: _seg_artifact(run, series, analysis), warnings
             )
+        )
     if analysis.classification is not None:
         records.extend(_finding_records(run, series, analysis, saliency_ids))
-        records.extend(
-            _dicom_output(run, "sr", manifest.name, _sr_artifact, series, analysis, warnings)
-        )
     records.extend(
-        _dicom_output(run, "pmap", manifest.name, _pmap_artifacts, series, analysis, warnings)
+        _dicom_output(
+            "pmap", manifest.name, lambda: _pmap_artifacts(run, series, analysis), warnings
+        )
     )
     return records
 
 
 def _dicom_output(
-    run: JobRun,
     kind: str,
     model: str,
-    build: Callable[[JobRun, DecodedSeries, ModelAnalysis], ArtifactRecord | list[ArtifactRecord]],
-    series: DecodedSeries,
-    analysis: ModelAnalysis,
+    build: Callable[[], ArtifactRecord | list[ArtifactRecord]],
     warnings: list[dict[str, str]],
 ) -> list[ArtifactRecord]:
     """Build a DICOM output; if the source headers cannot support it, warn instead of failing.
@@ -511,7 +508,7 @@ def _dicom_output(
     job carries a warning naming the object that could not be built and why.
     """
     try:
-        built = build(run, series, analysis)
+        built = build()
     except (ValueError, AttributeError, KeyError, TypeError, RuntimeError, IndexError) as exc:
         # highdicom's messages describe structure (missing attributes, duplicate planes), not values.
         warnings.append(
@@ -815,28 +812,46 @@ def _seg_artifact(run: JobRun, series: DecodedSeries, analysis: ModelAnalysis) -
     return _artifact(run, ArtifactKind.SEG, analysis.manifest.name, ds)
 
 
-def _sr_artifact(run: JobRun, series: DecodedSeries, analysis: ModelAnalysis) -> ArtifactRecord:
-    """The model's findings SR: a classifier's series finding and its positive or uncertain
-    slices; a segmenter's lesions (or the statement that it found none)."""
-    manifest = analysis.manifest
+def _report_output(
+    run: JobRun, series: DecodedSeries, analyses: list[ModelAnalysis]
+) -> list[ArtifactRecord]:
+    """The series' findings SR, with every model that reports findings (classifiers, and
+    segmenters with a component filter); a warning instead when the sources cannot support it.
+    """
+    reporting = [a for a in analyses if a.classification is not None or a.manifest.components]
+    if not reporting:
+        return []
+    names = "+".join(a.manifest.name for a in reporting)[:64]
+    warnings: list[dict[str, str]] = []
+    built = _dicom_output("sr", names, lambda: _sr_artifact(run, series, reporting), warnings)
+    run.warnings.extend(warnings)
+    return built
+
+
+def _sr_artifact(
+    run: JobRun, series: DecodedSeries, analyses: list[ModelAnalysis]
+) -> ArtifactRecord:
+    """One Comprehensive 3D SR for the series: per model, a classifier's series finding and
+    its positive or uncertain slices, a segmenter's lesions (or that it found none)."""
     multi = any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in series.datasets)
 
     def frame_number(ref: SourceFrame) -> int | None:
         return ref.frame + 1 if multi else None
 
-    if analysis.classification is not None:
-        findings = _classification_sr_findings(series, analysis, frame_number)
-    else:
-        findings = _lesion_sr_findings(series, analysis, frame_number)
-    datasets, _ = _frame_groups(series)
-    ds = dicom_sr.build_findings_sr(
-        datasets,
-        findings,
-        model_name=manifest.name,
-        model_version=manifest.version,
-        labels=manifest.labels,
-    )
-    return _artifact(run, ArtifactKind.SR, manifest.name, ds)
+    parts = [
+        dicom_sr.ModelFindings(
+            model_name=a.manifest.name,
+            model_version=a.manifest.version,
+            findings=_classification_sr_findings(series, a, frame_number)
+            if a.classification is not None
+            else _lesion_sr_findings(series, a, frame_number),
+            labels=a.manifest.labels,
+        )
+        for a in analyses
+    ]
+    ds = dicom_sr.build_report_sr(_frame_groups(series)[0], parts)
+    model = "+".join(a.manifest.name for a in analyses)[:64]
+    return _artifact(run, ArtifactKind.SR, model, ds)
 
 
 def _classification_sr_findings(
@@ -848,6 +863,7 @@ def _classification_sr_findings(
     spec = analysis.manifest.classification
     assert cls is not None and spec is not None
     label = spec.positive_label
+    top = series.refs[cls.series_index]
     findings = [
         Finding(
             label=label,
@@ -857,6 +873,10 @@ def _classification_sr_findings(
             frame=None,
             level="series",
             uncertain=cls.series_uncertain,
+            # under max aggregation one slice decides the series probability
+            extent=((top.sop_instance_uid, frame_number(top)),)
+            if spec.series_aggregation == "max"
+            else (),
         )
     ]
     findings.extend(

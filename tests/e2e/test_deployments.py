@@ -35,7 +35,7 @@ def _check_results(client, job_ids: list[str]) -> None:  # type: ignore[no-untyp
             ("tinycls", "slice"), ("tinycls", "series"), ("tinyseg", "lesion"),
         }
         assert res["saliency"] and res["dicom"]["seg"]
-        assert {sr["model"] for sr in res["dicom"]["sr"]} == {"tinycls", "tinyseg"}
+        assert [sr["model"] for sr in res["dicom"]["sr"]] == ["tinycls+tinyseg"]
 
 
 def test_embedded_shape(tmp_path: Path, tiny_models_dir: Path) -> None:

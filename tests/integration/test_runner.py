@@ -96,17 +96,23 @@ def test_job_runs_and_results_are_served(api: Any) -> None:
         again = api.get(url, headers={"If-None-Match": etag})
         assert again.status_code == 304 and again.content == b"", kind
         assert again.headers["etag"] == etag
-    # the classifier's SR: its series finding, then the slices it calls positive or uncertain;
-    # the segmenter's SR: its lesion with the volume the API reports
-    reports = {
-        link["model"]: hd.sr.Comprehensive3DSR.from_dataset(
-            pydicom.dcmread(io.BytesIO(api.get(link["url"]).content))
-        ).content.get_image_measurement_groups()
-        for link in res["dicom"]["sr"]
-    }
+    # one SR for the series: the classifier's series finding, then the slices it calls
+    # positive or uncertain; the segmenter's lesion with the volume the API reports
+    (link,) = res["dicom"]["sr"]
+    assert link["model"] == "tinycls+tinyseg"
+    sr = pydicom.dcmread(io.BytesIO(api.get(link["url"]).content))
+    groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
+    by_model: dict[str, list[Any]] = {}
+    for group in groups:
+        (algorithm,) = [
+            item.TextValue
+            for item in group[0].ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue == "111001"  # Algorithm Name
+        ]
+        by_model.setdefault(algorithm, []).append(group)
     flagged = [f for f in findings if f["level"] == "slice" and (f["positive"] or f["uncertain"])]
-    assert len(reports["tinycls"]) == 1 + len(flagged)
-    (group,) = reports["tinyseg"]
+    assert len(by_model["tinycls"]) == 1 + len(flagged)
+    (group,) = by_model["tinyseg"]
     assert group.tracking_identifier == "nodule 1" and len(group.source_images) == 3
     (volume,) = group.get_measurements(name=codes.SCT.Volume)
     assert volume.value == pytest.approx(lesion["lesion"]["volume_mm3"], abs=0.1)

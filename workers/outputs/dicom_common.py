@@ -90,8 +90,10 @@ class Finding:
     volume_mm3:
         A lesion's volume, or ``None`` when the geometry is unknown.
     extent:
-        A lesion's source images as (SOP Instance UID, 1-based frame or ``None``), every
-        slice it spans.
+        The source images the finding was derived from, as (SOP Instance UID, 1-based frame
+        or ``None``): every slice a lesion spans; for a series finding the image that decides
+        it (the most probable slice under max aggregation), or none when it is derived from
+        every image. Unused for slice findings.
     """
 
     label: str

@@ -1,10 +1,13 @@
-"""Comprehensive 3D SR (TID 1500 Measurement Report) of a model's findings.
+"""Comprehensive 3D SR (TID 1500 Measurement Report) of the findings on one series.
 
-A classifier's report holds its series finding and the slices it calls positive or uncertain
-(every slice's probability is in the API's JSON results; a group per negative slice would
-bury the findings and cost about 0.1 s each to build). A segmenter's report holds one group
-per lesion it keeps, with the lesion's volume and peak probability, or, when it keeps none,
-one series-level group stating the structure is absent.
+One report per analysed series, holding every model's findings, each measurement group naming
+its model as algorithm:
+
+- a classifier's series finding and the slices it calls positive or uncertain (every slice's
+  probability is in the API's JSON results; a group per negative slice would bury the
+  findings and cost about 0.1 s each to build);
+- a segmenter's lesions, with volume and peak probability, or, when it keeps none, one
+  series-level group stating the structure is absent.
 
 PS3.3 A.35.13 (Comprehensive 3D SR IOD), PS3.16 TID 1500 / TID 1501, built with
 :class:`highdicom.sr.Comprehensive3DSR` and :class:`highdicom.sr.MeasurementReport`.
@@ -12,9 +15,10 @@ PS3.3 A.35.13 (Comprehensive 3D SR IOD), PS3.16 TID 1500 / TID 1501, built with
 Document layout::
 
     Imaging Measurement Report (TID 1500)
-    ├── observation context: device observer = the model (name, version, medcad)
+    ├── observation context: device observer = the models (names, versions, medcad)
     ├── procedure reported: "<modality> unspecified body region" of the sources
-    ├── Image Library (TID 1600): every source image (single-frame sources only)
+    ├── Image Library (TID 1600): the source images the groups reference (single-frame
+    │   sources only)
     └── Imaging Measurements: one Measurement Group (TID 1501) per finding
         ├── tracking identifier + UID, finding = the label's code, algorithm = the model
         ├── qualitative evaluation: <label concept> = Present | Absent
@@ -23,12 +27,15 @@ Document layout::
         │   lesion its highest voxel probability (derivation Maximum, SCT 56851009)
         ├── measurement: Volume (SCT 118565006), UCUM "mm3" (lesions, when known)
         └── source: the slice (and frame) for a slice finding; every slice a lesion spans;
-            every image of the series (or the whole multi-frame image) for a series finding.
+            for a series finding the slice that decides it (max aggregation), else none:
+            it is about every image of the evidence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import pydicom
@@ -82,17 +89,12 @@ def _source_reference(
     finding: Finding, sources: Sequence[pydicom.Dataset], by_uid: dict[str, pydicom.Dataset]
 ) -> list[hd.sr.SourceImageForMeasurementGroup]:
     """The image (and frame) a slice finding was computed on; the slices a lesion spans;
-    every source for the series.
-
-    A multi-frame source is referenced without frame numbers for a series finding, which
-    means all of its frames.
+    the image that decides a series finding, if one does (else none: every image).
     """
-    if finding.level == "series":
-        return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]
     refs = (
-        list(finding.extent)
-        if finding.level == "lesion"
-        else [(str(finding.sop_instance_uid), finding.frame)]
+        [(str(finding.sop_instance_uid), finding.frame)]
+        if finding.level == "slice"
+        else list(finding.extent)
     )
     out = []
     for uid, frame in refs:
@@ -165,8 +167,40 @@ def _measurement_group(
         algorithm_id=algorithm,
         qualitative_evaluations=evaluations,
         measurements=_measurements(finding, algorithm) or None,
-        source_images=_source_reference(finding, sources, by_uid),
+        source_images=_source_reference(finding, sources, by_uid) or None,
     )
+
+
+def _library(
+    sources: Sequence[pydicom.Dataset], findings: Sequence[Finding]
+) -> list[pydicom.Dataset]:
+    """The Image Library (TID 1600): the images the measurement groups reference, in source
+    order; every source when no group names an image (the library is mandatory in TID 1500).
+
+    Describing each image costs about 70 ms of highdicom and pydicom work once it is in the
+    document, so a 100-slice series with a handful of findings is not described 100 times.
+    """
+    named = set()
+    for f in findings:
+        if f.level == "slice":
+            named.add(str(f.sop_instance_uid))
+        named.update(uid for uid, _frame in f.extent)
+    used = [ds for ds in sources if str(ds.SOPInstanceUID) in named]
+    return used or list(sources)
+
+
+@dataclass(frozen=True)
+class ModelFindings:
+    """One model's part of a report: its identity, its manifest labels and its findings."""
+
+    model_name: str
+    model_version: str
+    findings: Sequence[Finding]
+    labels: Sequence[Label] = ()
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        return self.model_name, self.model_version
 
 
 def build_findings_sr(
@@ -176,29 +210,41 @@ def build_findings_sr(
     model_name: str,
     model_version: str,
     labels: Sequence[Label] = (),
+    **identity: Any,
+) -> pydicom.Dataset:
+    """A report of one model's findings: ``build_report_sr`` with a single part."""
+    part = ModelFindings(model_name, model_version, findings, labels)
+    return build_report_sr(source_datasets, [part], **identity)
+
+
+def build_report_sr(
+    source_datasets: Sequence[pydicom.Dataset],
+    parts: Sequence[ModelFindings],
+    *,
     procedure_reported: Code | None = None,
     series_number: int = SR_SERIES_NUMBER,
     instance_number: int = 1,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> pydicom.Dataset:
-    """Build a Comprehensive 3D SR (TID 1500) carrying a model's findings.
+    """Build a Comprehensive 3D SR (TID 1500) carrying the findings of one or more models.
+
+    One report per analysed series: the Image Library describes the sources once, however
+    many models report on them, and every measurement group names its model as algorithm.
 
     Parameters
     ----------
     source_datasets:
         The images the findings were computed on (single-frame images of one series, or
         one multi-frame image). They form the Image Library and the SR evidence.
-    findings:
-        One measurement group per finding, in the given order. Slice findings must name
-        one of the source instances (and a 1-based frame for a multi-frame source), lesion
-        findings every source image they span.
-    model_name, model_version:
-        The model, recorded as observer device and as algorithm (TID 4019) of every
-        group and probability.
-    labels:
-        The model's manifest labels, used for the coded concept of each finding label;
-        without a match the concept falls back to SNOMED CT codes.
+    parts:
+        Per model, one measurement group per finding, in the given order. Slice findings
+        must name one of the source instances (and a 1-based frame for a multi-frame
+        source), lesion findings every source image they span. A series finding names the
+        image that decides it, or none: then it is about every image of the evidence (TID
+        1501 "Source" is optional).
+        The model is the algorithm (TID 4019) of its groups and probabilities; its manifest
+        labels give the coded concept of each finding label (else SNOMED CT fallbacks).
     procedure_reported:
         Procedure Reported (CID 100); defaults to "<modality> unspecified body region" of
         the source modality (CT, MR, PET, NM, X-ray), else "Imaging procedure".
@@ -209,35 +255,39 @@ def build_findings_sr(
     -------
     pydicom.Dataset
         A Comprehensive 3D SR instance (SOP Class 1.2.840.10008.5.1.4.1.1.88.34) in a new
-        series of the source study, marked complete, preliminary and unverified: a model
-        output awaiting review.
+        series of the source study, observed by a device named after the models, marked
+        complete, preliminary and unverified: a model output awaiting review.
     """
     source_frame_count(source_datasets)  # validates the source layout
-    if not findings:
+    if not any(part.findings for part in parts):
         raise ValueError("no findings to report")
     by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
     sr_uid = sop_instance_uid or new_uid()
-    algorithm = sr_algorithm_identification(model_name, model_version)
-
-    groups = [
-        _measurement_group(
-            index,
-            finding,
-            labels=labels,
-            sources=source_datasets,
-            by_uid=by_uid,
-            algorithm=algorithm,
-            tracking_root=sr_uid,
-        )
-        for index, finding in enumerate(findings, start=1)
-    ]
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    for part in parts:
+        algorithm = sr_algorithm_identification(part.model_name, part.model_version)
+        for finding in part.findings:
+            groups.append(
+                _measurement_group(
+                    len(groups) + 1,
+                    finding,
+                    labels=part.labels,
+                    sources=source_datasets,
+                    by_uid=by_uid,
+                    algorithm=algorithm,
+                    tracking_root=sr_uid,
+                )
+            )
+    names = [p.model_name for p in parts]
+    versions = [p.model_version for p in parts]
+    observed = ", ".join(f"{n} {v}" for n, v in zip(names, versions, strict=True))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derived_uid(MANUFACTURER, "device", model_name, model_version),
-            name=f"{model_name} {model_version}"[:64],
+            uid=derived_uid(MANUFACTURER, "device", *(x for p in parts for x in p.identity)),
+            name=observed[:64],
             manufacturer_name=MANUFACTURER,
-            model_name=model_name,
+            model_name="+".join(names)[:64],
         ),
     )
     report = hd.sr.MeasurementReport(
@@ -249,7 +299,9 @@ def build_findings_sr(
         imaging_measurements=groups,
         # highdicom describes Image Library entries from classic single-frame attributes
         # (PixelSpacing at the top level), so enhanced multi-frame sources go without one.
-        referenced_images=None if is_multiframe(source_datasets[0]) else list(source_datasets),
+        referenced_images=None
+        if is_multiframe(source_datasets[0])
+        else _library(source_datasets, [f for part in parts for f in part.findings]),
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(source_datasets),
@@ -262,7 +314,9 @@ def build_findings_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=series_description("SR", model_name, model_version),
+        series_description=series_description(
+            "SR", "+".join(names), versions[0] if len(parts) == 1 else ""
+        ),
     )
     drop_acquisition_equipment(sr)
     return sr

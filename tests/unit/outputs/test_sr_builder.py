@@ -12,7 +12,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from tests.helpers.dciodvfy import dciodvfy_errors, dciodvfy_report
 from workers.outputs.dicom_common import NOT_FOR_CLINICAL_USE, Finding, encode
-from workers.outputs.dicom_sr import build_findings_sr
+from workers.outputs.dicom_sr import ModelFindings, build_findings_sr, build_report_sr
 
 MODEL = {"model_name": "nodule-cls", "model_version": "0.3.1"}
 
@@ -139,8 +139,8 @@ def test_sr_fields(ct_series_factory, labels, identity, site_values):
             assert (
                 group.source_images[0].referenced_sop_class_uid == by_uid[referenced[0]].SOPClassUID
             )
-        else:
-            assert sorted(referenced) == sorted(by_uid)
+        else:  # about every image of the evidence, naming none
+            assert referenced == []
     assert len({g.tracking_uid for g in groups}) == len(groups)
     # The measurement itself names the algorithm too (TID 300 row "Algorithm Name").
     measurement = next(c for c in content_items(raw_groups[0]) if c.ValueType == "NUM")
@@ -192,7 +192,7 @@ def test_sr_references_the_frame_of_a_multiframe_source(enhanced_ct, labels):
     frames = [
         [list(s.referenced_frame_numbers or []) for s in group.source_images] for group in groups
     ]
-    assert frames == [[[1]], [[2]], [[]]]
+    assert frames == [[[1]], [[2]], []]
 
 
 @pytest.mark.parametrize(
@@ -258,9 +258,73 @@ def test_absent_structure_is_a_series_group_without_a_probability(ct_series, lab
     assert group.get_measurements() == []
     presence = group.get_qualitative_evaluations(name=codes.SCT.Nodule)
     assert [e.value for e in presence] == [codes.SCT.Absent]
-    assert len(group.source_images) == len(ct_series)
+    assert group.source_images == []  # the whole series: the evidence and the Image Library
 
 
 def test_lesion_findings_need_their_number_and_extent():
     with pytest.raises(ValueError, match="number and its extent"):
         Finding("nodule", 0.9, True, "1.2.3", None, "lesion", False)
+
+
+def test_one_report_holds_every_models_findings_each_naming_its_algorithm(ct_series, labels):
+    uid = str(ct_series[1].SOPInstanceUID)
+    parts = [
+        ModelFindings("unet", "1.0.0", [Finding(
+            "nodule", 0.99, True, uid, None, "lesion", False, number=1, volume_mm3=300.0,
+            extent=((uid, None),))], labels),
+        ModelFindings("segnet", "1.0.0", [Finding("nodule", None, False, None, None, "series", False)]),
+        ModelFindings("classifier", "2.1.0", [Finding("nodule", 0.93, True, None, None, "series", False)]),
+    ]
+    ds = build_report_sr(ct_series, parts)
+    assert dciodvfy_errors(ds) == []
+    sr = reread(ds)
+    assert sr.SeriesDescription.startswith("SR unet+segnet+classifier")
+    groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
+    assert len(groups) == 3
+    algorithms = [text_values(raw)["111001"] for raw in measurement_groups(sr)]
+    versions = [text_values(raw)["111003"] for raw in measurement_groups(sr)]
+    assert list(zip(algorithms, versions, strict=True)) == [
+        ("unet", "1.0.0"), ("segnet", "1.0.0"), ("classifier", "2.1.0")
+    ]
+    library = [
+        item for item in content_items(sr)
+        if item.ConceptNameCodeSequence[0].CodeValue == "111028"  # Image Library
+    ]
+    assert len(library) == 1  # described once, whatever the number of models
+
+
+def library_images(sr: pydicom.Dataset) -> list[str]:
+    """SOP Instance UIDs the Image Library (TID 1600) describes, in document order."""
+    (library,) = [
+        item for item in content_items(sr)
+        if item.ConceptNameCodeSequence[0].CodeValue == "111028"  # Image Library
+    ]
+    return [
+        str(entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for group in content_items(library)
+        for entry in content_items(group)
+        if entry.ValueType == "IMAGE"
+    ]
+
+
+def test_library_describes_the_images_the_groups_reference_and_evidence_lists_all(ct_series):
+    uids = [str(ds.SOPInstanceUID) for ds in ct_series]
+    findings = [
+        Finding("nodule", 0.9, True, None, None, "series", False, extent=((uids[3], None),)),
+        Finding("nodule", 0.9, True, uids[3], None, "slice", False),
+        Finding("nodule", 0.6, True, uids[1], None, "slice", True),
+    ]
+    sr = reread(build_findings_sr(ct_series, findings, **MODEL))
+    assert library_images(sr) == [uids[1], uids[3]]  # source order, each once
+    evidence = [
+        str(item.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    ]
+    assert sorted(evidence) == sorted(uids)
+    (series_group, *_) = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
+    assert [str(s.referenced_sop_instance_uid) for s in series_group.source_images] == [uids[3]]
+    # nothing named (a segmenter that found nothing): the library describes every image
+    absent = Finding("nodule", None, False, None, None, "series", False)
+    assert library_images(reread(build_findings_sr(ct_series, [absent], **MODEL))) == uids
