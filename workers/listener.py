@@ -39,7 +39,7 @@ from app.db.records import InstanceRecord
 from app.db.session import session_scope
 from app.dicomweb import status as dicom_status
 from app.errors import MedcadError
-from app.registry.service import load_registry, resolve_models
+from app.registry.service import current_registry, resolve_models
 from app.settings import Settings, get_settings
 from app.storage import BlobStore
 from app.studies.service import UploadedFile, ingest_files
@@ -222,7 +222,7 @@ class StoreSCP:
 
     def _ingest_files(self, association: _Association) -> int:
         names = [n.strip() for n in self.settings.listener_models.split(",") if n.strip()]
-        models = resolve_models(load_registry(self.settings.models_dir), names or None)
+        models = resolve_models(current_registry(self.settings.models_dir), names or None)
         store = BlobStore(self.settings.blob_dir)
         limits = ingest_limits(self.settings)
         created = 0

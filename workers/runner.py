@@ -38,7 +38,7 @@ from app.db.session import session_scope
 from app.errors import MedcadError, PipelineError
 from app.jobs import service as jobs
 from app.registry.manifest import SaliencyMethod
-from app.registry.service import RegisteredModel, load_registry
+from app.registry.service import RegisteredModel, current_registry
 from app.settings import Settings, get_settings
 from app.storage import BlobStore
 from workers import onnx_sessions
@@ -208,7 +208,7 @@ class JobRun:
 
 def resolve_job_models(keys: list[str], settings: Settings) -> list[RegisteredModel]:
     """The registered models named on the job (all must still exist)."""
-    registry = load_registry(settings.models_dir)
+    registry = current_registry(settings.models_dir)
     missing = [k for k in keys if k not in registry]
     if missing:
         raise PipelineError("unknown_model", f"models no longer registered: {', '.join(missing)}")

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.auth.service import Principal, authenticate
 from app.db.records import Role
 from app.db.session import get_sessionmaker
-from app.registry.service import RegisteredModel, load_registry
+from app.registry.service import RegisteredModel, current_registry
 from app.settings import Settings, get_settings
 from app.storage import BlobStore
 
@@ -52,8 +52,8 @@ StoreDep = Annotated[BlobStore, Depends(get_store)]
 
 
 def get_registry(settings: SettingsDep) -> dict[str, RegisteredModel]:
-    """Registered models (manifests are small; re-read so new versions appear without restart)."""
-    return load_registry(settings.models_dir)
+    """Registered models (re-read when a manifest changes: new versions appear without restart)."""
+    return current_registry(settings.models_dir)
 
 
 RegistryDep = Annotated[dict[str, RegisteredModel], Depends(get_registry)]

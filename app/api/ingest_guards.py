@@ -25,17 +25,16 @@ def ingest_limits(settings: Settings) -> IngestLimits:
     )
 
 
-def authenticate_uploader(token: str | None) -> Principal:
-    """The caller of an upload route; 401 without a valid key, 403 below the uploader role."""
+def admit_upload(token: str | None, settings: Settings) -> Principal:
+    """The caller of an upload route, once it may send work.
+
+    401 without a valid key, 403 below the uploader role, then 429 while the queue is over its
+    configured depth. Both reads share one database session (one connection check-out and
+    one transaction per upload instead of two).
+    """
     with session_scope() as session:
         principal = authenticate(session=session, token=token)
-    principal.require(Role.UPLOADER)
-    return principal
-
-
-def check_capacity(settings: Settings) -> None:
-    """Refuse new work (429) while the queue is over its configured depth."""
-    with session_scope() as session:
+        principal.require(Role.UPLOADER)
         depth = queue_depth(session=session)
     if depth >= settings.max_queue_depth:
         raise Overloaded(
@@ -43,3 +42,4 @@ def check_capacity(settings: Settings) -> None:
             retry_after=30,
             status=429,
         )
+    return principal

@@ -24,7 +24,7 @@ from app.api.deps import (
     get_store,
     require,
 )
-from app.api.ingest_guards import authenticate_uploader, check_capacity, ingest_limits
+from app.api.ingest_guards import admit_upload, ingest_limits
 from app.api.schemas import ERRORS, ErrorBody
 from app.auth.service import Principal, record_audit
 from app.db.records import Role
@@ -270,14 +270,13 @@ def _stow(
 
 async def _store(request: Request, study: str | None) -> Response:
     settings = get_settings()
-    principal = await run_in_threadpool(authenticate_uploader, bearer_token(request))
+    principal = await run_in_threadpool(admit_upload, bearer_token(request), settings)
     boundary = _stow_boundary(request.headers.get("content-type", ""))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > settings.max_upload_bytes:
         raise PayloadTooLarge(
             detail=f"body of {declared} bytes exceeds the limit of {settings.max_upload_bytes}"
         )
-    await run_in_threadpool(check_capacity, settings)
     body_parts = await parse_stream(
         request.stream(), boundary, max_bytes=settings.max_upload_bytes, max_parts=MAX_STOW_PARTS
     )

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.api.deps import bearer_token, client_address, get_registry, get_store
-from app.api.ingest_guards import authenticate_uploader, check_capacity, ingest_limits
+from app.api.ingest_guards import admit_upload, ingest_limits
 from app.api.schemas import (
     ERRORS,
     RETRY_AFTER,
@@ -233,8 +233,7 @@ def _either(description: str) -> dict[str, Any]:
 async def upload_studies(request: Request) -> JSONResponse:
     """Store each file durably (or reject it with a reason) and queue one job per series."""
     settings = get_settings()
-    principal = await run_in_threadpool(authenticate_uploader, bearer_token(request))
-    await run_in_threadpool(check_capacity, settings)
+    principal = await run_in_threadpool(admit_upload, bearer_token(request), settings)
     items = await read_multipart(request, settings.max_upload_bytes)
     files: list[UploadedFile] = []
     models_field: str | None = None
