@@ -42,6 +42,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from app.registry.manifest import Manifest, Task
+from app.registry.service import file_sha256
 from models.training.card import publish
 from models.training.data import (
     CACHE_DIR,
@@ -61,9 +62,20 @@ SIZE_BANDS = [(3.0, 6.0), (6.0, 10.0), (10.0, 20.0), (20.0, 30.01)]
 RESAMPLES = 1000
 
 
-def load_manifest(name: str) -> tuple[Manifest, Path]:
-    directory = MODELS_DIR / name / VERSION
+def load_manifest(name: str, models_dir: Path = MODELS_DIR) -> tuple[Manifest, Path]:
+    """The export of ``name`` (manifest and folder), once its ONNX file matches the manifest.
+
+    Evaluating, or re-fitting thresholds on, a file other than the one the manifest describes
+    would publish numbers for the wrong model: a sha256 mismatch stops the command.
+    """
+    directory = models_dir / name / VERSION
     manifest = Manifest.model_validate_json((directory / "manifest.json").read_text())
+    actual = file_sha256(directory / manifest.file)
+    if actual != manifest.sha256:
+        raise SystemExit(
+            f"{name}: {manifest.file} has sha256 {actual[:12]}…, its manifest says "
+            f"{manifest.sha256[:12]}…: export the model again"
+        )
     return manifest, directory
 
 

@@ -84,3 +84,18 @@ def test_manifest_records_provenance_and_metrics(path: Path) -> None:
     card = (path.parent / "card.md").read_text()
     assert "not for clinical use" in card.lower()
     assert manifest.sha256 in card
+
+
+def test_training_tools_refuse_an_export_whose_file_does_not_match(tmp_path: Path) -> None:
+    """evaluate / re-calibrate / re-fit read exports through load_manifest: a changed ONNX
+    file stops them instead of publishing numbers for the wrong model."""
+    from models.training.evaluate import VERSION, load_manifest
+    from tests.fixtures.tiny_models import build_threshold_segmenter
+
+    build_threshold_segmenter(tmp_path, name="unet", version=VERSION)
+    manifest, directory = load_manifest("unet", tmp_path)
+    assert manifest.name == "unet" and directory == tmp_path / "unet" / VERSION
+    with (directory / manifest.file).open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(SystemExit, match="export the model again"):
+        load_manifest("unet", tmp_path)
