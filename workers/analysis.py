@@ -355,9 +355,7 @@ def _classify(
     spec = manifest.classification
     assert spec is not None
     logits = outputs[OutputRole.LOGITS].reshape(outputs[OutputRole.LOGITS].shape[0], -1)[:, -1]
-    probs = np.array(
-        [postprocess.calibrated_probability(float(v), spec.temperature) for v in logits]
-    )
+    probs = postprocess.calibrated_probabilities(logits, spec.temperature, spec.bias)
     positive = probs >= spec.threshold
     band = manifest.review.probability_band
     uncertain = np.array([_in_band(float(p), band) for p in probs], dtype=bool)

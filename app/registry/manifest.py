@@ -105,7 +105,10 @@ class Classification(_Strict):
     """Turning a classifier logit into a calibrated probability and a label."""
 
     positive_label: str
+    # calibrated probability = sigmoid(logit / temperature + bias): temperature scaling
+    # (Guo et al. 2017), with a bias (Platt scaling) when the logits are offset as well
     temperature: float = Field(default=1.0, gt=0)
+    bias: float = 0.0
     threshold: float = Field(default=0.5, ge=0, le=1)
     series_aggregation: Literal["max", "mean", "noisy_or"] = "max"
     # operating point of the series probability; None: the slice threshold. The maximum of 32

@@ -88,8 +88,9 @@ def render_card(manifest: Manifest) -> str:
     if manifest.task is Task.CLASSIFICATION and manifest.classification:
         c = manifest.classification
         lines += [
-            f"- Calibration: probability = sigmoid(logit / T), T = {c.temperature:.4f} (fitted on "
-            f"the validation split, never the test split); operating threshold {c.threshold:.4f} "
+            f"- Calibration: probability = sigmoid(logit / T + b), T = {c.temperature:.4f}, "
+            f"b = {c.bias:.4f} (fitted on the validation split, never the test split); "
+            f"operating threshold {c.threshold:.4f} "
             "(Youden J on the validation split).",
             f"- Series label: `{c.series_aggregation}` of the calibrated slice probabilities, "
             + (

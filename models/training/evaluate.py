@@ -55,6 +55,7 @@ from models.training.data import (
 from models.training.phantoms import LABEL_LUNG, LABEL_NODULE
 from workers.analysis import structure_rules
 from workers.pipeline import postprocess
+from workers.pipeline.postprocess import aggregate_series, calibrated_probabilities
 from workers.pipeline.preprocess import preprocess_frames
 
 VERSION = "1.0.0"
@@ -398,18 +399,20 @@ def cls_metrics(
 ) -> dict[str, Any]:
     c = manifest.classification
     assert c is not None
+    # the temperature fitted alone on the same validation data, for comparison (export)
+    t_only = manifest.provenance.get("calibration", {}).get("temperature_only")
 
     def compute(idx: NDArray[np.int64]) -> dict[str, float]:
         z = np.concatenate([series[i].logits for i in idx]).astype(np.float64)
         y = np.concatenate([series[i].labels for i in idx])
-        p = 1 / (1 + np.exp(-z / c.temperature))
+        p = calibrated_probabilities(z, c.temperature, c.bias)
         pred = p >= c.threshold
-        agg = {"max": np.max, "mean": np.mean}.get(c.series_aggregation)
         ps = np.array(
             [
-                agg(1 / (1 + np.exp(-series[i].logits / c.temperature)))
-                if agg
-                else 1 - np.prod(1 - 1 / (1 + np.exp(-series[i].logits / c.temperature)))
+                aggregate_series(
+                    calibrated_probabilities(series[i].logits, c.temperature, c.bias),
+                    c.series_aggregation,
+                )
                 for i in idx
             ]
         )
@@ -419,7 +422,12 @@ def cls_metrics(
             "sensitivity": float(pred[y].mean()) if y.any() else float("nan"),
             "specificity": float((~pred[~y]).mean()) if (~y).any() else float("nan"),
             "ece": ece(p, y),
-            "ece_uncalibrated": ece(1 / (1 + np.exp(-z)), y),
+            **(
+                {"ece_temperature_only": ece(calibrated_probabilities(z, t_only), y)}
+                if t_only
+                else {}
+            ),
+            "ece_uncalibrated": ece(calibrated_probabilities(z, 1.0), y),
             "series_auc": auc(ps, ys),
             "series_sensitivity": float((ps[ys] >= c.series_operating_point).mean())
             if ys.any()
@@ -498,7 +506,7 @@ def _series_record(m: Manifest, sess: ort.InferenceSession, s: Any) -> SegSeries
     rec = ClsSeries(outs[0][:, 0], y)
     c = m.classification
     assert c is not None
-    prob = 1 / (1 + np.exp(-outs[0][:, 0] / c.temperature))
+    prob = calibrated_probabilities(outs[0][:, 0], c.temperature, c.bias)
     for k in np.nonzero(y & (prob >= c.threshold))[0]:
         hit, ratio = cam_localisation(outs[1][k, 0], grid[k])
         rec.pointing.append(hit)

@@ -49,6 +49,7 @@ from app.registry.manifest import Manifest, OutputRole, Preprocessing, SaliencyS
 from models.training.data import SPLITS, labels_to_grid
 from models.training.phantoms import LABEL_LUNG, LABEL_NODULE, generate_series
 from workers.pipeline import saliency as S
+from workers.pipeline.postprocess import calibrated_probabilities
 from workers.pipeline.preprocess import preprocess_frames
 
 MODELS_DIR = Path(__file__).resolve().parents[1]
@@ -472,11 +473,6 @@ def _cost(done: list[tuple[int, S.SaliencyResult, float]]) -> dict[str, float | 
 # --------------------------------------------------------------------------------------------
 # classifier
 # --------------------------------------------------------------------------------------------
-def _sigmoid(z: Array) -> Array:
-    out: Array = 1.0 / (1.0 + np.exp(-z))
-    return out
-
-
 def _channel_of(manifest: Manifest, label_name: str, n_channels: int) -> int:
     if n_channels == 1:
         return 0
@@ -576,7 +572,7 @@ def evaluate_classifier(
     names = [logit_name] + ([cam_spec.name] if cam_spec else [])
     outs = full.run(sl.x, names)
     ch = _channel_of(manifest, cls.positive_label, outs[0].shape[1])
-    prob = _sigmoid(outs[0][:, ch].astype(np.float64) / cls.temperature)
+    prob = calibrated_probabilities(outs[0][:, ch], cls.temperature, cls.bias)
     predicted = prob >= cls.threshold
     tp = np.flatnonzero(sl.positive & predicted)
     result: dict[str, Any] = {
@@ -599,7 +595,7 @@ def evaluate_classifier(
         return out
 
     def predict_prob(batch: Array) -> Array:
-        p = _sigmoid(predict_logit(batch).astype(np.float64) / cls.temperature)
+        p = calibrated_probabilities(predict_logit(batch), cls.temperature, cls.bias)
         return p.astype(np.float32)
 
     # What the CAM costs: the same pass with and without the CAM output (batch 1, as served).

@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnxscript import opset18 as op
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from torch import nn
 
 from app.registry.manifest import (
@@ -55,6 +55,7 @@ from models.training.data import (
 )
 from models.training.evaluate import fit_components, load_manifest
 from models.training.train import CHECKPOINTS, MODEL_NAMES, build_model
+from workers.pipeline.postprocess import calibrated_probabilities
 
 VERSION = "1.0.0"
 MAX_ONNX_BYTES = 25 * 1024 * 1024
@@ -323,6 +324,24 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(math.exp(res.x))
 
 
+def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Temperature T and bias b minimising the NLL of sigmoid(logit / T + b) (Platt 1999).
+
+    Temperature scaling with a bias: where the logits are offset as well as over-confident
+    (a sum-pooled logit grows with the evidence's area), T alone cannot centre them.
+    """
+    y = labels.astype(np.float64)
+    z = logits.astype(np.float64)
+
+    def nll(params: np.ndarray) -> float:
+        s = z / math.exp(params[0]) + params[1]
+        return float(np.mean(np.logaddexp(0, s) - y * s))
+
+    start = np.array([math.log(fit_temperature(logits, labels)), 0.0])
+    res = minimize(nll, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
+    return float(math.exp(res.x[0])), float(res.x[1])
+
+
 def youden_threshold(prob: np.ndarray, labels: np.ndarray) -> float:
     """The probability threshold maximising sensitivity + specificity − 1."""
     pos = labels.astype(bool)
@@ -545,8 +564,8 @@ def calibrate_classifier(
     """
     logits = outs[0][:, 0]
     labels = (val.y[rows] == 2).any(axis=(1, 2))
-    temperature = fit_temperature(logits, labels)
-    prob = 1.0 / (1.0 + np.exp(-logits / temperature))
+    temperature, bias = fit_platt(logits, labels)
+    prob = calibrated_probabilities(logits, temperature, bias)
     threshold = youden_threshold(prob, labels)
     series_ids = val.series[rows]
     groups = [series_ids == k for k in np.unique(series_ids)]
@@ -555,6 +574,7 @@ def calibrate_classifier(
     classification = Classification(
         positive_label="nodule",
         temperature=round(temperature, 6),
+        bias=round(bias, 6),
         threshold=round(threshold, 4),
         series_aggregation="max",
         series_threshold=round(youden_threshold(series_prob, series_labels), 4),
@@ -566,8 +586,10 @@ def calibrate_classifier(
             "split": "val",
             "slices": len(logits),
             "series": len(groups),
-            "method": "temperature scaling (NLL), threshold = Youden J on calibrated "
-            "probabilities; series threshold = Youden J on the series maxima",
+            "method": "temperature scaling with a bias (Platt: sigmoid(logit / T + b), NLL), "
+            "threshold = Youden J on calibrated probabilities; series threshold = Youden J on "
+            "the series maxima",
+            "temperature_only": round(fit_temperature(logits, labels), 6),
         }
     }
     return classification, (0.0, round(max(hi, 1e-3), 3)), extra

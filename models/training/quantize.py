@@ -65,6 +65,7 @@ from app.registry.manifest import Manifest, OutputRole, Task
 from models.training.card import render_card, write_manifest
 from models.training.data import CACHE_DIR, MODELS_DIR, SPLITS, load_split, network_inputs
 from models.training.export import sha256_file, strip_doc_strings
+from workers.pipeline.postprocess import calibrated_probabilities
 
 SOURCE_VERSION = "1.0.0"
 INT8_VERSION = "1.0.0-int8"
@@ -289,8 +290,8 @@ def agreement(
         out["auc_drop"] = out["auc_fp32"] - out["auc_int8"]
         assert manifest.classification is not None
         c = manifest.classification
-        p_ref = 1 / (1 + np.exp(-s_ref / c.temperature))
-        p_got = 1 / (1 + np.exp(-s_got / c.temperature))
+        p_ref = calibrated_probabilities(s_ref, c.temperature, c.bias)
+        p_got = calibrated_probabilities(s_got, c.temperature, c.bias)
         out["max_abs_probability_diff"] = float(np.abs(p_ref - p_got).max())
         out["decision_agreement"] = float(((p_ref >= c.threshold) == (p_got >= c.threshold)).mean())
         cam = manifest.output(OutputRole.CAM)

@@ -48,3 +48,15 @@ def test_onnx_matches_pytorch_on_100_inputs(name: str, tmp_path: Path) -> None:
         assert logit.shape == (4, 1) and cam.shape == (4, 1, 256, 256)
         low = net.cam_lowres(torch.from_numpy(x[:4])).detach().numpy()
         assert np.allclose(logit[:, 0], low.mean(axis=(1, 2, 3)) + float(net.bias), atol=1e-4)
+
+
+def test_platt_fit_recovers_the_temperature_and_bias_that_generated_the_labels() -> None:
+    from models.training.export import fit_platt, fit_temperature
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(0.0, 6.0, 20_000)
+    y = rng.random(z.size) < 1 / (1 + np.exp(-(z / 3.0 - 1.2)))
+    temperature, bias = fit_platt(z, y)
+    assert temperature == pytest.approx(3.0, rel=0.05) and bias == pytest.approx(-1.2, abs=0.08)
+    # temperature alone cannot remove the offset: its fit is a different, worse model
+    assert abs(fit_temperature(z, y) - 3.0) > 0.1

@@ -11,6 +11,7 @@ import pytest
 from app.registry.manifest import Manifest, OutputRole, Task
 from models.training.phantoms import LABEL_LUNG, LABEL_NODULE, PhantomSeries, generate_series
 from workers.analysis import analyze_series
+from workers.pipeline.postprocess import calibrated_probability
 from workers.pipeline.preprocess import preprocess_frames
 
 
@@ -96,8 +97,8 @@ def test_classifier_positive_on_nodule_negative_without(
     mid = without_nodule.n_slices // 2
     neg = _run(manifest, directory, without_nodule.hu[mid : mid + 1])
     logit_name = manifest.output(OutputRole.LOGITS).name  # type: ignore[union-attr]
-    p_pos = 1 / (1 + np.exp(-pos[logit_name][0, 0] / c.temperature))
-    p_neg = 1 / (1 + np.exp(-neg[logit_name][0, 0] / c.temperature))
+    p_pos = calibrated_probability(float(pos[logit_name][0, 0]), c.temperature, c.bias)
+    p_neg = calibrated_probability(float(neg[logit_name][0, 0]), c.temperature, c.bias)
     assert p_pos >= c.threshold > p_neg
     # The CAM of the positive slice peaks on the nodule.
     cam = pos[manifest.output(OutputRole.CAM).name][0, 0]  # type: ignore[union-attr]

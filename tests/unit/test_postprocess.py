@@ -180,3 +180,11 @@ def test_label_statistics_counts_and_areas() -> None:
     with_background = pp.label_statistics(labels, include_background=True)
     assert with_background[0].value == 0 and with_background[0].area_mm2 is None
     assert sum(s.pixel_count for s in with_background) == labels.size
+
+
+def test_calibration_bias_shifts_the_logit_after_the_temperature() -> None:
+    assert pp.calibrated_probability(2.0, 2.0, bias=-1.0) == pytest.approx(0.5)
+    z = np.array([-800.0, -3.0, 0.0, 3.0, 800.0])
+    p = pp.calibrated_probabilities(z, 1.5, bias=0.4)
+    assert p == pytest.approx(1 / (1 + np.exp(-(z / 1.5 + 0.4))))  # finite at ±800 too
+    assert p.dtype == np.float64 and np.all(np.diff(p) >= 0)

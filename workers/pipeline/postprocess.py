@@ -155,15 +155,28 @@ def sigmoid(x: ArrayLike) -> FloatArray:
     return out
 
 
-def calibrated_probability(logit: float, temperature: float) -> float:
-    """Temperature-scaled probability of a binary classifier logit: σ(logit / T).
+def calibrated_probability(logit: float, temperature: float, bias: float = 0.0) -> float:
+    """Calibrated probability of a binary classifier logit: σ(logit / T + b).
 
     Temperature scaling (Guo et al., 2017) divides the logit by a T fitted on held-out
-    data (``manifest.classification.temperature``); T > 1 softens over-confident models.
+    data (``manifest.classification.temperature``); T > 1 softens over-confident models. The
+    bias ``b`` (Platt scaling, ``manifest.classification.bias``) corrects logits that are
+    offset as well as over-confident; 0 is plain temperature scaling.
     """
+    return float(calibrated_probabilities(np.float64(logit), temperature, bias))
+
+
+def calibrated_probabilities(
+    logits: ArrayLike, temperature: float, bias: float = 0.0
+) -> NDArray[np.float64]:
+    """``calibrated_probability`` of every logit, float64, same shape."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    return float(sigmoid(np.float32(logit / temperature)))
+    z = np.asarray(logits, dtype=np.float64) / temperature + bias
+    # σ without overflow: exp of a non-positive number only
+    e = np.exp(-np.abs(z))
+    out: NDArray[np.float64] = np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return out
 
 
 def aggregate_series(probabilities: Sequence[float] | ArrayLike, method: Aggregation) -> float:
