@@ -53,7 +53,7 @@ class Config:
     tp_seconds: float  # multi-process model-only throughput window
     e2e_slices: int
     idle_n: int
-    scaling_jobs: int
+    scaling_jobs: int  # series per scaling round: several per worker, or start-up and tail dominate
     scaling_slices: int
     ingest_seconds: int
     ingest_connections: int
@@ -63,8 +63,8 @@ class Config:
     @classmethod
     def make(cls, quick: bool) -> Config:
         if quick:
-            return cls(True, 3, 0.15, False, 16, 3.0, 32, 5, 2, 8, 8, 8, 32, 1)
-        return cls(False, 5, 0.3, True, 32, 6.0, 100, 10, 2, 25, 30, 8, None, 1)
+            return cls(True, 3, 0.15, False, 16, 3.0, 32, 5, 6, 8, 8, 8, 32, 1)
+        return cls(False, 5, 0.3, True, 32, 6.0, 100, 10, 8, 25, 30, 8, None, 1)
 
 
 def _section(name: str, log: list[dict[str, Any]]) -> float:
