@@ -740,7 +740,11 @@ class Client:
             <out>/<study uid>/<series uid>/results.json
                 masks/<model>/<sop>_<frame>.png  (+ <sop>_<frame>_overlay.png)
                 saliency/<model>/<method>/<sop>_<frame>.npy  (+ <sop>_<frame>_overlay.png)
-                dicom/seg_<model>.dcm, sr_<model>.dcm, pmap_<model>_<method>.dcm
+                dicom/seg_<model>.dcm, sr_<models>.dcm, pmap_<model>_<method>.dcm
+
+        (characters other than letters, digits, ``.``, ``_`` and ``-`` in a name become ``_``:
+        the series' one SR names its models ``classifier+segnet+unet``, saved as
+        ``sr_classifier_segnet_unet.dcm``)
 
         Files already present are kept unless ``overwrite`` (every file is written by rename,
         so a present file is a complete one); this makes an interrupted download cheap to

@@ -141,7 +141,10 @@ def check_result_tree(root: Path, results: Results) -> Counter[str]:
         ("pmap", results.dicom.pmap, PARAMETRIC_MAP),
     ):
         for ref in refs:
-            name = "_".join(p for p in (kind, ref.model, ref.method) if p)
+            # as the client names files: characters outside [A-Za-z0-9._-] become "_"
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(
+                p for p in (kind, ref.model, ref.method) if p
+            ))
             ds = pydicom.dcmread(root / "dicom" / f"{name}.dcm")
             assert ds.SOPClassUID == sop_class
             assert ds.StudyInstanceUID == results.series.study_instance_uid

@@ -482,11 +482,14 @@ class Database:
             counts[table] = int(
                 self.scalar(f"SELECT count(*) FROM {table} WHERE job_id = :j", j=job_id)
             )
-        counts["series_findings"] = int(
-            self.scalar(
-                "SELECT count(*) FROM findings WHERE job_id = :j AND level = 'series'", j=job_id
+        for level in ("slice", "series", "lesion"):
+            counts[f"{level}_findings"] = int(
+                self.scalar(
+                    "SELECT count(*) FROM findings WHERE job_id = :j AND level = :l",
+                    j=job_id,
+                    l=level,
+                )
             )
-        )
         return counts
 
     def dispose(self) -> None:

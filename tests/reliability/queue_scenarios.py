@@ -199,8 +199,8 @@ def duplicate_result_rows(db: Database) -> int:
 
 
 def incomplete_result_sets(db: Database, job_ids: list[str], slices: int = SLICES) -> list[str]:
-    """Succeeded jobs whose result set is not whole (one mask and finding per slice, one series
-    finding, one SEG and one SR)."""
+    """Succeeded jobs whose result set is not whole (one mask and slice finding per slice, one
+    series finding, one SEG and one SR; lesion findings are as many as the segmenter kept)."""
     bad = []
     for job_id in job_ids:
         c = db.result_counts(job_id)
@@ -213,7 +213,7 @@ def incomplete_result_sets(db: Database, job_ids: list[str], slices: int = SLICE
         if (
             c["masks"] != slices
             or c["series_findings"] != 1
-            or c["findings"] != slices + 1
+            or c["slice_findings"] != slices
             or kinds.get("seg") != 1
             or kinds.get("sr") != 1
         ):
