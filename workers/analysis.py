@@ -56,6 +56,7 @@ class Lesion:
     frames: tuple[int, int]
     key_frame: int
     centroid: tuple[float, float, float]
+    uncertain: bool = False  # peak probability inside the manifest's review band
 
 
 @dataclass
@@ -213,10 +214,9 @@ def _segment(
                     params={"normalised_by": "log(K)"},
                 )
             )
-    lesions = lesions_in_source(seg, names, grid, size)
+    lesions = lesions_in_source(seg, names, grid, size, manifest.review.probability_band)
     if SaliencyMethod.OCCLUSION in methods:
-        first = [lesion.key_frame for lesion in lesions if lesion.value == _target_value(manifest)]
-        maps.extend(_segmentation_occlusion(run, manifest, x, small, size, budget, first))
+        maps.extend(_segmentation_occlusion(run, manifest, x, small, size, budget, lesions))
     limit = manifest.review.max_mean_entropy
     uncertain = limit is not None and mean_entropy > limit
     return SegmentationResult(
@@ -238,11 +238,13 @@ def lesions_in_source(
     names: dict[int, str],
     grid: tuple[int, int],
     size: tuple[int, int],
+    review_band: tuple[float, float],
 ) -> list[Lesion]:
     """The kept components of every filtered structure, largest first, in source pixels.
 
     Components are found on the network grid; a centroid moves to source pixels by the
-    centre-aligned scale of each axis (pixel centres at ``i + 0.5``).
+    centre-aligned scale of each axis (pixel centres at ``i + 0.5``). A lesion is uncertain
+    when its peak probability lies in ``review_band``.
     """
     sy, sx = size[0] / grid[0], size[1] / grid[1]
     out: list[Lesion] = []
@@ -261,6 +263,7 @@ def lesions_in_source(
                     frames=c.frames,
                     key_frame=c.key_frame,
                     centroid=(f, (r + 0.5) * sy - 0.5, (col + 0.5) * sx - 0.5),
+                    uncertain=_in_band(c.max_probability, review_band),
                 )
             )
     return out
@@ -291,12 +294,12 @@ def _segmentation_occlusion(
     small: NDArray[np.uint8],
     size: tuple[int, int],
     budget: int,
-    first: Sequence[int] = (),
+    lesions: Sequence[Lesion] = (),
 ) -> list[SaliencyResult]:
     """Occlusion of the target structure's score on the frames where it is predicted.
 
-    The budget (forward passes per job and model) is spent on the ``first`` frames (each
-    lesion's key frame, largest lesion first, so every lesion gets its explanation), then on
+    The budget (forward passes per job and model) is spent on the key frames of the target
+    structure's ``lesions`` (largest first, so every lesion gets its explanation), then on
     the other frames with the largest predicted target area first, so cost stays predictable
     on long series.
     """
@@ -305,7 +308,8 @@ def _segmentation_occlusion(
         return []
     areas = (small == value).reshape(small.shape[0], -1).sum(axis=1)
     by_area = [int(i) for i in np.argsort(-areas) if areas[i] > 0]
-    order = list(dict.fromkeys([*(int(i) for i in first if areas[i] > 0), *by_area]))
+    first = [les.key_frame for les in lesions if les.value == value and areas[les.key_frame] > 0]
+    order = list(dict.fromkeys([*first, *by_area]))
     spec = manifest.saliency
     maps: list[SaliencyResult] = []
     remaining = budget

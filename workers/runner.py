@@ -721,7 +721,6 @@ def _lesion_records(
     seg = analysis.segmentation
     assert seg is not None
     manifest = analysis.manifest
-    band = manifest.review.probability_band
     out: list[FindingRecord] = []
     for lesion in seg.lesions:
         key = series.refs[lesion.key_frame]
@@ -742,7 +741,7 @@ def _lesion_records(
                 label=lesion.structure,
                 probability=lesion.max_probability,
                 positive=True,
-                uncertain=band[0] <= lesion.max_probability <= band[1],
+                uncertain=lesion.uncertain,
                 level="lesion",
                 sop_instance_uid=key.sop_instance_uid,
                 frame=key.frame,
@@ -825,13 +824,15 @@ def _report_output(
         return []
     names = "+".join(a.manifest.name for a in reporting)[:64]
     warnings: list[dict[str, str]] = []
-    built = _dicom_output("sr", names, lambda: _sr_artifact(run, series, reporting), warnings)
+    built = _dicom_output(
+        "sr", names, lambda: _sr_artifact(run, series, reporting, names), warnings
+    )
     run.warnings.extend(warnings)
     return built
 
 
 def _sr_artifact(
-    run: JobRun, series: DecodedSeries, analyses: list[ModelAnalysis]
+    run: JobRun, series: DecodedSeries, analyses: list[ModelAnalysis], model: str
 ) -> ArtifactRecord:
     """One Comprehensive 3D SR for the series: per model, a classifier's series finding and
     its positive or uncertain slices, a segmenter's lesions (or that it found none)."""
@@ -852,7 +853,6 @@ def _sr_artifact(
         for a in analyses
     ]
     ds = dicom_sr.build_report_sr(_frame_groups(series)[0], parts)
-    model = "+".join(a.manifest.name for a in analyses)[:64]
     return _artifact(run, ArtifactKind.SR, model, ds)
 
 
@@ -905,7 +905,6 @@ def _lesion_sr_findings(
     seg = analysis.segmentation
     manifest = analysis.manifest
     assert seg is not None
-    band = manifest.review.probability_band
     findings = []
     for lesion in seg.lesions:
         key = series.refs[lesion.key_frame]
@@ -918,7 +917,7 @@ def _lesion_sr_findings(
                 sop_instance_uid=key.sop_instance_uid,
                 frame=frame_number(key),
                 level="lesion",
-                uncertain=band[0] <= lesion.max_probability <= band[1],
+                uncertain=lesion.uncertain,
                 number=lesion.number,
                 volume_mm3=lesion.volume_mm3,
                 extent=tuple((ref.sop_instance_uid, frame_number(ref)) for ref in span),

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import highdicom as hd
 import pydicom
@@ -210,11 +209,22 @@ def build_findings_sr(
     model_name: str,
     model_version: str,
     labels: Sequence[Label] = (),
-    **identity: Any,
+    procedure_reported: Code | None = None,
+    series_number: int = SR_SERIES_NUMBER,
+    instance_number: int = 1,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
 ) -> pydicom.Dataset:
     """A report of one model's findings: ``build_report_sr`` with a single part."""
-    part = ModelFindings(model_name, model_version, findings, labels)
-    return build_report_sr(source_datasets, [part], **identity)
+    return build_report_sr(
+        source_datasets,
+        [ModelFindings(model_name, model_version, findings, labels)],
+        procedure_reported=procedure_reported,
+        series_number=series_number,
+        instance_number=instance_number,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+    )
 
 
 def build_report_sr(
