@@ -95,6 +95,15 @@ class ModelAnalysis:
     classification: ClassificationResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def saliency(self) -> list[SaliencyResult]:
+        """Every saliency map of this model's result (segmentation or classification)."""
+        if self.segmentation is not None:
+            return self.segmentation.saliency
+        if self.classification is not None:
+            return self.classification.saliency
+        return []
+
 
 def _in_band(p: float, band: tuple[float, float]) -> bool:
     return band[0] <= p <= band[1]

@@ -1,30 +1,27 @@
 """Run one job: claim → decode → analyse with every model → outputs → record, atomically.
 
-The only worker module that opens database sessions and reads/writes blobs. Each step runs in its
+The only worker module that opens database sessions; it reads and writes blobs itself and
+through ``workers.series`` (decoding) and ``workers.dicom_outputs`` (SEG, SR, Parametric Maps). Each step runs in its
 own short ``session_scope()``; the results and the ``succeeded`` status commit in ONE transaction,
 after every blob they name is durable. Re-running a job replaces its result set as a whole.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pydicom
 from numpy.typing import NDArray
 from sqlalchemy import delete, select
 from sqlalchemy.exc import OperationalError
 
 from app.db.records import (
-    ArtifactKind,
     ArtifactRecord,
     FindingRecord,
     InstanceRecord,
@@ -41,34 +38,15 @@ from app.registry.manifest import SaliencyMethod
 from app.registry.service import RegisteredModel, current_registry
 from app.settings import Settings, get_settings
 from app.storage import BlobStore
-from workers import onnx_sessions
+from workers import dicom_outputs, onnx_sessions
 from workers.analysis import ModelAnalysis, SaliencyResult, analyze_series
 from workers.forwarding import forward_job_outputs
-from workers.outputs import dicom_pmap, dicom_seg, dicom_sr, overlays
-from workers.outputs.dicom_common import Finding
+from workers.outputs import overlays
 from workers.pipeline import saliency as saliency_maps
-from workers.pipeline.decode import DecodeError, decode_frames
+from workers.pipeline.decode import DecodeError
+from workers.series import DecodedSeries, decode_series
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SourceFrame:
-    """One frame of the series, in slice order."""
-
-    sop_instance_uid: str
-    frame: int  # 0-based frame within its instance
-    dataset_index: int
-
-
-@dataclass
-class DecodedSeries:
-    """A series decoded to modality units, frames sorted along the slice normal."""
-
-    frames: NDArray[np.float32]  # (F, H, W)
-    refs: list[SourceFrame]
-    datasets: list[pydicom.Dataset]  # headers, in the same order as their first frame
-    slice_spacing_mm: float | None = None  # distance between neighbouring frames, if known
 
 
 def _load_instances(job_id: str) -> tuple[list[InstanceRecord], list[str], dict[str, Any]]:
@@ -80,65 +58,6 @@ def _load_instances(job_id: str) -> tuple[list[InstanceRecord], list[str], dict[
         return rows, list(job.models), dict(job.options or {})
 
 
-def _sort_key(row: InstanceRecord) -> tuple[float, int, str]:
-    position = row.slice_position if row.slice_position is not None else 0.0
-    return (position, row.instance_number or 0, row.sop_instance_uid)
-
-
-def decode_series(rows: list[InstanceRecord], store: BlobStore) -> DecodedSeries:
-    """Decode every instance of a series, keeping the largest group of equal-shaped frames."""
-    rows = sorted(rows, key=_sort_key)
-    datasets: list[pydicom.Dataset] = []
-    stacks: list[NDArray[np.float32]] = []
-    refs: list[SourceFrame] = []
-    for row in rows:
-        ds = pydicom.dcmread(io.BytesIO(store.get(row.blob_sha256)))
-        decoded = decode_frames(ds)
-        index = len(datasets)
-        if "PixelData" in ds:
-            del ds.PixelData  # outputs need the header only; frees memory early
-        datasets.append(ds)
-        for f in range(decoded.frames.shape[0]):
-            stacks.append(decoded.frames[f])
-            refs.append(SourceFrame(row.sop_instance_uid, f, index))
-    if not stacks:
-        raise PipelineError("empty_series", "the series has no decodable frames")
-    shapes = [s.shape for s in stacks]
-    common = max(set(shapes), key=shapes.count)
-    keep = [i for i, s in enumerate(shapes) if s == common]
-    frames = np.stack([stacks[i] for i in keep]).astype(np.float32, copy=False)
-    kept_refs = [refs[i] for i in keep]
-    positions = [rows[r.dataset_index].slice_position for r in kept_refs if r.frame == 0]
-    return DecodedSeries(
-        frames=frames,
-        refs=kept_refs,
-        datasets=datasets,
-        slice_spacing_mm=slice_spacing(positions, datasets[kept_refs[0].dataset_index]),
-    )
-
-
-def slice_spacing(positions: list[float | None], header: pydicom.Dataset) -> float | None:
-    """Distance between neighbouring frames along the slice normal, in mm.
-
-    The median step between the distinct positions of single-frame instances (their Image
-    Position projected on the normal, PS3.3 C.7.6.2.1.1); for a single frame or a multi-frame
-    instance, Spacing Between Slices (0018,0088), else Slice Thickness (0018,0050); else None.
-    """
-    known = sorted({p for p in positions if p is not None})
-    if len(known) >= 2 and len(known) == len(positions):
-        step = float(np.median(np.diff(known)))
-        if step > 0:
-            return step
-    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-        try:  # a malformed DS raises on access already, not only in float()
-            value = float(header.get(keyword) or 0)
-        except (TypeError, ValueError, OverflowError):
-            continue
-        if value > 0:
-            return value
-    return None
-
-
 class JobRun:
     """State of one running job (one attempt)."""
 
@@ -147,6 +66,7 @@ class JobRun:
         self.settings = settings
         self.owner = owner
         self.store = BlobStore(settings.blob_dir)
+        self.sink = dicom_outputs.ArtifactSink(job_id, self.store)
         self.timings: dict[str, float] = {}
         self.current = "claimed"
         self.lost = False
@@ -426,7 +346,11 @@ class OutputBuilder:
             out.extend(records)
             self.run.warnings.extend(warnings)
         t = time.perf_counter()
-        out.extend(_report_output(self.run, self.series, self.analyses))
+        out.extend(
+            dicom_outputs.findings_report(
+                self.run.sink, self.series, self.analyses, self.run.warnings
+            )
+        )
         self.run.timed("outputs_built", time.perf_counter() - t)
         return out
 
@@ -455,7 +379,7 @@ def _start_model_outputs(
 ) -> _PendingOutputs:
     """Submit a model's per-frame renderings to the pool."""
     name, version = analysis.manifest.name, analysis.manifest.version
-    maps = _all_saliency(analysis)
+    maps = analysis.saliency
     return _PendingOutputs(
         analysis=analysis,
         maps=maps,
@@ -472,7 +396,6 @@ def _finish_model_outputs(
     """A model's rows: saliency, masks, findings and its DICOM objects (built here); a DICOM
     object the sources cannot support becomes an entry of ``warnings`` instead."""
     analysis = pending.analysis
-    manifest = analysis.manifest
     records: list[Any] = []
     saliency_ids: dict[tuple[int, str], str] = {}
     for sal, future in zip(pending.maps, pending.saliency, strict=True):
@@ -482,53 +405,10 @@ def _finish_model_outputs(
     if analysis.segmentation is not None:
         records.extend(_mask_records(run, series, analysis, saliency_ids, pending.masks))
         records.extend(_lesion_records(run, series, analysis, saliency_ids))
-        records.extend(
-            _dicom_output(
-                "seg", manifest.name, lambda: _seg_artifact(run, series, analysis), warnings
-            )
-        )
     if analysis.classification is not None:
         records.extend(_finding_records(run, series, analysis, saliency_ids))
-    records.extend(
-        _dicom_output(
-            "pmap", manifest.name, lambda: _pmap_artifacts(run, series, analysis), warnings
-        )
-    )
+    records.extend(dicom_outputs.model_objects(run.sink, series, analysis, warnings))
     return records
-
-
-def _dicom_output(
-    kind: str,
-    model: str,
-    build: Callable[[], ArtifactRecord | list[ArtifactRecord]],
-    warnings: list[dict[str, str]],
-) -> list[ArtifactRecord]:
-    """Build a DICOM output; if the source headers cannot support it, warn instead of failing.
-
-    DICOM SEG/SR/PM need source attributes some valid images lack (Frame of Reference, plane
-    positions, Patient ID...). The masks, findings and saliency maps are still delivered; the
-    job carries a warning naming the object that could not be built and why.
-    """
-    try:
-        built = build()
-    except (ValueError, AttributeError, KeyError, TypeError, RuntimeError, IndexError) as exc:
-        # highdicom's messages describe structure (missing attributes, duplicate planes), not values.
-        warnings.append(
-            {
-                "code": f"dicom_{kind}_not_built",
-                "detail": f"{model}: {type(exc).__name__}: {str(exc)[:200]}",
-            }
-        )
-        return []
-    return built if isinstance(built, list) else [built]
-
-
-def _all_saliency(analysis: ModelAnalysis) -> list[SaliencyResult]:
-    if analysis.segmentation is not None:
-        return analysis.segmentation.saliency
-    if analysis.classification is not None:
-        return analysis.classification.saliency
-    return []
 
 
 def _saliency_record(
@@ -771,189 +651,6 @@ _LESION_SALIENCY = ("occlusion", "rise", "entropy", "tta_std")
 
 def _rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def _frame_groups(series: DecodedSeries) -> tuple[list[pydicom.Dataset], list[int]]:
-    """Source datasets and the frame indices aligned with them, for the DICOM builders."""
-    used = sorted({ref.dataset_index for ref in series.refs})
-    datasets = [series.datasets[i] for i in used]
-    return datasets, list(range(len(series.refs)))
-
-
-def _artifact(
-    run: JobRun, kind: ArtifactKind, model: str, ds: pydicom.Dataset, method: str | None = None
-) -> ArtifactRecord:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    data = buffer.getvalue()
-    return ArtifactRecord(
-        job_id=run.job_id,
-        kind=kind.value,
-        model=model,
-        method=method,
-        blob_sha256=run.store.put(data),
-        media_type="application/dicom",
-        size_bytes=len(data),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
-    )
-
-
-def _seg_artifact(run: JobRun, series: DecodedSeries, analysis: ModelAnalysis) -> ArtifactRecord:
-    seg = analysis.segmentation
-    assert seg is not None
-    datasets, _ = _frame_groups(series)
-    ds = dicom_seg.build_segmentation(
-        datasets,
-        seg.labels,
-        analysis.manifest.labels,
-        model_name=analysis.manifest.name,
-        model_version=analysis.manifest.version,
-    )
-    return _artifact(run, ArtifactKind.SEG, analysis.manifest.name, ds)
-
-
-def _report_output(
-    run: JobRun, series: DecodedSeries, analyses: list[ModelAnalysis]
-) -> list[ArtifactRecord]:
-    """The series' findings SR, with every model that reports findings (classifiers, and
-    segmenters with a component filter); a warning instead when the sources cannot support it.
-    """
-    reporting = [a for a in analyses if a.classification is not None or a.manifest.components]
-    if not reporting:
-        return []
-    names = "+".join(a.manifest.name for a in reporting)[:64]
-    warnings: list[dict[str, str]] = []
-    built = _dicom_output(
-        "sr", names, lambda: _sr_artifact(run, series, reporting, names), warnings
-    )
-    run.warnings.extend(warnings)
-    return built
-
-
-def _sr_artifact(
-    run: JobRun, series: DecodedSeries, analyses: list[ModelAnalysis], model: str
-) -> ArtifactRecord:
-    """One Comprehensive 3D SR for the series: per model, a classifier's series finding and
-    its positive or uncertain slices, a segmenter's lesions (or that it found none)."""
-    multi = any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in series.datasets)
-
-    def frame_number(ref: SourceFrame) -> int | None:
-        return ref.frame + 1 if multi else None
-
-    parts = [
-        dicom_sr.ModelFindings(
-            model_name=a.manifest.name,
-            model_version=a.manifest.version,
-            findings=_classification_sr_findings(series, a, frame_number)
-            if a.classification is not None
-            else _lesion_sr_findings(series, a, frame_number),
-            labels=a.manifest.labels,
-        )
-        for a in analyses
-    ]
-    ds = dicom_sr.build_report_sr(_frame_groups(series)[0], parts)
-    return _artifact(run, ArtifactKind.SR, model, ds)
-
-
-def _classification_sr_findings(
-    series: DecodedSeries,
-    analysis: ModelAnalysis,
-    frame_number: Callable[[SourceFrame], int | None],
-) -> list[Finding]:
-    cls = analysis.classification
-    spec = analysis.manifest.classification
-    assert cls is not None and spec is not None
-    label = spec.positive_label
-    top = series.refs[cls.series_index]
-    findings = [
-        Finding(
-            label=label,
-            probability=cls.series_probability,
-            positive=cls.series_positive,
-            sop_instance_uid=None,
-            frame=None,
-            level="series",
-            uncertain=cls.series_uncertain,
-            # under max aggregation one slice decides the series probability
-            extent=((top.sop_instance_uid, frame_number(top)),)
-            if spec.series_aggregation == "max"
-            else (),
-        )
-    ]
-    findings.extend(
-        Finding(
-            label=label,
-            probability=float(cls.probabilities[i]),
-            positive=bool(cls.positive[i]),
-            sop_instance_uid=ref.sop_instance_uid,
-            frame=frame_number(ref),
-            level="slice",
-            uncertain=bool(cls.uncertain[i]),
-        )
-        for i, ref in enumerate(series.refs)
-        if cls.positive[i] or cls.uncertain[i]
-    )
-    return findings
-
-
-def _lesion_sr_findings(
-    series: DecodedSeries,
-    analysis: ModelAnalysis,
-    frame_number: Callable[[SourceFrame], int | None],
-) -> list[Finding]:
-    seg = analysis.segmentation
-    manifest = analysis.manifest
-    assert seg is not None
-    findings = []
-    for lesion in seg.lesions:
-        key = series.refs[lesion.key_frame]
-        span = series.refs[lesion.frames[0] : lesion.frames[1] + 1]
-        findings.append(
-            Finding(
-                label=lesion.structure,
-                probability=lesion.max_probability,
-                positive=True,
-                sop_instance_uid=key.sop_instance_uid,
-                frame=frame_number(key),
-                level="lesion",
-                uncertain=lesion.uncertain,
-                number=lesion.number,
-                volume_mm3=lesion.volume_mm3,
-                extent=tuple((ref.sop_instance_uid, frame_number(ref)) for ref in span),
-            )
-        )
-    if not findings:  # say what was looked for and not found
-        findings = [
-            Finding(rule.label, None, False, None, None, "series", False)
-            for rule in manifest.components
-        ]
-    return findings
-
-
-def _pmap_artifacts(
-    run: JobRun, series: DecodedSeries, analysis: ModelAnalysis
-) -> list[ArtifactRecord]:
-    """One Parametric Map per saliency method that covers every frame of the series."""
-    out: list[ArtifactRecord] = []
-    maps = _all_saliency(analysis)
-    n = len(series.refs)
-    for method in {m.method for m in maps}:
-        per_frame = {m.index: m for m in maps if m.method is method}
-        if len(per_frame) != n:
-            continue  # partial maps (budgeted occlusion) stay as PNG/npy, not a PM
-        stack = np.stack([per_frame[i].values for i in range(n)]).astype(np.float32)
-        datasets, _ = _frame_groups(series)
-        ds = dicom_pmap.build_parametric_map(
-            datasets,
-            stack,
-            method=method.value,
-            model_name=analysis.manifest.name,
-            model_version=analysis.manifest.version,
-            value_range=per_frame[0].display_range,
-        )
-        out.append(_artifact(run, ArtifactKind.PMAP, analysis.manifest.name, ds, method.value))
-    return out
 
 
 def _uncertain(analyses: list[ModelAnalysis]) -> bool:

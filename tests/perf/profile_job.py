@@ -33,6 +33,7 @@ from app.storage import BlobStore  # noqa: E402
 from tests.perf.deploy_bench import demo_series  # noqa: E402
 from workers import onnx_sessions, runner  # noqa: E402
 from workers.analysis import analyze_series  # noqa: E402
+from workers.series import decode_series  # noqa: E402
 
 
 def instance_rows(paths: list[Path], store: BlobStore) -> list[InstanceRecord]:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_profile:
             prof.enable()
         t0, c0 = time.perf_counter(), time.process_time()
-        series = runner.decode_series(rows, run.store)
+        series = decode_series(rows, run.store)
         stages["decode"], cpu["decode"] = time.perf_counter() - t0, time.process_time() - c0
         analyses = []
         for model in models:

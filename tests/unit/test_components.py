@@ -14,7 +14,7 @@ from pydicom.tag import Tag
 from app.registry.manifest import Manifest
 from workers.analysis import analyze_series, structure_rules
 from workers.pipeline import postprocess as pp
-from workers.runner import slice_spacing
+from workers.series import slice_spacing
 
 NODULE, LUNG = 2, 1
 
