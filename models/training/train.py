@@ -52,6 +52,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 SINGLE_FRAME_FRACTION = 0.05  # 2.5-D inputs whose context repeats the centre slice
 SEG_NODULE_FRACTION = 0.5  # segmentation crops centred on a nodule pixel of a random nodule slice
 SEG_LUNG_FRACTION = 0.25  # segmentation crops centred on lung: vessels are the hard negatives
+NODULE_CE_WEIGHT = 2.0  # segmentation: cross-entropy weight of the nodule class
 FINAL_FULL_FRACTION = 0.1  # share of the time budget spent on whole 256 × 256 slices
 LOC_WEIGHT = 1.0  # classifier: weight of the localisation term
 EVIDENCE_TARGET = 2.0  # classifier: logit contribution of one fully covered stride-4 nodule cell
@@ -67,8 +68,13 @@ BN_RECALIBRATION_SLICES = 256  # BatchNorm statistics re-estimated on whole slic
 VAL_EVERY_SECONDS = 300.0  # classifier: progress probe on every 8th validation slice
 
 
-def classifier_recipe() -> str:
+def classifier_recipe(lesion_sampling: bool = False) -> str:
     """One-paragraph description of the classifier's training recipe (for the model card)."""
+    drawn = (
+        "a uniformly drawn lesion (3-D nodule component), then one of its slices"
+        if lesion_sampling
+        else "a uniformly drawn nodule slice"
+    )
     phases = ", ".join(
         f"{c} × {c} crops (batch {b}) up to {end:.0%} of the time budget"
         for end, c, b in CLS_PHASES
@@ -77,7 +83,7 @@ def classifier_recipe() -> str:
     return (
         f"{phases}, then whole 256 × 256 slices (batch {CLS_FULL_BATCH}, drawn uniformly: the "
         f"natural share of nodule slices); crops {CLS_NODULE_FRACTION:.0%} centred on a nodule "
-        "pixel of a uniformly drawn nodule slice, "
+        f"pixel of {drawn}, "
         f"{CLS_LUNG_FRACTION:.0%} centred on a random lung pixel (vessels are the hard "
         f"negatives), {uniform:.0%} uniform; left-right mirroring; AdamW (weight decay 1e-4), "
         f"{WARMUP_FRACTION:.0%} linear warm-up, cosine decay on wall-clock progress; loss = BCE "
@@ -225,14 +231,19 @@ def lesion_slices(data: Split) -> list[np.ndarray]:
 
 
 def seg_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, per_sample_nodule: bool = False
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    per_sample_nodule: bool = False,
+    nodule_weight: float = NODULE_CE_WEIGHT,
 ) -> torch.Tensor:
-    """Cross-entropy + soft Dice of the lung and nodule classes, pooled over the batch.
+    """Cross-entropy (nodule class weighted ``nodule_weight``) + soft Dice of the lung and
+    nodule classes, pooled over the batch.
 
     With ``per_sample_nodule`` the nodule term averages the soft Dice of each sample that
     contains nodule instead: pooled, a 25 mm nodule's pixels outweigh a 7 mm one's ten to one.
     """
-    ce = F.cross_entropy(logits, target, weight=torch.tensor([1.0, 1.0, 2.0]))
+    ce = F.cross_entropy(logits, target, weight=torch.tensor([1.0, 1.0, nodule_weight]))
     prob = logits.softmax(1)
     onehot = F.one_hot(target, 3).permute(0, 3, 1, 2).float()
     inter = (prob * onehot).sum((2, 3))  # (B, 3)
@@ -383,6 +394,7 @@ def train(
     val_every: bool = True,
     lesion_balanced: bool = False,
     lesion_sampling: bool = False,
+    nodule_weight: float = NODULE_CE_WEIGHT,
 ) -> dict[str, Any]:
     """Train ``name`` within a wall-clock budget; save ``<out>/<name>.pt`` and a JSON log.
 
@@ -390,7 +402,9 @@ def train(
     ``lr``); steps, time and commands of all sessions add up in the log. ``lesion_balanced``
     (segmenters) draws nodule crops per lesion and averages the nodule Dice per sample, so
     small nodules weigh as much as large ones (an experiment: see models/README.md);
-    ``lesion_sampling`` draws the crops per lesion but keeps the pooled nodule Dice.
+    ``lesion_sampling`` draws the nodule crops per lesion (classifier too) but keeps the
+    pooled nodule Dice; ``nodule_weight`` is the segmenters' cross-entropy weight of the
+    nodule class.
     """
     out = out or CHECKPOINTS
     cfg = dict(DEFAULTS[name])
@@ -398,6 +412,8 @@ def train(
         cfg["minutes"] = minutes
     if lr is not None:
         cfg["lr"] = lr
+    if name != "classifier":
+        cfg["nodule_weight"] = nodule_weight
     previous: dict[str, Any] | None = None
     net = build_model(name, cfg["base"])
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=1e-4)
@@ -417,7 +433,12 @@ def train(
     is_cls = name == "classifier"
     if is_cls:
         sampler = CropSampler(
-            data, rng, CLS_NODULE_FRACTION, lung_fraction=CLS_LUNG_FRACTION, per_slice=True
+            data,
+            rng,
+            CLS_NODULE_FRACTION,
+            lung_fraction=CLS_LUNG_FRACTION,
+            per_slice=True,
+            per_lesion=lesion_sampling,
         )
     else:
         sampler = CropSampler(
@@ -474,7 +495,9 @@ def train(
             assert isinstance(net, NoduleClassifier)
             loss, _, _ = cls_loss(net, x, y)
         else:
-            loss = seg_loss(net(x), y, per_sample_nodule=lesion_balanced)
+            loss = seg_loss(
+                net(x), y, per_sample_nodule=lesion_balanced, nodule_weight=nodule_weight
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -503,6 +526,8 @@ def train(
     command += " --resume" if resume else f" --seed {seed}"
     command += " --lesion-balanced" if lesion_balanced else ""
     command += " --lesion-sampling" if lesion_sampling and not lesion_balanced else ""
+    if not is_cls and nodule_weight != NODULE_CE_WEIGHT:
+        command += f" --nodule-weight {nodule_weight:g}"
     command += f" --out {out}" if out != CHECKPOINTS else ""
     command += f" --threads {threads}"
     session = {
@@ -531,7 +556,7 @@ def train(
         "cpu_threads": threads,
     }
     if is_cls:
-        log["recipe"] = classifier_recipe()
+        log["recipe"] = classifier_recipe(lesion_sampling)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
@@ -580,7 +605,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--lesion-sampling",
         action="store_true",
-        help="segmenters: nodule crops per lesion, nodule Dice pooled (experimental)",
+        help="nodule crops drawn per lesion (segmenters keep the pooled nodule Dice)",
+    )
+    p.add_argument(
+        "--nodule-weight",
+        type=float,
+        default=NODULE_CE_WEIGHT,
+        help="segmenters: cross-entropy weight of the nodule class",
     )
     p.add_argument("--out", type=Path, default=None, help="checkpoint folder")
     args = p.parse_args(argv)
@@ -593,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         lesion_balanced=args.lesion_balanced,
         lesion_sampling=args.lesion_sampling,
+        nodule_weight=args.nodule_weight,
         out=args.out,
     )
     return 0
