@@ -12,6 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -34,9 +35,20 @@ class RegisteredModel:
         return self.folder / self.manifest.file
 
 
-def _version_key(version: str) -> tuple[tuple[int, str], ...]:
-    parts = version.replace("-", ".").replace("+", ".").split(".")
-    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in parts)
+def _version_key(version: str) -> tuple[Any, ...]:
+    """Sort key of a version: a plain release (``1.1.0``) ranks above any version with a
+    suffix (``1.9.0-rc1``, ``1.1.0-int8``), then Semantic Versioning 2.0 precedence (§11).
+
+    So a variant such as an INT8 build, or a release candidate, is never the version that a
+    bare model name resolves to while a plain release exists. Build metadata (``+...``) is
+    ignored.
+    """
+    release, _, suffix = version.split("+", 1)[0].partition("-")
+
+    def parts(text: str) -> tuple[tuple[int, str], ...]:
+        return tuple((int(p), "") if p.isdigit() else (-1, p) for p in text.split(".") if p)
+
+    return (not suffix, parts(release), not suffix, parts(suffix))
 
 
 def load_registry(models_dir: Path) -> dict[str, RegisteredModel]:
@@ -108,10 +120,15 @@ def verify_model(model: RegisteredModel) -> str | None:
     return None
 
 
-def latest_versions(registry: dict[str, RegisteredModel]) -> dict[str, RegisteredModel]:
-    """The newest version of each model name."""
+def latest_versions(
+    registry: dict[str, RegisteredModel], *, defaults_only: bool = False
+) -> dict[str, RegisteredModel]:
+    """The newest version of each model name (plain releases first, see ``_version_key``);
+    with ``defaults_only``, the newest of the versions whose manifest says ``default``."""
     best: dict[str, RegisteredModel] = {}
     for model in registry.values():
+        if defaults_only and not model.manifest.default:
+            continue
         name = model.manifest.name
         current = best.get(name)
         if current is None or _version_key(model.manifest.version) > _version_key(
@@ -124,13 +141,14 @@ def latest_versions(registry: dict[str, RegisteredModel]) -> dict[str, Registere
 def resolve_models(
     registry: dict[str, RegisteredModel], requested: list[str] | None
 ) -> list[RegisteredModel]:
-    """Turn ``["unet", "segnet:1.0.0"]`` (or None = defaults) into registered models.
+    """Turn ``["unet", "segnet:1.0.0"]`` (or None: per model, its newest default version)
+    into registered models; a bare name is its newest version.
 
     Raises ``UnknownModel`` naming the first name that is not registered.
     """
     latest = latest_versions(registry)
     if not requested:
-        chosen = [m for m in latest.values() if m.manifest.default]
+        chosen = list(latest_versions(registry, defaults_only=True).values())
         if not chosen:
             raise UnknownModel(detail="no default model is registered")
         return sorted(chosen, key=lambda m: m.manifest.name)

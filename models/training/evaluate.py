@@ -42,7 +42,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from app.registry.manifest import Manifest, Task
-from app.registry.service import file_sha256
+from app.registry.service import file_sha256, latest_versions, load_registry
 from models.training.card import publish
 from models.training.data import (
     CACHE_DIR,
@@ -58,9 +58,16 @@ from workers.pipeline import postprocess
 from workers.pipeline.postprocess import aggregate_series, calibrated_probabilities
 from workers.pipeline.preprocess import preprocess_frames
 
-VERSION = "1.0.0"
 SIZE_BANDS = [(3.0, 6.0), (6.0, 10.0), (10.0, 20.0), (20.0, 30.01)]
 RESAMPLES = 1000
+
+
+def release_dir(name: str, models_dir: Path = MODELS_DIR) -> Path:
+    """The folder of ``name``'s newest release: the version the service serves by default."""
+    model = latest_versions(load_registry(models_dir)).get(name)
+    if model is None:
+        raise SystemExit(f"{name}: no release under {models_dir}")
+    return model.folder
 
 
 def load_manifest(name: str, models_dir: Path = MODELS_DIR) -> tuple[Manifest, Path]:
@@ -69,7 +76,7 @@ def load_manifest(name: str, models_dir: Path = MODELS_DIR) -> tuple[Manifest, P
     Evaluating, or re-fitting thresholds on, a file other than the one the manifest describes
     would publish numbers for the wrong model: a sha256 mismatch stops the command.
     """
-    directory = models_dir / name / VERSION
+    directory = release_dir(name, models_dir)
     manifest = Manifest.model_validate_json((directory / "manifest.json").read_text())
     actual = file_sha256(directory / manifest.file)
     if actual != manifest.sha256:
@@ -607,9 +614,9 @@ def comparison_table() -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("unet", "segnet"):
-        path = MODELS_DIR / name / VERSION / "manifest.json"
-        if not path.exists():
+        if latest_versions(load_registry(MODELS_DIR)).get(name) is None:
             continue
+        path = release_dir(name) / "manifest.json"
         m = Manifest.model_validate_json(path.read_text())
         p = m.provenance
         arch, tr = p.get("architecture", {}), p.get("training", {})

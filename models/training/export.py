@@ -57,7 +57,7 @@ from models.training.evaluate import fit_components, load_manifest
 from models.training.train import CHECKPOINTS, MODEL_NAMES, build_model
 from workers.pipeline.postprocess import calibrated_probabilities
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # the release this code exports (earlier releases stay servable)
 MAX_ONNX_BYTES = 25 * 1024 * 1024
 PARITY_TOLERANCE = 1e-4
 PARITY_INPUTS = 100

@@ -1,4 +1,4 @@
-"""Static INT8 versions of the shipped models: ``models/<name>/1.0.0-int8``.
+"""Static INT8 versions of the shipped models: ``models/<name>/<release>-int8``.
 
     python -m models.training.quantize [unet segnet classifier] [--calibration 64]
         [--eval-slices 1024] [--threads 1]
@@ -27,7 +27,7 @@ Kept in fp32, because quantising them costs accuracy and buys no speed:
 The INT8 model is checked against fp32 on held-out test slices (mask Dice per label,
 classifier AUC and its drop, logit drift) and timed against fp32 on the same tensors
 (interleaved rounds, 1 thread and all cores). Those numbers go into its manifest
-(``default: false``: users ask for it with ``models=unet:1.0.0-int8``) and its card. A
+(``default: false``: users ask for it with ``models=unet:1.1.0-int8``) and its card. A
 version that fails the release gates (mask Dice against fp32 ≥ 0.99, classifier AUC drop
 ≤ 0.005) is not served: it is moved to ``models/.cache/int8-rejected/`` for inspection.
 """
@@ -64,11 +64,11 @@ from onnxruntime.quantization import (
 from app.registry.manifest import Manifest, OutputRole, Task
 from models.training.card import render_card, write_manifest
 from models.training.data import CACHE_DIR, MODELS_DIR, SPLITS, load_split, network_inputs
+from models.training.evaluate import release_dir
 from models.training.export import sha256_file, strip_doc_strings
 from workers.pipeline.postprocess import calibrated_probabilities
 
-SOURCE_VERSION = "1.0.0"
-INT8_VERSION = "1.0.0-int8"
+INT8_SUFFIX = "-int8"  # the INT8 build of release X is version X-int8 (never a default)
 MODEL_NAMES = ("unet", "segnet", "classifier")
 DICE_GATE = 0.99  # mask agreement with fp32 required to ship
 AUC_DROP_GATE = 0.005
@@ -341,7 +341,7 @@ def int8_manifest(
 ) -> Manifest:
     data = source.model_dump(mode="json")
     data.update(
-        version=INT8_VERSION,
+        version=source.version + INT8_SUFFIX,
         sha256=sha,
         default=False,
         description="INT8 (static, per-channel QDQ) version of "
@@ -384,10 +384,11 @@ def build(
     models_dir: Path,
     keep_failed: bool = False,
 ) -> dict[str, Any]:
-    src_dir = models_dir / name / SOURCE_VERSION
+    src_dir = release_dir(name, models_dir)
     source = Manifest.model_validate_json((src_dir / "manifest.json").read_text())
     fp32 = src_dir / source.file
-    out_dir = models_dir / name / INT8_VERSION
+    int8_version = source.version + INT8_SUFFIX
+    out_dir = models_dir / name / int8_version
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "model.onnx"
     t0 = time.time()
@@ -439,7 +440,7 @@ def build(
     (out_dir / "card.md").write_text(int8_card(manifest, q))
     if not q["gates_passed"] and not keep_failed:
         # a version that fails its release gates is not served: keep it for inspection only
-        rejected = CACHE_DIR / "int8-rejected" / name / INT8_VERSION
+        rejected = CACHE_DIR / "int8-rejected" / name / int8_version
         shutil.rmtree(rejected, ignore_errors=True)
         rejected.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(out_dir), str(rejected))

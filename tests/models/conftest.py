@@ -21,12 +21,14 @@ def load(path: Path) -> Manifest:
 
 @pytest.fixture(scope="session")
 def shipped() -> dict[str, tuple[Manifest, Path]]:
-    """name → (manifest, version directory) of the trained 1.0.0 models under ``models/``."""
-    out = {}
-    for p in manifest_paths():
-        m = load(p)
-        if m.version == "1.0.0":
-            out[m.name] = (m, p.parent)
+    """name → (manifest, version directory) of the served version of each model under
+    ``models/`` (its newest release: what a bare model name and the default set resolve to)."""
+    from app.registry.service import latest_versions, load_registry
+
+    out = {
+        name: (model.manifest, model.folder)
+        for name, model in latest_versions(load_registry(MODELS_DIR)).items()
+    }
     if not out:
         pytest.fail("no model manifests under models/")
     return out

@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from app.db.records import InstanceRecord  # noqa: E402
-from app.registry.service import load_registry  # noqa: E402
+from app.registry.service import latest_versions, load_registry  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from app.storage import BlobStore  # noqa: E402
 from tests.perf.deploy_bench import demo_series  # noqa: E402
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--slices", type=int, default=100)
     p.add_argument("--models-dir", type=Path, default=REPO / "models")
-    p.add_argument("--models", default="", help="comma list of name:version (default: all 1.0.0)")
+    p.add_argument(
+        "--models", default="", help="comma list of name:version (default: the served releases)"
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--sort", default="cumulative")
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     registry = load_registry(args.models_dir)
     keys = [k for k in args.models.split(",") if k] or sorted(
-        k for k in registry if k.endswith(":1.0.0")
+        m.manifest.key for m in latest_versions(registry).values()
     )
     models = [registry[k] for k in keys]
     folder = demo_series(REPO / "test-artifacts" / "bench" / "data", n_slices=100, seed=7)

@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app.registry.service import RegisteredModel, load_registry
+from app.registry.service import RegisteredModel, latest_versions, load_registry
 from tests.perf.model_bench import ModelCase
 
 SHIPPED = ("unet", "segnet", "classifier")
-VERSION = "1.0.0"
-INT8_VERSION = "1.0.0-int8"
+INT8_SUFFIX = "-int8"
 
 
 def torch_twin(model: RegisteredModel) -> Any:
@@ -40,18 +39,17 @@ def torch_twin(model: RegisteredModel) -> Any:
 
 
 def shipped_cases(models_dir: Path, names: tuple[str, ...] = SHIPPED) -> list[ModelCase]:
-    """The shipped fp32 models present under ``models_dir`` (with INT8 version if present)."""
+    """The served release of each shipped model under ``models_dir`` (the newest), with its
+    INT8 build if present."""
     registry = load_registry(models_dir)
+    latest = latest_versions(registry)
     cases = []
     for name in names:
-        fp32 = registry.get(f"{name}:{VERSION}")
+        fp32 = latest.get(name)
         if fp32 is None or not fp32.onnx_path.exists():
             continue
-        cases.append(
-            ModelCase(
-                model=fp32, int8=registry.get(f"{name}:{INT8_VERSION}"), torch_loader=torch_twin
-            )
-        )
+        int8 = registry.get(fp32.manifest.key + INT8_SUFFIX)
+        cases.append(ModelCase(model=fp32, int8=int8, torch_loader=torch_twin))
     return cases
 
 
