@@ -28,7 +28,7 @@ _EXAMPLE_JOB: dict[str, Any] = {
     "stage": None,
     "queue_position": 2,
     "eta_seconds": 24.0,
-    "models": ["classifier:1.0.0", "segnet:1.0.0", "unet:1.0.0"],
+    "models": ["classifier:1.1.0", "segnet:1.1.0", "unet:1.1.0"],
     "timings": {},
     "error": None,
     "warnings": [],
@@ -333,7 +333,7 @@ class Results(BaseModel):
                         {
                             "id": "f1",
                             "model": "classifier",
-                            "model_version": "1.0.0",
+                            "model_version": "1.1.0",
                             "label": "nodule",
                             "probability": 0.91,
                             "positive": True,
@@ -346,7 +346,7 @@ class Results(BaseModel):
                         {
                             "id": "f2",
                             "model": "unet",
-                            "model_version": "1.0.0",
+                            "model_version": "1.1.0",
                             "label": "nodule",
                             "probability": 0.99,
                             "positive": True,
@@ -370,7 +370,7 @@ class Results(BaseModel):
                         {
                             "id": "m1",
                             "model": "unet",
-                            "model_version": "1.0.0",
+                            "model_version": "1.1.0",
                             "sop_instance_uid": _SOP,
                             "frame": 0,
                             "labels": [
@@ -386,7 +386,7 @@ class Results(BaseModel):
                         {
                             "id": "s1",
                             "model": "classifier",
-                            "model_version": "1.0.0",
+                            "model_version": "1.1.0",
                             "method": "cam",
                             "sop_instance_uid": _SOP,
                             "frame": 0,

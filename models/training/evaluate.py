@@ -298,7 +298,9 @@ def fit_component_filter(series: list[SegSeries]) -> dict[str, Any]:
     table = []
     for volume in FIT_VOLUMES_MM3:
         froc = froc_sensitivity([refilter(s, volume) for s in series])
-        threshold = round(max(froc["threshold"], 0.5), 4)
+        # rounded down, never up: a floor of 0.99996 stored as 1.0 would drop components the
+        # fit kept (a saturated network's scores sit that close to 1)
+        threshold = math.floor(max(froc["threshold"], 0.5) * 1e6) / 1e6
         counts = np.sum([refilter(s, volume, threshold).counts for s in series], axis=0)
         table.append(
             {

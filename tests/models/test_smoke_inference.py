@@ -47,12 +47,12 @@ def _largest_nodule_slice(series: PhantomSeries) -> int:
         "unet",
         pytest.param(
             "segnet",
-            # Known gap of the shipped SegNet 1.0.0: it labels this phantom's 16–22 mm
-            # nodule as lung (no nodule component touches it; its candidates elsewhere peak
-            # at 0.99 and are removed by the fitted filter, p >= 0.9786, 65 mm³); on the
-            # held-out set it finds 83–89 % of nodules of 10 mm and more. strict=True: the
-            # test fails as soon as a better model passes.
-            marks=pytest.mark.xfail(strict=True, reason="SegNet 1.0.0 misses the smoke nodule"),
+            # Known gap of the shipped SegNet 1.1.0: this phantom's nodule is a 19 mm
+            # ground-glass one, and SegNet labels about a tenth of its voxels nodule (Dice
+            # 0.36 on its largest slice, against 0.6 asked; 1.0.0 labelled it all lung). On the
+            # held-out set it finds 91-100 % of the nodules of 10 mm and more. strict=True:
+            # the test fails as soon as a better model passes.
+            marks=pytest.mark.xfail(strict=True, reason="SegNet 1.1.0 under-segments the smoke nodule"),
         ),
     ],
 )
