@@ -438,6 +438,7 @@ def build(
     manifest = int8_manifest(source, sha256_file(out), provenance, metrics)
     write_manifest(manifest, out_dir)
     (out_dir / "card.md").write_text(int8_card(manifest, q))
+    size_mib = out.stat().st_size / 2**20
     if not q["gates_passed"] and not keep_failed:
         # a version that fails its release gates is not served: keep it for inspection only
         rejected = CACHE_DIR / "int8-rejected" / name / int8_version
@@ -446,7 +447,7 @@ def build(
         shutil.move(str(out_dir), str(rejected))
         q["rejected_to"] = str(rejected.relative_to(MODELS_DIR))
     print(
-        f"{manifest.key}: {out.stat().st_size / 2**20:.2f} MiB, agreement "
+        f"{manifest.key}: {size_mib:.2f} MiB, agreement "
         f"{json.dumps({k: v for k, v in a.items() if not isinstance(v, dict)})}, speed "
         f"{json.dumps(metrics['speedup_vs_fp32'])}, gates {'passed' if q['gates_passed'] else 'NOT passed'}",
         flush=True,
