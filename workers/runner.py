@@ -1,9 +1,10 @@
 """Run one job: claim → decode → analyse with every model → outputs → record, atomically.
 
 The only worker module that opens database sessions; it reads and writes blobs itself and
-through ``workers.series`` (decoding) and ``workers.dicom_outputs`` (SEG, SR, Parametric Maps). Each step runs in its
-own short ``session_scope()``; the results and the ``succeeded`` status commit in ONE transaction,
-after every blob they name is durable. Re-running a job replaces its result set as a whole.
+through ``workers.series`` (decoding) and ``workers.dicom_outputs`` (SEG, SR, Parametric Maps).
+Each step runs in its own short ``session_scope()``; the results and the ``succeeded`` status
+commit in ONE transaction, after every blob they name is durable. Re-running a job replaces its
+result set as a whole.
 """
 
 from __future__ import annotations
