@@ -106,8 +106,8 @@ def test_drop_a_folder_and_a_zip_follow_the_queue_and_review_overlays(
     page.get_by_label("API key").fill(server.api_key)
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("button", name="Sign out")).to_be_visible()
-    for name in ("tinyseg", "tinycls"):
-        page.locator(f"#model-list input[value={name}]").check()
+    for key in ("tinyseg:1.0.0", "tinycls:1.0.0"):
+        page.locator(f'#model-list input[value="{key}"]').check()
 
     # Drop the folder and the zip together, as from a file manager.
     drop_paths(page, "#dropzone", [study, zipped])

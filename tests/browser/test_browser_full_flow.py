@@ -100,7 +100,16 @@ def test_upload_demo_series_and_review_results(
 
     _sign_in(page, medcad_server.url, medcad_server.api_key)
     expect(page.locator("#model-list input[type=checkbox]").first).to_be_visible()
-    assert page.locator("#model-list input[type=checkbox]:checked").count() >= 1
+    boxes = page.locator("#model-list input[type=checkbox]")
+    offered = {
+        boxes.nth(i).get_attribute("value"): boxes.nth(i).is_checked() for i in range(boxes.count())
+    }
+    # the served releases are preselected; earlier releases and INT8 builds are offered by
+    # version (a bare name would run the newest release instead of the one ticked)
+    defaults = {key for key, checked in offered.items() if checked}
+    assert {key.split(":")[0] for key in defaults} == {"unet", "segnet", "classifier"}, offered
+    assert all(":" in str(key) for key in offered), offered
+    assert any(str(key).endswith("-int8") for key in offered.keys() - defaults), offered
     page.screenshot(path=str(screenshot_dir / "flow-01-signed-in.png"))
 
     # Upload: every demo file is stored (or was already stored by an earlier run on this server).

@@ -600,7 +600,10 @@ export function initUpload({ announce, onJobsCreated }) {
     list.replaceChildren(
       ...items.map((model) => {
         const id = `model-${model.name}-${model.version}`.replace(/[^A-Za-z0-9_-]/g, "_");
-        const box = el("input", { type: "checkbox", id, value: model.name, checked: Boolean(model.default) });
+        // name:version, so an earlier release or an INT8 build runs as chosen (a bare name
+        // would resolve to the newest release)
+        const value = model.version ? `${model.name}:${model.version}` : model.name;
+        const box = el("input", { type: "checkbox", id, value, checked: Boolean(model.default) });
         if (model.description) box.setAttribute("aria-describedby", `${id}-desc`);
         return el(
           "div",
