@@ -243,12 +243,12 @@ def parametric_maps(
     out: list[ArtifactRecord] = []
     maps = analysis.saliency
     n = len(series.refs)
+    datasets = source_headers(series)
     for method in {m.method for m in maps}:
         per_frame = {m.index: m for m in maps if m.method is method}
         if len(per_frame) != n:
             continue  # partial maps (budgeted occlusion) stay as PNG/npy, not a PM
         stack = np.stack([per_frame[i].values for i in range(n)]).astype(np.float32)
-        datasets = source_headers(series)
         ds = dicom_pmap.build_parametric_map(
             datasets,
             stack,

@@ -48,7 +48,7 @@ def _version_key(version: str) -> tuple[Any, ...]:
     def parts(text: str) -> tuple[tuple[int, str], ...]:
         return tuple((int(p), "") if p.isdigit() else (-1, p) for p in text.split(".") if p)
 
-    return (not suffix, parts(release), not suffix, parts(suffix))
+    return (not suffix, parts(release), parts(suffix))
 
 
 def load_registry(models_dir: Path) -> dict[str, RegisteredModel]:
@@ -146,12 +146,12 @@ def resolve_models(
 
     Raises ``UnknownModel`` naming the first name that is not registered.
     """
-    latest = latest_versions(registry)
     if not requested:
         chosen = list(latest_versions(registry, defaults_only=True).values())
         if not chosen:
             raise UnknownModel(detail="no default model is registered")
         return sorted(chosen, key=lambda m: m.manifest.name)
+    latest = latest_versions(registry)
     result: dict[str, RegisteredModel] = {}
     for item in requested:
         name = item.strip()

@@ -615,11 +615,11 @@ def comparison_table() -> str:
         "| parameters | GFLOP / slice | ORT latency, 1 thread (ms) | ONNX MiB | training |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    released = latest_versions(load_registry(MODELS_DIR))
     for name in ("unet", "segnet"):
-        if latest_versions(load_registry(MODELS_DIR)).get(name) is None:
+        if name not in released:
             continue
-        path = release_dir(name) / "manifest.json"
-        m = Manifest.model_validate_json(path.read_text())
+        m = released[name].manifest
         p = m.provenance
         arch, tr = p.get("architecture", {}), p.get("training", {})
         rows.append(
