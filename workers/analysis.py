@@ -110,19 +110,22 @@ def _in_band(p: float, band: tuple[float, float]) -> bool:
 
 
 PERTURBATION = (SaliencyMethod.OCCLUSION, SaliencyMethod.RISE)
+# Methods a request may add to the manifest's: the perturbation maps, and flip TTA (three extra
+# passes per frame; segmentation only, a classifier ignores it).
+ON_REQUEST = (*PERTURBATION, SaliencyMethod.TTA_STD)
 
 
 def effective_methods(
     manifest: Manifest, requested: Sequence[SaliencyMethod] = ()
 ) -> tuple[SaliencyMethod, ...]:
-    """The saliency methods to compute: the manifest's, plus perturbation methods on request.
+    """The saliency methods to compute: the manifest's, plus ``ON_REQUEST`` methods asked for.
 
     A classifier without a CAM output and without a perturbation method in its manifest (a
     user-supplied model) still gets occlusion sensitivity: no finding goes unexplained.
     """
     methods = list(manifest.saliency.methods)
     for method in requested:
-        if method in PERTURBATION and method not in methods:
+        if method in ON_REQUEST and method not in methods:
             methods.append(method)
     if (
         manifest.task is Task.CLASSIFICATION
@@ -146,8 +149,9 @@ def analyze_series(
     """Run one model over a (F, H, W) float32 stack in modality units.
 
     ``max_forward_passes`` bounds the perturbation saliency cost of this model on this series
-    (its manifest may set a lower bound); ``extra_methods`` are perturbation methods the request
-    asked for on top of the manifest's defaults. ``preprocessed``, if given, is a cache of
+    (its manifest may set a lower bound); flip TTA costs a fixed three passes per frame.
+    ``extra_methods`` are ``ON_REQUEST`` methods the request asked for on top of the manifest's
+    defaults. ``preprocessed``, if given, is a cache of
     network inputs for these ``frames`` keyed by preprocessing section: models that share one
     (window, size, resampling, normalisation) reuse its tensor, which nothing here modifies.
     ``voxel_mm3`` is the volume of one source voxel (row × column spacing × slice spacing),
@@ -223,6 +227,8 @@ def _segment(
                     params={"normalised_by": "log(K)"},
                 )
             )
+    if SaliencyMethod.TTA_STD in methods:
+        maps.extend(_segmentation_tta(run, manifest, x, probs, size))
     lesions = lesions_in_source(seg, names, grid, size, manifest.review.probability_band)
     if SaliencyMethod.OCCLUSION in methods:
         maps.extend(_segmentation_occlusion(run, manifest, x, small, size, budget, lesions))
@@ -294,6 +300,38 @@ def structure_rules(manifest: Manifest) -> list[postprocess.StructureRule]:
 def _target_value(manifest: Manifest) -> int | None:
     target = manifest.saliency.target_label
     return next((lab.value for lab in manifest.labels if lab.name == target), None)
+
+
+def _segmentation_tta(
+    run: RunFn,
+    manifest: Manifest,
+    x: FloatArray,
+    probs: FloatArray,
+    size: tuple[int, int],
+) -> list[SaliencyResult]:
+    """Flip test-time-augmentation uncertainty of every frame (Wang et al. 2019).
+
+    The served prediction is the identity member of the four flips, so each frame costs three
+    more passes, run in the manifest's batches. The map is, per pixel, the largest standard
+    deviation of any class probability over the flips (0 to 0.5).
+    """
+
+    def predict(batch: FloatArray) -> FloatArray:
+        logits = run_batched(run, manifest, batch)[OutputRole.LOGITS]
+        return postprocess.probabilities_from_logits(logits, axis=1)
+
+    std = saliency.tta_flip_std_series(predict, x, identity_probs=probs)
+    params = {"flips": ",".join(saliency.TTA_FLIPS), "statistic": "max over classes of the std"}
+    return [
+        SaliencyResult(
+            index=i,
+            method=SaliencyMethod.TTA_STD,
+            values=postprocess.resize_float_map(m, size),
+            display_range=(0.0, 0.5),
+            params=dict(params),
+        )
+        for i, m in enumerate(std)
+    ]
 
 
 def _segmentation_occlusion(

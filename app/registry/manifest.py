@@ -35,7 +35,7 @@ class SaliencyMethod(StrEnum):
     OCCLUSION = "occlusion"  # model-agnostic occlusion sensitivity, blurred-image fill
     RISE = "rise"  # randomised input sampling, blurred baseline
     ENTROPY = "entropy"  # per-pixel softmax entropy (segmentation uncertainty)
-    TTA_STD = "tta_std"  # std of the foreground probability over flip test-time augmentation
+    TTA_STD = "tta_std"  # largest std of any class probability over flip test-time augmentation
 
 
 class _Strict(BaseModel):

@@ -928,7 +928,7 @@ def evaluate_segmenter(
     order = [int(i) for i in np.random.default_rng(args.seed).permutation(len(sl.x))]
 
     def tta(i: int, logits_fn: Callable[[Array], Array] = predict_logits) -> S.SaliencyResult:
-        return S.tta_flip_std(lambda b: S.softmax(logits_fn(b), axis=1), sl.x[i], label=nod)
+        return S.tta_flip_std(lambda b: S.softmax(logits_fn(b), axis=1), sl.x[i])
 
     tta_done, tta_cut = run_capped(
         order[: plan["tta_std"]],

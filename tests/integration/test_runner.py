@@ -212,6 +212,23 @@ def test_perturbation_saliency_on_request_respects_budget(api: Any) -> None:
     assert disc[np.unravel_index(np.argmax(values), values.shape)]
 
 
+def test_flip_tta_uncertainty_on_request_maps_every_segmented_frame(api: Any) -> None:
+    blobs, _ = bright_disc_series(n=3, radius=10)
+    job_id = _upload(api, blobs, models="tinyseg", saliency="tta_std")
+    assert runner.run_job(job_id) == "succeeded"
+    res = api.get(f"/api/v1/jobs/{job_id}/results").json()
+    tta = [s for s in res["saliency"] if s["method"] == "tta_std"]
+    assert len({s["sop_instance_uid"] for s in tta}) == len(tta) == 3  # one per slice
+    assert all(s["model"] == "tinyseg" and s["params"]["flips"].count(",") == 3 for s in tta)
+    values = np.load(io.BytesIO(api.get(tta[0]["url"]).content)).astype(np.float32)
+    assert values.shape == (64, 64) and 0.0 <= values.min() and values.max() <= 0.5
+    # the pixel-wise model is flip-equivariant: its flips agree everywhere
+    assert values.max() < 1e-3
+    ids = {s["id"] for s in tta}
+    assert all(ids & set(m["saliency_ids"]) for m in res["masks"])
+    assert "tta_std" in {link["method"] for link in res["dicom"]["pmap"]}
+
+
 def test_bad_saliency_request_is_400(api: Any) -> None:
     blobs, _ = bright_disc_series(n=1)
     files = [("files", ("a.dcm", blobs[0], "application/dicom"))]

@@ -30,3 +30,13 @@ def test_cam_classifier_keeps_cam_and_adds_requested_perturbation_once() -> None
     assert effective_methods(manifest) == (SaliencyMethod.CAM,)
     requested = [SaliencyMethod.RISE, SaliencyMethod.RISE, SaliencyMethod.ENTROPY]
     assert effective_methods(manifest, requested) == (SaliencyMethod.CAM, SaliencyMethod.RISE)
+
+
+def test_flip_tta_may_be_requested_but_entropy_and_cam_follow_the_manifest() -> None:
+    manifest = _classifier(
+        [{"name": "y", "shape": ["N", 1], "role": "logits"},
+         {"name": "c", "shape": ["N", 1, 64, 64], "role": "cam"}], ["cam"])
+    requested = [SaliencyMethod.TTA_STD, SaliencyMethod.CAM, SaliencyMethod.OCCLUSION]
+    assert effective_methods(manifest, requested) == (
+        SaliencyMethod.CAM, SaliencyMethod.TTA_STD, SaliencyMethod.OCCLUSION,
+    )

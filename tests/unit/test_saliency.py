@@ -280,6 +280,38 @@ def test_tta_flip_std_matches_the_analytic_value_for_a_column_ramp() -> None:
     np.testing.assert_allclose(res.map, np.broadcast_to(expected, (12, W)), atol=1e-6)
 
 
+def test_tta_series_reuses_the_served_prediction_and_takes_the_largest_class_std() -> None:
+    """Three classes; only class 2 depends on the column, so it alone disagrees under flips.
+
+    With ``label=None`` the map is the largest std of any class: class 2's ramp std here,
+    while ``label=0`` (constant) gives zero. Passing the identity probabilities saves a pass
+    per frame and changes nothing.
+    """
+    c = 0.3
+    rng = np.random.default_rng(3)
+    x = (0.2 * rng.random((2, 1, 8, W))).astype(np.float32)
+    calls: list[int] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        ramp = c * np.arange(W, dtype=np.float32) / W
+        p2 = 0.1 + 0.0 * batch + ramp
+        p0 = np.full_like(p2, 0.2)
+        return np.concatenate([p0, 1 - p0 - p2, p2], axis=1).astype(np.float32)
+
+    full = S.tta_flip_std_series(model, x)
+    assert calls == [8] and full.shape == (2, 8, W) and full.dtype == np.float32
+    j = np.arange(W)
+    expected = c * np.abs(2 * j - (W - 1)) / (2 * W)
+    np.testing.assert_allclose(full, np.broadcast_to(expected, (2, 8, W)), atol=1e-6)
+    reused = S.tta_flip_std_series(model, x, identity_probs=model(x))
+    assert calls[-2:] == [2, 6]  # the identity pass was the caller's
+    np.testing.assert_allclose(reused, full, atol=1e-7)
+    np.testing.assert_allclose(S.tta_flip_std_series(model, x, label=0), 0.0, atol=1e-7)
+    with pytest.raises(ValueError, match="F, C, H, W"):
+        S.tta_flip_std_series(model, x[0])
+
+
 # ------------------------------------------------------------------------ storage
 def test_encode_decode_round_trip_in_float16() -> None:
     rng = np.random.default_rng(4)

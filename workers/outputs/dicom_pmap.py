@@ -43,7 +43,7 @@ _EXPLANATIONS: dict[str, str] = {
     "occlusion": "occlusion sensitivity",
     "rise": "RISE saliency",
     "entropy": "per-pixel predictive entropy",
-    "tta_std": "std of foreground probability over flips",
+    "tta_std": "largest std of any class probability over flips",
 }
 
 

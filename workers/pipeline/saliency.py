@@ -549,37 +549,88 @@ def softmax_entropy(probabilities: NDArray[np.floating]) -> FloatArray:
     return out
 
 
+def _flip(a: NDArray[np.floating], k: int) -> NDArray[np.floating]:
+    """Flip ``k`` of ``TTA_FLIPS`` on the last two axes (each flip is its own inverse)."""
+    if k == 1:
+        return a[..., ::-1]
+    if k == 2:
+        return a[..., ::-1, :]
+    if k == 3:
+        return a[..., ::-1, ::-1]
+    return a
+
+
+def tta_flip_std_series(
+    predict_probs: PredictProbabilities,
+    x: NDArray[np.floating],
+    *,
+    label: int | None = None,
+    identity_probs: NDArray[np.floating] | None = None,
+) -> FloatArray:
+    """Test-time-augmentation uncertainty of every frame of a series (Wang et al. 2019).
+
+    Each frame is flipped four ways (identity, horizontal = columns reversed, vertical = rows
+    reversed, both), run through the model, each output flipped back, and the per-pixel
+    population standard deviation of the class probabilities taken over the four.
+
+    Parameters
+    ----------
+    predict_probs : ``(N, C, H, W) float32 -> (N, K, H, W)`` class probabilities.
+    x : float32, shape (F, C, H, W): the frames' network inputs.
+    label : class index of one structure; ``None`` (default) takes, per pixel, the largest
+        std of any class, so a disagreement about any boundary (lung or nodule) shows.
+    identity_probs : (F, K, H, W) probabilities of the unflipped frames, when the caller
+        already has them (the served prediction): then only 3 passes per frame are run.
+
+    Returns
+    -------
+    float32, shape (F, H, W): std in probability units (at most 0.5).
+    """
+    frames = np.asarray(x, dtype=np.float32)
+    if frames.ndim != 4:
+        raise ValueError(f"x must be (F, C, H, W), got shape {frames.shape}")
+    n = frames.shape[0]
+    ks = [1, 2, 3] if identity_probs is not None else [0, 1, 2, 3]
+    batch = np.ascontiguousarray(np.concatenate([_flip(frames, k) for k in ks]))
+    probs = np.asarray(predict_probs(batch), dtype=np.float32)
+    if probs.ndim != 4 or probs.shape[0] != len(ks) * n or probs.shape[2:] != frames.shape[2:]:
+        raise ValueError(f"predict_probs returned shape {probs.shape} for {batch.shape}")
+    restored = [_flip(probs[j * n : (j + 1) * n], k) for j, k in enumerate(ks)]
+    if identity_probs is not None:
+        restored.insert(0, np.asarray(identity_probs, dtype=np.float32))
+    stack = np.stack(restored)  # (4, F, K, H, W)
+    if label is not None:
+        stack = stack[:, :, label : label + 1]
+    std = stack.astype(np.float64).std(axis=0).max(axis=1)
+    out: FloatArray = std.astype(np.float32)
+    return out
+
+
 def tta_flip_std(
     predict_probs: PredictProbabilities,
     x: NDArray[np.floating],
     *,
-    label: int,
+    label: int | None = None,
 ) -> SaliencyResult:
-    """Test-time-augmentation uncertainty: std of the foreground probability over flips.
-
-    The image is flipped four ways (identity, horizontal = columns reversed, vertical = rows
-    reversed, both), run in one batch, each output flipped back, and the per-pixel population
-    standard deviation of class ``label``'s probability taken (Wang et al. 2019).
+    """Test-time-augmentation uncertainty of one image (see ``tta_flip_std_series``).
 
     Parameters
     ----------
     predict_probs : ``(N, C, H, W) float32 -> (N, K, H, W)`` class probabilities.
     x : float32, shape (C, H, W).
-    label : class index of the structure.
+    label : class index of one structure, or ``None`` for the largest std of any class.
 
     Returns
     -------
     SaliencyResult: float32 (H, W) std in probability units (at most 0.5), 4 forward passes.
     """
     img = _as_image(x)
-    variants = np.stack([img, img[:, :, ::-1], img[:, ::-1, :], img[:, ::-1, ::-1]])
-    probs = np.asarray(predict_probs(np.ascontiguousarray(variants)), dtype=np.float64)
-    if probs.ndim != 4 or probs.shape[0] != 4 or probs.shape[2:] != img.shape[1:]:
-        raise ValueError(f"predict_probs returned shape {probs.shape} for 4 images {img.shape}")
-    fg = probs[:, label]
-    restored = np.stack([fg[0], fg[1][:, ::-1], fg[2][::-1, :], fg[3][::-1, ::-1]])
-    std = restored.std(axis=0).astype(np.float32)
-    return SaliencyResult(map=std, forward_passes=4, params={"flips": ",".join(TTA_FLIPS)})
+    std = tta_flip_std_series(predict_probs, img[None], label=label)[0]
+    params: dict[str, ParamValue] = {
+        "flips": ",".join(TTA_FLIPS),
+        "classes": "all" if label is None else str(label),
+    }
+    return SaliencyResult(map=std, forward_passes=4, params=params)
 
 
 # ---------------------------------------------------------------------------------------

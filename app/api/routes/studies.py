@@ -142,13 +142,14 @@ def _ingest(
 
 
 def saliency_options(fields: dict[str, str], settings: Settings) -> dict[str, object]:
-    """Perturbation saliency asked for on upload: ``saliency=occlusion,rise``, ``saliency_budget=N``.
+    """Saliency asked for on upload: ``saliency=occlusion,rise,tta_std``, ``saliency_budget=N``.
 
-    The budget is the number of forward passes per model and series, so the cost is predictable.
+    The budget is the number of perturbation passes per model and series, so the cost is
+    predictable; flip TTA (segmentation models) costs three passes per slice.
     """
     options: dict[str, object] = {}
     names = [m.strip() for m in fields.get("saliency", "").split(",") if m.strip()]
-    allowed = {"occlusion", "rise"}
+    allowed = {"occlusion", "rise", "tta_std"}
     unknown = [n for n in names if n not in allowed]
     if unknown:
         raise BadRequest(
