@@ -108,6 +108,8 @@ def test_drop_a_folder_and_a_zip_follow_the_queue_and_review_overlays(
     expect(page.get_by_role("button", name="Sign out")).to_be_visible()
     for key in ("tinyseg:1.0.0", "tinycls:1.0.0"):
         page.locator(f'#model-list input[value="{key}"]').check()
+    # One extra explanation on top of the models' own: flip uncertainty for the segmenter.
+    page.get_by_label("Flip uncertainty").check()
 
     # Drop the folder and the zip together, as from a file manager.
     drop_paths(page, "#dropzone", [study, zipped])
@@ -189,6 +191,10 @@ def test_drop_a_folder_and_a_zip_follow_the_queue_and_review_overlays(
     expect(page.locator("#suppressed-badge")).to_be_hidden()
     expect(page.locator("#colorbar-caption")).to_contain_text("entropy")
     page.wait_for_function("() => document.getElementById('colorbar-img').naturalWidth > 0")
+    # The flip uncertainty asked for on upload came back as a map of its own.
+    choice.select_option("tinyseg|tta_std")
+    expect(page.locator("#colorbar-caption")).to_contain_text("tta_std")
+    choice.select_option("tinyseg|entropy")
     heat_opacity = page.get_by_label(re.compile(r"^Heatmap opacity"))
     heat_opacity.fill("0")
     no_heat = _canvas_hash(page)

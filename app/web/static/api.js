@@ -159,17 +159,19 @@ export const api = {
 /**
  * POST files to /api/v1/studies with XMLHttpRequest so upload progress can be shown.
  *
- * `parts` is a list of {file, name}; `onProgress(loaded, total)` follows the request body.
+ * `parts` is a list of {file, name}; `models` and `saliency` (extra explanation methods) are
+ * sent as comma lists; `onProgress(loaded, total)` follows the request body.
  * Resolves to {status, body, retryAfter} for every HTTP answer (the caller reads the per-file
  * outcomes from 4xx bodies too) and rejects with ApiError(0) on network failure, or with an
  * AbortError when `signal` fires.
  */
-export function uploadStudies(parts, { models = [], onProgress = () => {}, signal } = {}) {
+export function uploadStudies(parts, { models = [], saliency = [], onProgress = () => {}, signal } = {}) {
   return new Promise((resolve, reject) => {
     const url = apiUrl("api/v1/studies");
     const form = new FormData();
     for (const part of parts) form.append("files", part.file, part.name);
     if (models.length) form.append("models", models.join(","));
+    if (saliency.length) form.append("saliency", saliency.join(","));
 
     const xhr = new XMLHttpRequest();
     xhr.open("POST", url.href);

@@ -389,6 +389,12 @@ export function initUpload({ announce, onJobsCreated }) {
     );
   }
 
+  function selectedSaliency() {
+    return Array.from(document.querySelectorAll("#explain-choice input[type=checkbox]:checked")).map(
+      (box) => box.value,
+    );
+  }
+
   function makeRow(item) {
     const progress = el("progress", { max: 1, value: 0, "aria-label": `Upload progress of ${item.name}` });
     const outcome = el("td", { class: "outcome" }, el("span", { class: "chip chip-waiting", text: "waiting" }));
@@ -447,7 +453,7 @@ export function initUpload({ announce, onJobsCreated }) {
     row.tr.dataset.outcome = counts.rejected && !counts.stored ? "rejected" : "stored";
   }
 
-  async function sendBatch(rows, models, signal, report) {
+  async function sendBatch(rows, choice, signal, report) {
     for (let attempt = 0; ; attempt += 1) {
       rows.forEach((row) => row.outcome.replaceChildren(chip("uploading", "uploading")));
       const sizes = rows.map((row) => row.item.size);
@@ -455,7 +461,8 @@ export function initUpload({ announce, onJobsCreated }) {
       const response = await uploadStudies(
         rows.map((row) => ({ file: row.item.file, name: row.item.name })),
         {
-          models,
+          models: choice.models,
+          saliency: choice.saliency,
           signal,
           onProgress: (loaded, total) => {
             cancelAnimationFrame(frame);
@@ -473,8 +480,8 @@ export function initUpload({ announce, onJobsCreated }) {
       if (response.status === 413 && rows.length > 1) {
         // Over the server's request size cap: halve the batch and try again.
         const half = Math.ceil(rows.length / 2);
-        await sendBatch(rows.slice(0, half), models, signal, report);
-        await sendBatch(rows.slice(half), models, signal, report);
+        await sendBatch(rows.slice(0, half), choice, signal, report);
+        await sendBatch(rows.slice(half), choice, signal, report);
         return;
       }
       if ((response.status === 429 || response.status === 503) && attempt < MAX_BUSY_RETRIES) {
@@ -531,6 +538,7 @@ export function initUpload({ announce, onJobsCreated }) {
       errorBox.textContent = "Choose at least one model to run.";
       return;
     }
+    const choice = { models, saliency: selectedSaliency() };
     if (!state.items.length) return;
     errorBox.textContent = "";
     state.uploading = true;
@@ -552,7 +560,7 @@ export function initUpload({ announce, onJobsCreated }) {
     try {
       for (const [n, batch] of batches.entries()) {
         $("upload-summary").textContent = `Uploading request ${n + 1} of ${batches.length}…`;
-        await sendBatch(batch.map((item) => rowOf.get(item)), models, state.controller.signal, report);
+        await sendBatch(batch.map((item) => rowOf.get(item)), choice, state.controller.signal, report);
         if (report.jobs.length) renderCreatedJobs(report.jobs);
       }
     } catch (err) {
