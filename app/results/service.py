@@ -99,15 +99,27 @@ def get_artifact(*, session: Session, artifact_id: str) -> ArtifactRecord:
     return row
 
 
+_UIDS_OF_JOB: dict[str, tuple[str, str]] = {}  # a job never changes series: remembered
+_UIDS_OF_JOB_MAX = 4096
+
+
 def series_uids_of_job(*, session: Session, job_id: str) -> tuple[str, str] | None:
-    """(study uid, series uid) of a job, for audit events."""
+    """(study uid, series uid) of a job, for audit events (remembered per process)."""
+    known = _UIDS_OF_JOB.get(job_id)
+    if known is not None:
+        return known
     row = session.execute(
         select(StudyRecord.study_instance_uid, SeriesRecord.series_instance_uid)
         .join(SeriesRecord, SeriesRecord.study_id == StudyRecord.id)
         .join(JobRecord, JobRecord.series_id == SeriesRecord.id)
         .where(JobRecord.id == job_id)
     ).first()
-    return (row[0], row[1]) if row else None
+    if row is None:
+        return None
+    if len(_UIDS_OF_JOB) >= _UIDS_OF_JOB_MAX:
+        _UIDS_OF_JOB.clear()
+    _UIDS_OF_JOB[job_id] = (row[0], row[1])
+    return (row[0], row[1])
 
 
 def get_instance(*, session: Session, sop_instance_uid: str) -> InstanceRecord:

@@ -129,12 +129,22 @@ def test_running_a_job_twice_leaves_one_result_set(api: Any) -> None:
     assert runner.run_job(job_id) == "succeeded"
     first = _counts(job_id)
     assert runner.run_job(job_id).startswith("status")  # finished: not claimed again
+    before = api.get(f"/api/v1/jobs/{job_id}/results")
+    etag = before.headers["etag"]
+    again = api.get(f"/api/v1/jobs/{job_id}/results", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.headers["etag"] == etag and not again.content
     with session_scope() as s:  # force a re-run (e.g. a redelivered message after a crash)
         job = s.get(JobRecord, job_id)
         assert job is not None
         job.status = "queued"
     assert runner.run_job(job_id) == "succeeded"
     assert _counts(job_id) == first
+    # the re-run replaced the rows: the served result set (and its ETag) follow, never stale
+    after = api.get(f"/api/v1/jobs/{job_id}/results", headers={"If-None-Match": etag})
+    assert after.status_code == 200 and after.headers["etag"] != etag
+    ids = {m["id"] for m in after.json()["masks"]}
+    assert ids.isdisjoint(m["id"] for m in before.json()["masks"])
+    assert all(api.get(m["url"]).status_code == 200 for m in after.json()["masks"])
 
 
 def test_undecodable_pixels_fail_with_a_reason(api: Any) -> None:

@@ -10,9 +10,7 @@ loader does the same, with more client overhead.
 from __future__ import annotations
 
 import io
-import json
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import httpx
 import pydicom
 
+from tests.helpers import wrk
 from tests.perf.timing import percentile
 
 SOP_PLACEHOLDER = "2.25.1" + "0" * 30  # 36 characters, rewritten per request
@@ -30,13 +29,6 @@ BOUNDARY = "medcadbenchboundary7d1c"
 _LUA = r"""
 local counter = 0
 local pieces = nil
-local threads = {}
--- "tid" is a global set per thread by setup(), so two threads never make the same UID
-
-function setup(thread)
-  thread:set("tid", #threads + 1)
-  table.insert(threads, thread)
-end
 
 local function split_plain(s, pat)
   local out, start = {}, 1
@@ -79,32 +71,6 @@ function request()
   end
   return wrk.format(nil, "/api/v1/studies", nil, table.concat(parts))
 end
-
-statuses = {}
-
-function response(status, headers, body)
-  statuses[status] = (statuses[status] or 0) + 1
-  if status >= 300 and not first_error then first_error = string.sub(body, 1, 300) end
-end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  local counts, sample = {}, ""
-  for _, t in ipairs(threads) do
-    for code, n in pairs(t:get("statuses")) do counts[code] = (counts[code] or 0) + n end
-    sample = sample .. (t:get("first_error") or "")
-  end
-  local parts = {}
-  for code, n in pairs(counts) do table.insert(parts, string.format('"%d": %d', code, n)) end
-  sample = string.gsub(string.gsub(sample, '[^%w ,.:;()_-]', ' '), '"', ' ')
-  io.write('{"statuses": {' .. table.concat(parts, ", ") .. '}, "error_sample": "' .. sample .. '"}\n')
-  io.write(string.format(
-    '{"requests": %d, "duration_us": %d, "bytes": %d, "connect": %d, "read": %d, "write": %d, ' ..
-    '"status": %d, "timeout": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, "mean_us": %.1f, "max_us": %d}\n',
-    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status,
-    e.timeout, latency:percentile(50), latency:percentile(95), latency:percentile(99),
-    latency.mean, latency.max))
-end
 """
 
 
@@ -133,50 +99,14 @@ def run_wrk(
 ) -> dict[str, Any]:
     """Closed-loop load with wrk; latencies in ms, error rate over all requests."""
     work.mkdir(parents=True, exist_ok=True)
-    body_path, script = work / "upload_body.bin", work / "upload.lua"
+    body_path = work / "upload_body.bin"
     body_path.write_bytes(body)
-    script.write_text(_LUA)
-    cmd = [
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{seconds}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(script),
-        url,
-        "--",
-        str(body_path),
-        SOP_PLACEHOLDER,
-        SERIES_PLACEHOLDER,
-        BOUNDARY,
-        api_key,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
-    raw: dict[str, Any] = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            raw.update(json.loads(line))
-    errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
-    total = max(1, raw["requests"])
-    return {
-        "tool": "wrk",
-        "connections": connections,
-        "requests": raw["requests"],
-        "uploads_per_s": raw["requests"] / (raw["duration_us"] / 1e6),
-        "p50_ms": raw["p50_us"] / 1e3,
-        "p95_ms": raw["p95_us"] / 1e3,
-        "p99_ms": raw["p99_us"] / 1e3,
-        "max_ms": raw["max_us"] / 1e3,
-        "errors": errors,
-        "non_2xx": raw["status"],
-        "error_rate": errors / total,
-        "mb_per_s": len(body) * raw["requests"] / (raw["duration_us"] / 1e6) / 1e6,
-        "statuses": raw.get("statuses", {}),
-        "socket_errors": {k: raw[k] for k in ("connect", "read", "write", "timeout")},
-        "error_sample": raw.get("error_sample", ""),
-    }
+    args = [str(body_path), SOP_PLACEHOLDER, SERIES_PLACEHOLDER, BOUNDARY, api_key]
+    r = wrk.run_wrk(url, _LUA, args, work, seconds=seconds, connections=connections)
+    r["uploads_per_s"] = r.pop("requests_per_s")
+    r["error_rate"] = r["errors"] / max(1, r["requests"])
+    r["mb_per_s"] = len(body) * r["uploads_per_s"] / 1e6
+    return r
 
 
 def run_python(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -33,7 +36,47 @@ Viewer = Annotated[Principal, require(Role.VIEWER)]
 API = "/api/v1"
 
 
+class _SerialisedResults:
+    """Result sets of finished jobs as JSON bytes, least recently used dropped first.
+
+    Keyed by (job id, attempts, finished_at): a job's results change only when it runs again,
+    which changes both, so an entry is never stale. Bounded by total size, per API process.
+    """
+
+    def __init__(self, max_bytes: int = 32 * 2**20) -> None:
+        self._items: OrderedDict[tuple[str, int, str], bytes] = OrderedDict()
+        self._bytes = 0
+        self._max = max_bytes
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, str]) -> bytes | None:
+        with self._lock:
+            body = self._items.get(key)
+            if body is not None:
+                self._items.move_to_end(key)
+            return body
+
+    def put(self, key: tuple[str, int, str], body: bytes) -> None:
+        if len(body) > self._max // 4:
+            return  # one huge result set must not evict everything else
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = body
+            self._bytes += len(body)
+            while self._bytes > self._max:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+_SERIALISED = _SerialisedResults()
+
+
 def _results_schema(res: results.JobResults) -> Results:
+    # saliency maps by (model, instance, frame): each mask lists its own in one pass
+    maps_of: dict[tuple[str, str, int], list[str]] = {}
+    for s in res.saliency:
+        maps_of.setdefault((s.model, s.sop_instance_uid, s.frame), []).append(s.id)
     return Results(
         job_id=res.job.id,
         status=res.job.status,
@@ -84,13 +127,7 @@ def _results_schema(res: results.JobResults) -> Results:
                 ],
                 url=f"{API}/masks/{m.id}.png",
                 overlay_url=f"{API}/masks/{m.id}/overlay.png",
-                saliency_ids=[
-                    s.id
-                    for s in res.saliency
-                    if s.model == m.model
-                    and s.sop_instance_uid == m.sop_instance_uid
-                    and s.frame == m.frame
-                ],
+                saliency_ids=maps_of.get((m.model, m.sop_instance_uid, m.frame), []),
             )
             for m in res.masks
         ],
@@ -132,11 +169,20 @@ def _link(a: ArtifactRecord) -> DicomLink:
 @router.get(
     "/jobs/{job_id}/results",
     response_model=Results,
-    responses={**ERRORS, **NOT_FOUND, 409: {"model": ErrorBody, "description": "Not finished"}},
+    responses={
+        **ERRORS,
+        **NOT_FOUND,
+        304: {"description": "Not modified: the If-None-Match ETag is current"},
+        409: {"model": ErrorBody, "description": "Not finished"},
+    },
     summary="Findings, masks, saliency maps and DICOM outputs of a job",
 )
-def get_results(job_id: str, request: Request, session: SessionDep, principal: Viewer) -> Results:
-    """Everything a succeeded job produced, with URLs for the bytes."""
+def get_results(job_id: str, request: Request, session: SessionDep, principal: Viewer) -> Response:
+    """Everything a succeeded job produced, with URLs for the bytes.
+
+    The ETag changes only when the job runs again: a client that polls sends it back in
+    If-None-Match and gets 304 (every read is audited either way).
+    """
     job, series, study = jobs.get_job_context(session=session, job_id=job_id)
     record_audit(
         session=session,
@@ -149,7 +195,17 @@ def get_results(job_id: str, request: Request, session: SessionDep, principal: V
     )
     if job.status != JobStatus.SUCCEEDED:
         raise MedcadError("not_ready", f"job {job.id} is {job.status}", status=409)
-    return _results_schema(results.get_results(session=session, job=job))
+    key = (job.id, job.attempts, job.finished_at.isoformat() if job.finished_at else "")
+    etag = '"' + hashlib.sha256(repr(key).encode()).hexdigest()[:32] + '"'
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    body = _SERIALISED.get(key)
+    if body is None:
+        schema = _results_schema(results.get_results(session=session, job=job))
+        body = schema.model_dump_json().encode()
+        _SERIALISED.put(key, body)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 def _blob_response(
