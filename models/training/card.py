@@ -87,6 +87,7 @@ def render_card(manifest: Manifest) -> str:
     ]
     if manifest.task is Task.CLASSIFICATION and manifest.classification:
         c = manifest.classification
+        stride = arch.get("evidence_stride", 4)
         lines += [
             f"- Calibration: probability = sigmoid(logit / T + b), T = {c.temperature:.4f}, "
             f"b = {c.bias:.4f} (fitted on the validation split, never the test split); "
@@ -99,9 +100,9 @@ def render_card(manifest: Manifest) -> str:
                 else f"compared with a series threshold of {c.series_threshold:.4f} (Youden J on "
                 "the validation series)."
             ),
-            "- CAM: `cam` is the per-position logit map (stride 4) bilinearly up-sampled to the "
-            "input inside the graph; `logit = mean(cam at stride 4) + bias` exactly, so for this "
-            "GAP + linear head Grad-CAM equals the CAM.",
+            f"- CAM: `cam` is the per-position logit map (stride {stride}) bilinearly up-sampled "
+            f"to the input inside the graph; `logit = mean(cam at stride {stride}) + bias` "
+            "exactly, so for this GAP + linear head Grad-CAM equals the CAM.",
         ]
     for rule in manifest.components:
         fitted = rule.fitted

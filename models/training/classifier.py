@@ -1,9 +1,13 @@
 """Nodule-present slice classifier whose class activation map is exact and lesion-sized.
 
 Architecture contract (CAM, Zhou et al. 2016): CNN backbone → 1×1 conv class projection →
-global average pooling. The backbone keeps a stride-4 last feature map (64 × 64 for a
+global average pooling. The backbone keeps a stride-4 feature map (64 × 64 for a
 256 × 256 input) with dilated convolutions for context, so the map can point at a
-3 mm nodule instead of a whole lung.
+3 mm nodule instead of a whole lung. With ``evidence_stride=2`` a refinement block
+up-samples that context to stride 2 and joins it with the stride-2 encoder features (a
+feature-pyramid step), so the evidence map has 128 × 128 positions: the cross-section of a
+nodule's first or last slice, a few pixels of the 256 × 256 input, then fills a cell of
+its own instead of sharing a stride-4 cell with the vessels around it.
 
 The backbone ends in a one-channel, rectified **evidence** map (1 × 1 conv + ReLU), the class
 projection is a 1 × 1 conv on it, and ``cam_lowres = scale · project(evidence)``,
@@ -32,8 +36,17 @@ from models.training.unet import conv_block
 class NoduleClassifier(nn.Module):
     """Backbone → 1×1 projection → GAP. ``forward`` returns ``(logit (N,1), cam_lowres)``."""
 
-    def __init__(self, in_channels: int = 1, base: int = 16, input_size: int = 256) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base: int = 16,
+        input_size: int = 256,
+        evidence_stride: int = 4,
+    ) -> None:
         super().__init__()
+        if evidence_stride not in (2, 4):
+            raise ValueError(f"evidence_stride must be 2 or 4, not {evidence_stride}")
+        self.evidence_stride = evidence_stride
         self.stem = conv_block(in_channels, base)  # stride 1
         self.stage2 = conv_block(base, base * 2)  # stride 2
         self.stage3 = conv_block(base * 2, base * 4)  # stride 4
@@ -42,21 +55,29 @@ class NoduleClassifier(nn.Module):
             conv_block(base * 6, base * 6, dilation=4),
         )
         self.pool = nn.MaxPool2d(2)
-        self.evidence = nn.Sequential(nn.Conv2d(base * 6, 1, 1), nn.ReLU(inplace=True))
+        head = base * 6
+        self.refine: nn.Module | None = None
+        if evidence_stride == 2:
+            self.refine = conv_block(base * 6 + base * 2, base * 2)  # stride 2
+            head = base * 2
+        self.evidence = nn.Sequential(nn.Conv2d(head, 1, 1), nn.ReLU(inplace=True))
         self.project = nn.Conv2d(1, 1, 1, bias=False)
         # Start with (almost) no evidence anywhere: the logit begins at the bias.
         nn.init.normal_(self.evidence[0].weight, std=1e-3)
         nn.init.zeros_(self.evidence[0].bias)
         nn.init.ones_(self.project.weight)
         self.bias = nn.Parameter(torch.tensor([-4.0]))
-        positions = (input_size // 4) ** 2
+        positions = (input_size // evidence_stride) ** 2
         self.register_buffer("scale", torch.tensor(float(positions)), persistent=False)
 
     def cam_lowres(self, x: torch.Tensor) -> torch.Tensor:
         f = self.stem(x)
-        f = self.stage2(self.pool(f))
-        f = self.stage3(self.pool(f))
-        f = self.evidence(self.context(f))
+        s2 = self.stage2(self.pool(f))
+        f = self.context(self.stage3(self.pool(s2)))
+        if self.refine is not None:
+            up = F.interpolate(f, size=s2.shape[-2:], mode="nearest")
+            f = self.refine(torch.cat([up, s2], dim=1))
+        f = self.evidence(f)
         out: torch.Tensor = self.project(f) * self.scale
         return out
 

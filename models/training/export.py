@@ -100,7 +100,7 @@ def load_trained(name: str, checkpoints: Path = CHECKPOINTS) -> tuple[nn.Module,
             f"{name} checkpoint takes {in_channels} input channels, the preprocessing gives "
             f"{PREPROCESSING.channels}: retrain it"
         )
-    net = build_model(name, int(ckpt["base"]), in_channels)
+    net = build_model(name, int(ckpt["base"]), in_channels, int(ckpt.get("evidence_stride") or 4))
     net.load_state_dict(ckpt["state_dict"])
     net.eval()
     return net, dict(ckpt["log"])
@@ -499,6 +499,11 @@ def export(
         "architecture": {
             "class": type(net).__name__,
             "base_channels": log["config"]["base"],
+            **(
+                {"evidence_stride": net.evidence_stride}
+                if isinstance(net, NoduleClassifier)
+                else {}
+            ),
             "parameters": params,
             "gflops_per_slice": round(count_flops(net, PREPROCESSING.size) / 1e9, 3),
         },

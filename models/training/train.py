@@ -47,7 +47,14 @@ CHECKPOINTS = CACHE_DIR / "checkpoints"
 DEFAULTS: dict[str, dict[str, Any]] = {
     "unet": {"base": 12, "minutes": 25.0, "lr": 2e-3, "batch": 12, "crop": 96},
     "segnet": {"base": 12, "minutes": 25.0, "lr": 2e-3, "batch": 12, "crop": 96},
-    "classifier": {"base": 12, "minutes": 28.0, "lr": 3e-3, "batch": 16, "crop": 64},
+    "classifier": {
+        "base": 12,
+        "minutes": 28.0,
+        "lr": 3e-3,
+        "batch": 16,
+        "crop": 64,
+        "evidence_stride": 4,
+    },
 }
 SINGLE_FRAME_FRACTION = 0.05  # 2.5-D inputs whose context repeats the centre slice
 SEG_NODULE_FRACTION = 0.5  # segmentation crops centred on a nodule pixel of a random nodule slice
@@ -55,7 +62,7 @@ SEG_LUNG_FRACTION = 0.25  # segmentation crops centred on lung: vessels are the 
 NODULE_CE_WEIGHT = 2.0  # segmentation: cross-entropy weight of the nodule class
 FINAL_FULL_FRACTION = 0.1  # share of the time budget spent on whole 256 × 256 slices
 LOC_WEIGHT = 1.0  # classifier: weight of the localisation term
-EVIDENCE_TARGET = 2.0  # classifier: logit contribution of one fully covered stride-4 nodule cell
+EVIDENCE_TARGET = 2.0  # classifier: logit contribution of one fully covered evidence cell
 LESION_CELL_WEIGHT = 20.0  # nodule cells are rare: up-weight them
 # Classifier curriculum (share of the time budget → crop side, batch): many cheap small crops
 # first, then larger crops, then whole slices at the natural prevalence of nodule slices.
@@ -68,7 +75,7 @@ BN_RECALIBRATION_SLICES = 256  # BatchNorm statistics re-estimated on whole slic
 VAL_EVERY_SECONDS = 300.0  # classifier: progress probe on every 8th validation slice
 
 
-def classifier_recipe(lesion_sampling: bool = False) -> str:
+def classifier_recipe(lesion_sampling: bool = False, evidence_stride: int = 4) -> str:
     """One-paragraph description of the classifier's training recipe (for the model card)."""
     drawn = (
         "a uniformly drawn lesion (3-D nodule component), then one of its slices"
@@ -87,7 +94,8 @@ def classifier_recipe(lesion_sampling: bool = False) -> str:
         f"{CLS_LUNG_FRACTION:.0%} centred on a random lung pixel (vessels are the hard "
         f"negatives), {uniform:.0%} uniform; left-right mirroring; AdamW (weight decay 1e-4), "
         f"{WARMUP_FRACTION:.0%} linear warm-up, cosine decay on wall-clock progress; loss = BCE "
-        "on the pooled logit + localisation term on the stride-4 evidence map (target "
+        f"on the pooled logit + localisation term on the stride-{evidence_stride} evidence map "
+        "(target "
         f"{EVIDENCE_TARGET:g} · (1 + c) / 2 on cells holding nodule pixels, c = their nodule "
         f"share, 0 elsewhere, a one-cell ring left free, nodule cells weighted "
         f"{LESION_CELL_WEIGHT:g}×, weight {LOC_WEIGHT:g}); BatchNorm statistics re-estimated on "
@@ -96,13 +104,15 @@ def classifier_recipe(lesion_sampling: bool = False) -> str:
     )
 
 
-def build_model(name: str, base: int, in_channels: int = PREPROCESSING.channels) -> nn.Module:
+def build_model(
+    name: str, base: int, in_channels: int = PREPROCESSING.channels, evidence_stride: int = 4
+) -> nn.Module:
     if name == "unet":
         return UNet(in_channels=in_channels, base=base)
     if name == "segnet":
         return SegNet(in_channels=in_channels, base=base)
     if name == "classifier":
-        return NoduleClassifier(in_channels=in_channels, base=base)
+        return NoduleClassifier(in_channels=in_channels, base=base, evidence_stride=evidence_stride)
     raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
 
 
@@ -265,8 +275,9 @@ def cls_loss(
     The evidence map is ``cam_lowres / scale``: the logit is its sum plus the bias, so the
     same loss applies to crops of any size. Sum pooling alone spreads its gradient evenly over
     all positions and does not find a 3 mm nodule in 4,096 positions; the localisation term
-    tells each stride-4 cell what its evidence should be — where the cell holds nodule pixels
-    ``EVIDENCE_TARGET · (1 + c) / 2`` with ``c`` the share of the cell's 16 pixels that are
+    tells each evidence cell (``evidence_stride`` pixels square) what its evidence should be —
+    where the cell holds nodule pixels
+    ``EVIDENCE_TARGET · (1 + c) / 2`` with ``c`` the share of the cell's pixels that are
     nodule (so the map peaks on the best-covered cells, where its up-sampled maximum lands
     inside the nodule), 0 elsewhere (a ring around the nodule is left free) — so the map is
     zero away from nodules and the logit grows with the nodule's extent.
@@ -275,8 +286,9 @@ def cls_loss(
     logit = evidence.sum((2, 3)) + net.bias
     nodule = (y == 2).float()[:, None]
     present = (nodule.flatten(1).sum(1) > 0).float()[:, None]
-    cell = F.max_pool2d(nodule, kernel_size=4, stride=4)
-    cover = F.avg_pool2d(nodule, kernel_size=4, stride=4)
+    k = net.evidence_stride
+    cell = F.max_pool2d(nodule, kernel_size=k, stride=k)
+    cover = F.avg_pool2d(nodule, kernel_size=k, stride=k)
     ring = F.max_pool2d(cell, kernel_size=3, stride=1, padding=1) - cell
     weight = (1.0 - ring) + (LESION_CELL_WEIGHT - 1.0) * cell
     err = (evidence - EVIDENCE_TARGET * 0.5 * (cell + cover)) ** 2
@@ -395,6 +407,7 @@ def train(
     lesion_balanced: bool = False,
     lesion_sampling: bool = False,
     nodule_weight: float = NODULE_CE_WEIGHT,
+    evidence_stride: int | None = None,
 ) -> dict[str, Any]:
     """Train ``name`` within a wall-clock budget; save ``<out>/<name>.pt`` and a JSON log.
 
@@ -404,7 +417,7 @@ def train(
     small nodules weigh as much as large ones (an experiment: see models/README.md);
     ``lesion_sampling`` draws the nodule crops per lesion (classifier too) but keeps the
     pooled nodule Dice; ``nodule_weight`` is the segmenters' cross-entropy weight of the
-    nodule class.
+    nodule class; ``evidence_stride`` (classifier, 2 or 4) the stride of its evidence map.
     """
     out = out or CHECKPOINTS
     cfg = dict(DEFAULTS[name])
@@ -414,11 +427,17 @@ def train(
         cfg["lr"] = lr
     if name != "classifier":
         cfg["nodule_weight"] = nodule_weight
+    elif evidence_stride is not None:
+        cfg["evidence_stride"] = evidence_stride
     previous: dict[str, Any] | None = None
-    net = build_model(name, cfg["base"])
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=1e-4)
+    ckpt = None
     if resume:
         ckpt = torch.load(out / f"{name}.pt", map_location="cpu", weights_only=False)
+        if name == "classifier":  # the checkpoint's architecture wins
+            cfg["evidence_stride"] = int(ckpt.get("evidence_stride") or 4)
+    net = build_model(name, cfg["base"], evidence_stride=int(cfg.get("evidence_stride", 4)))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=1e-4)
+    if ckpt is not None:
         net.load_state_dict(ckpt["state_dict"])
         if "optimizer" in ckpt:
             opt.load_state_dict(ckpt["optimizer"])
@@ -528,6 +547,8 @@ def train(
     command += " --lesion-sampling" if lesion_sampling and not lesion_balanced else ""
     if not is_cls and nodule_weight != NODULE_CE_WEIGHT:
         command += f" --nodule-weight {nodule_weight:g}"
+    if is_cls and cfg["evidence_stride"] != DEFAULTS["classifier"]["evidence_stride"]:
+        command += f" --evidence-stride {cfg['evidence_stride']}"
     command += f" --out {out}" if out != CHECKPOINTS else ""
     command += f" --threads {threads}"
     session = {
@@ -556,13 +577,14 @@ def train(
         "cpu_threads": threads,
     }
     if is_cls:
-        log["recipe"] = classifier_recipe(lesion_sampling)
+        log["recipe"] = classifier_recipe(lesion_sampling, int(cfg["evidence_stride"]))
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
             "state_dict": net.state_dict(),
             "optimizer": opt.state_dict(),
             "base": cfg["base"],
+            "evidence_stride": cfg.get("evidence_stride"),
             "in_channels": PREPROCESSING.channels,
             "log": log,
         },
@@ -613,6 +635,13 @@ def main(argv: list[str] | None = None) -> int:
         default=NODULE_CE_WEIGHT,
         help="segmenters: cross-entropy weight of the nodule class",
     )
+    p.add_argument(
+        "--evidence-stride",
+        type=int,
+        choices=(2, 4),
+        default=None,
+        help="classifier: stride of the evidence (CAM) map",
+    )
     p.add_argument("--out", type=Path, default=None, help="checkpoint folder")
     args = p.parse_args(argv)
     train(
@@ -625,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         lesion_balanced=args.lesion_balanced,
         lesion_sampling=args.lesion_sampling,
         nodule_weight=args.nodule_weight,
+        evidence_stride=args.evidence_stride,
         out=args.out,
     )
     return 0

@@ -22,10 +22,16 @@ from models.training.data import PREPROCESSING  # noqa: E402
 from models.training.train import build_model  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["unet", "segnet", "classifier"])
-def test_onnx_matches_pytorch_on_100_inputs(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "evidence_stride"),
+    [("unet", 4), ("segnet", 4), ("classifier", 4), ("classifier", 2)],
+    ids=["unet", "segnet", "classifier", "classifier-stride2"],
+)
+def test_onnx_matches_pytorch_on_100_inputs(
+    name: str, evidence_stride: int, tmp_path: Path
+) -> None:
     torch.manual_seed(0)
-    net = build_model(name, base=4).eval()
+    net = build_model(name, base=4, evidence_stride=evidence_stride).eval()
     # Non-trivial BatchNorm statistics, as after training.
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -43,10 +49,11 @@ def test_onnx_matches_pytorch_on_100_inputs(name: str, tmp_path: Path) -> None:
     first = ex.output_names(name)[0]
     assert result["max_abs_diff"][first] < ex.PARITY_TOLERANCE
     if name == "classifier":
-        # logit == mean(cam at stride 4) + bias exactly, inside the exported graph too.
+        # logit == mean(cam at the evidence stride) + bias exactly, inside the exported graph too.
         logit, cam = sess.run(["logit", "cam"], {"image": x[:4]})
         assert logit.shape == (4, 1) and cam.shape == (4, 1, 256, 256)
         low = net.cam_lowres(torch.from_numpy(x[:4])).detach().numpy()
+        assert low.shape[-1] == 256 // evidence_stride
         assert np.allclose(logit[:, 0], low.mean(axis=(1, 2, 3)) + float(net.bias), atol=1e-4)
 
 

@@ -74,3 +74,26 @@ def test_lesion_balanced_recipe_trains_and_says_so(tiny: Split, tmp_path: Path) 
     )  # fmt: skip
     assert log["steps"] == 2 and all(math.isfinite(h["loss"]) for h in log["history"])
     assert log["commands"][0].endswith("--threads 1") and "--lesion-balanced" in log["commands"][0]
+
+
+def test_stride2_classifier_trains_resumes_and_exports_its_architecture(
+    tiny: Split, tmp_path: Path
+) -> None:
+    from models.training.export import load_trained
+
+    log = train(
+        "classifier", minutes=5.0, seed=0, threads=1, data=tiny, val=tiny, out=tmp_path,
+        max_steps=2, log_every=1, evidence_stride=2,
+    )  # fmt: skip
+    assert log["config"]["evidence_stride"] == 2
+    assert "--evidence-stride 2" in log["commands"][0] and "stride-2" in log["recipe"]
+    # resuming without the option keeps the checkpoint's architecture
+    resumed = train(
+        "classifier", minutes=5.0, threads=1, data=tiny, val=tiny, out=tmp_path,
+        max_steps=1, log_every=1, resume=True,
+    )  # fmt: skip
+    assert resumed["config"]["evidence_stride"] == 2 and resumed["steps"] == 3
+    net, _ = load_trained("classifier", tmp_path)
+    assert net.evidence_stride == 2 and net.refine is not None
+    cam = net.cam_lowres(torch.zeros(1, PREPROCESSING.channels, 256, 256))
+    assert cam.shape[-1] == 128
