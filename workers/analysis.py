@@ -312,15 +312,24 @@ def _segmentation_tta(
     """Flip test-time-augmentation uncertainty of every frame (Wang et al. 2019).
 
     The served prediction is the identity member of the four flips, so each frame costs three
-    more passes, run in the manifest's batches. The map is, per pixel, the largest standard
-    deviation of any class probability over the flips (0 to 0.5).
+    more passes, run in the manifest's batches, a batch of frames at a time (memory stays
+    that of three batches, whatever the series length). The map is, per pixel, the largest
+    standard deviation of any class probability over the flips (0 to 0.5).
     """
 
     def predict(batch: FloatArray) -> FloatArray:
         logits = run_batched(run, manifest, batch)[OutputRole.LOGITS]
         return postprocess.probabilities_from_logits(logits, axis=1)
 
-    std = saliency.tta_flip_std_series(predict, x, identity_probs=probs)
+    step = max(1, manifest.preprocessing.batch_size)
+    std = np.concatenate(
+        [
+            saliency.tta_flip_std_series(
+                predict, x[i : i + step], identity_probs=probs[i : i + step]
+            )
+            for i in range(0, x.shape[0], step)
+        ]
+    )
     params = {"flips": ",".join(saliency.TTA_FLIPS), "statistic": "max over classes of the std"}
     return [
         SaliencyResult(

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from app.registry.manifest import Manifest, SaliencyMethod
-from workers.analysis import effective_methods
+from workers.analysis import analyze_series, effective_methods
+from workers.pipeline import saliency
+from workers.pipeline.preprocess import preprocess_frames
 
 
 def _classifier(outputs: list[dict[str, Any]], methods: list[str]) -> Manifest:
@@ -40,3 +44,39 @@ def test_flip_tta_may_be_requested_but_entropy_and_cam_follow_the_manifest() -> 
     assert effective_methods(manifest, requested) == (
         SaliencyMethod.CAM, SaliencyMethod.TTA_STD, SaliencyMethod.OCCLUSION,
     )
+
+
+def test_served_flip_tta_runs_a_batch_of_frames_at_a_time_and_equals_the_whole_series() -> None:
+    """Five frames in batches of two: 3 passes per frame, maps as if computed in one go."""
+    manifest = Manifest.model_validate({
+        "name": "seg", "version": "1", "task": "segmentation", "sha256": "0" * 64,
+        "inputs": [{"name": "x", "shape": ["N", 1, 16, 16]}],
+        "outputs": [{"name": "y", "shape": ["N", 3, 16, 16], "role": "logits"}],
+        "preprocessing": {"window": {"center": 0, "width": 100}, "size": [16, 16],
+                          "batch_size": 2},
+        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "lung"},
+                   {"value": 2, "name": "nodule"}],
+        "saliency": {"methods": ["tta_std"]},
+    })
+    ramp = np.linspace(-2.0, 2.0, 16, dtype=np.float32)  # not flip-symmetric: flips disagree
+    batches: list[int] = []
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        base = x[:, :1] * 4.0
+        return np.concatenate([-base, base + ramp, base - ramp[::-1, None]], axis=1)
+
+    def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        batches.append(len(feeds["x"]))
+        return [logits(feeds["x"])]
+
+    frames = np.random.default_rng(0).normal(0, 30, (5, 16, 16)).astype(np.float32)
+    result = analyze_series(run, manifest, frames, max_forward_passes=0)
+    seg = result.segmentation
+    assert seg is not None
+    maps = [m for m in seg.saliency if m.method is SaliencyMethod.TTA_STD]
+    assert [m.index for m in maps] == [0, 1, 2, 3, 4]
+    assert max(batches) == 2 and sum(batches) == 5 + 3 * 5  # served pass + 3 flips per frame
+    x = preprocess_frames(frames, manifest.preprocessing)
+    whole = saliency.tta_flip_std_series(lambda b: saliency.softmax(logits(b), axis=1), x)
+    assert float(whole.max()) > 0.05
+    np.testing.assert_allclose(np.stack([m.values for m in maps]), whole, atol=1e-5)
