@@ -214,9 +214,9 @@ def run_read_path_load(
             urls += [m["url"] for m in body["masks"]] + [m["overlay_url"] for m in body["masks"]]
         keys = []
         for k in range(clients):
-            r = client.post("/api/v1/keys", json={"name": f"l5-viewer-{k}", "role": "viewer"})
-            r.raise_for_status()
-            keys.append(str(r.json()["key"]))
+            created = client.post("/api/v1/keys", json={"name": f"l5-viewer-{k}", "role": "viewer"})
+            created.raise_for_status()
+            keys.append(str(created.json()["key"]))
     with timed(out):
         if shutil.which("wrk"):
             work = ps.root / "l5-wrk"
