@@ -114,6 +114,46 @@ def export_module(net: nn.Module, name: str) -> nn.Module:
     return net
 
 
+def module_from_onnx(name: str, onnx_path: Path, base: int, evidence_stride: int = 4) -> nn.Module:
+    """The PyTorch twin of an exported model, with the weights of its ONNX file.
+
+    Needs no training checkpoint: ``export_module``'s architecture is built and every
+    parameter is read back from the graph's initializers, which keep the PyTorch names. The
+    exporter folds each BatchNorm into the convolution before it (``<conv>.weight`` and
+    ``<conv>.weight_bias``); the BatchNorm is then set to the identity plus that bias, so the
+    eager module still runs convolution + BatchNorm, as PyTorch users would, and computes
+    what the graph computes.
+    """
+    net = build_model(name, base, evidence_stride=evidence_stride).eval()
+    module = export_module(net, name).eval()
+    inits = {
+        i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(onnx_path)).graph.initializer
+    }
+    state = module.state_dict()
+    loaded: dict[str, torch.Tensor] = {
+        key: torch.from_numpy(inits[key].copy()).reshape(value.shape)
+        for key, value in state.items()
+        if key in inits
+    }
+    for bn_name, bn in module.named_modules():
+        if not isinstance(bn, nn.BatchNorm2d):
+            continue
+        parent, _, index = bn_name.rpartition(".")
+        folded = inits.get(f"{parent}.{int(index) - 1}.weight_bias")
+        if folded is None:
+            raise ValueError(f"{onnx_path}: no folded bias for {bn_name}")
+        loaded[f"{bn_name}.weight"] = torch.ones_like(bn.weight)
+        loaded[f"{bn_name}.bias"] = torch.from_numpy(folded.copy())
+        loaded[f"{bn_name}.running_mean"] = torch.zeros_like(bn.running_mean)
+        loaded[f"{bn_name}.running_var"] = torch.full_like(bn.running_var, 1.0 - bn.eps)
+        loaded[f"{bn_name}.num_batches_tracked"] = state[f"{bn_name}.num_batches_tracked"]
+    missing = [key for key in state if key not in loaded]
+    if missing:
+        raise ValueError(f"{onnx_path}: no weights for {missing[:5]}")
+    module.load_state_dict(loaded)
+    return module
+
+
 def _max_unpool2d(self: Any, indices: Any, output_size: Any) -> Any:
     """aten.max_unpool2d → ONNX ``MaxUnpool`` (2 × 2 windows, stride 2, as SegNet uses).
 

@@ -67,3 +67,39 @@ def test_platt_fit_recovers_the_temperature_and_bias_that_generated_the_labels()
     assert temperature == pytest.approx(3.0, rel=0.05) and bias == pytest.approx(-1.2, abs=0.08)
     # temperature alone cannot remove the offset: its fit is a different, worse model
     assert abs(fit_temperature(z, y) - 3.0) > 0.1
+
+
+@pytest.mark.parametrize(
+    ("name", "evidence_stride"),
+    [("unet", 4), ("segnet", 4), ("classifier", 2)],
+    ids=["unet", "segnet", "classifier-stride2"],
+)
+def test_the_pytorch_twin_rebuilt_from_the_onnx_file_computes_the_same(
+    name: str, evidence_stride: int, tmp_path: Path
+) -> None:
+    """The benchmark's PyTorch baseline needs no checkpoint: weights come from the graph."""
+    torch.manual_seed(1)
+    net = build_model(name, base=4, evidence_stride=evidence_stride).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+        elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+            m.bias.data.uniform_(-0.1, 0.1)  # as trained (a zero bias is folded away)
+    path = tmp_path / "model.onnx"
+    ex.export_onnx(net, name, path)
+    twin = ex.module_from_onnx(name, path, base=4, evidence_stride=evidence_stride)
+    x = np.random.default_rng(2).random((3, PREPROCESSING.channels, 256, 256), dtype=np.float32)
+    with torch.inference_mode():
+        want = ex.export_module(net, name)(torch.from_numpy(x))
+        got = twin(torch.from_numpy(x))
+    want = want if isinstance(want, tuple) else (want,)
+    got = got if isinstance(got, tuple) else (got,)
+    for w, g in zip(want, got, strict=True):  # the CAM is a sum-scaled map: relative too
+        assert torch.allclose(w, g, rtol=1e-5, atol=1e-4)
+    sess = ex.ort_session(path)
+    onnx_out = sess.run(None, {sess.get_inputs()[0].name: x})
+    for o, g in zip(onnx_out, got, strict=True):
+        assert np.allclose(o, g.numpy(), rtol=1e-5, atol=1e-4)

@@ -14,28 +14,29 @@ INT8_SUFFIX = "-int8"
 
 
 def torch_twin(model: RegisteredModel) -> Any:
-    """The PyTorch module with the training checkpoint's weights, exported graph's forward.
+    """The PyTorch module of a shipped model, with the weights of its ONNX file.
 
-    None when the checkpoint is not on this machine, or when the training code no longer
-    builds it (e.g. a checkpoint of another input layout, awaiting retraining): the PyTorch
-    comparison is then skipped and the rest of the benchmark still runs. ``bench_model`` checks
-    parity against the ONNX file, so a checkpoint that no longer matches the export shows up as
-    a large ``parity`` difference rather than a silently wrong baseline.
+    Built from the exported graph (``models.training.export.module_from_onnx``), so a fresh
+    checkout with no training checkpoint still has its PyTorch baseline, and the baseline is
+    exactly the served release. None for other models, or when the training code no longer
+    builds the architecture; ``bench_model`` also checks parity against the ONNX file.
     """
     name = model.manifest.name
     if name not in SHIPPED:
         return None
-    from models.training.export import export_module, load_trained
-    from models.training.train import CHECKPOINTS
+    from models.training.export import module_from_onnx
 
-    if not (CHECKPOINTS / f"{name}.pt").exists():
-        return None
+    arch = model.manifest.provenance.get("architecture", {})
     try:
-        net, _log = load_trained(name)
-    except SystemExit as exc:  # the training code's "retrain it" message
+        return module_from_onnx(
+            name,
+            model.onnx_path,
+            int(arch["base_channels"]),
+            int(arch.get("evidence_stride", 4)),
+        )
+    except (KeyError, ValueError, RuntimeError) as exc:
         print(f"   {name}: no PyTorch baseline ({exc})", flush=True)
         return None
-    return export_module(net, name)
 
 
 def shipped_cases(models_dir: Path, names: tuple[str, ...] = SHIPPED) -> list[ModelCase]:
