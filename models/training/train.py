@@ -95,8 +95,7 @@ def classifier_recipe(lesion_sampling: bool = False, evidence_stride: int = 4) -
         f"negatives), {uniform:.0%} uniform; left-right mirroring; AdamW (weight decay 1e-4), "
         f"{WARMUP_FRACTION:.0%} linear warm-up, cosine decay on wall-clock progress; loss = BCE "
         f"on the pooled logit + localisation term on the stride-{evidence_stride} evidence map "
-        "(target "
-        f"{EVIDENCE_TARGET:g} · (1 + c) / 2 on cells holding nodule pixels, c = their nodule "
+        f"(target {EVIDENCE_TARGET:g} · (1 + c) / 2 on cells holding nodule pixels, c = their nodule "
         f"share, 0 elsewhere, a one-cell ring left free, nodule cells weighted "
         f"{LESION_CELL_WEIGHT:g}×, weight {LOC_WEIGHT:g}); BatchNorm statistics re-estimated on "
         f"{BN_RECALIBRATION_SLICES} whole training slices at the end; slice label: any "
@@ -276,9 +275,8 @@ def cls_loss(
     same loss applies to crops of any size. Sum pooling alone spreads its gradient evenly over
     all positions and does not find a 3 mm nodule in 4,096 positions; the localisation term
     tells each evidence cell (``evidence_stride`` pixels square) what its evidence should be —
-    where the cell holds nodule pixels
-    ``EVIDENCE_TARGET · (1 + c) / 2`` with ``c`` the share of the cell's pixels that are
-    nodule (so the map peaks on the best-covered cells, where its up-sampled maximum lands
+    where the cell holds nodule pixels ``EVIDENCE_TARGET · (1 + c) / 2`` with ``c`` the share
+    of the cell's pixels that are nodule (so the map peaks on the best-covered cells, where its up-sampled maximum lands
     inside the nodule), 0 elsewhere (a ring around the nodule is left free) — so the map is
     zero away from nodules and the logit grows with the nodule's extent.
     """

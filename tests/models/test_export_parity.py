@@ -22,6 +22,15 @@ from models.training.data import PREPROCESSING  # noqa: E402
 from models.training.train import build_model  # noqa: E402
 
 
+def _with_trained_statistics(net: torch.nn.Module) -> torch.nn.Module:
+    """In eval mode, with non-trivial BatchNorm statistics, as after training."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
 @pytest.mark.parametrize(
     ("name", "evidence_stride"),
     [("unet", 4), ("segnet", 4), ("classifier", 4), ("classifier", 2)],
@@ -31,12 +40,7 @@ def test_onnx_matches_pytorch_on_100_inputs(
     name: str, evidence_stride: int, tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
-    net = build_model(name, base=4, evidence_stride=evidence_stride).eval()
-    # Non-trivial BatchNorm statistics, as after training.
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+    net = _with_trained_statistics(build_model(name, base=4, evidence_stride=evidence_stride))
     path = tmp_path / "model.onnx"
     ex.export_onnx(net, name, path)
     ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
@@ -79,11 +83,9 @@ def test_the_pytorch_twin_rebuilt_from_the_onnx_file_computes_the_same(
 ) -> None:
     """The benchmark's PyTorch baseline needs no checkpoint: weights come from the graph."""
     torch.manual_seed(1)
-    net = build_model(name, base=4, evidence_stride=evidence_stride).eval()
-    for m in net.modules():
+    net = _with_trained_statistics(build_model(name, base=4, evidence_stride=evidence_stride))
+    for m in net.modules():  # and non-trivial affine parameters and conv biases
         if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.3, 0.3)
         elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:

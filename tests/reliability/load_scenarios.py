@@ -2,10 +2,10 @@
 
 Catalogue ids (reliability note §5.4): L2 steady load at 80 % of the measured capacity, L4 a
 burst of uploads against a bounded queue (backpressure), L5 the read path under 32 concurrent
-clients, L6 the steady load with pool-child kills and a Redis restart. The upload generators are
-Python (httpx threads), L5's is ``wrk`` when installed, all on the same 2 cores as the server, so
-the latency figures are those of a shared machine; targets are reported as met or not met, and the pass conditions are the
-correctness ones (no 5xx, nothing lost).
+clients, L6 the steady load with pool-child kills and a Redis restart. The upload generators
+are Python (httpx threads), L5's is ``wrk`` when installed, all on the same 2 cores as the
+server, so the latency figures are those of a shared machine; targets are reported as met or
+not met, and the pass conditions are the correctness ones (no 5xx, nothing lost).
 """
 
 from __future__ import annotations
@@ -233,22 +233,22 @@ def run_read_path_load(
             )
         else:
             r = _read_load_python(ps, urls, keys, seconds, clients)
-    p95 = float(r["p95_ms"])
+    p95 = r["p95_ms"]
     out.figures.update(
         clients=clients,
-        seconds=round(float(r["duration_s"]), 1),
+        seconds=round(r["duration_s"], 1),
         urls=len(urls),
         requests=r["requests"],
-        requests_per_s=round(float(r["requests_per_s"]), 1),
+        requests_per_s=round(r["requests_per_s"], 1),
         errors=r["errors"],
-        p50_ms=round(float(r["p50_ms"])),
+        p50_ms=round(r["p50_ms"]),
         p95_ms=round(p95),
-        p99_ms=round(float(r["p99_ms"])),
+        p99_ms=round(r["p99_ms"]),
         p95_target_200ms="met" if p95 < 200 else "not met",
         statuses=r.get("statuses", {}),
         generator=f"{r['tool']} on the same 2 cores",
     )
-    out.check("0 errors", r["errors"] == 0 and int(r["requests"]) > 0)
+    out.check("0 errors", r["errors"] == 0 and r["requests"] > 0)
     f = out.figures
     out.summary = (
         f"{f['clients']} clients × {f['seconds']} s over {f['urls']} result/mask URLs "
