@@ -6,7 +6,7 @@ Defaults serve one machine with no Redis and no PostgreSQL: SQLite and a filesys
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -99,9 +99,9 @@ class Settings(BaseSettings):
         """Folder used by the filesystem broker (embedded shape)."""
         return (self.data_dir / "broker").resolve()
 
-    @property
+    @cached_property
     def blob_dir(self) -> Path:
-        """Root of the content-addressed blob store."""
+        """Root of the content-addressed blob store (resolved once: every download needs it)."""
         return (self.data_dir / "blobs").resolve()
 
     @property

@@ -1,13 +1,23 @@
-"""FastAPI dependencies: settings, the unit of work, the caller, the blob store, the registry."""
+"""FastAPI dependencies: settings, the unit of work, the caller, the blob store, the registry.
+
+FastAPI runs a plain ``def`` dependency in its thread pool: one hand-off between the event loop
+and a worker thread for each, two for a generator. A read of a result is a few milliseconds of
+work, and under load those hand-offs (a queue, a lock, a wake-up of the loop) cost as much as the
+read itself. So the dependencies that do no I/O are ``async def`` and run on the loop; the
+unit of work opens its session there too (no I/O until first use) and hands only its ending —
+commit or rollback, and the connection's return to the pool — to a worker thread.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from functools import lru_cache
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.auth.service import Principal, authenticate
 from app.db.records import Role
@@ -16,20 +26,39 @@ from app.registry.service import RegisteredModel, current_registry
 from app.settings import Settings, get_settings
 from app.storage import BlobStore
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+async def _settings() -> Settings:
+    return get_settings()
 
 
-def get_session() -> Iterator[Session]:
+SettingsDep = Annotated[Settings, Depends(_settings)]
+
+
+def _commit(session: Session) -> None:
+    try:
+        session.commit()
+    finally:
+        session.close()
+
+
+def _roll_back(session: Session) -> None:
+    try:
+        session.rollback()
+    finally:
+        session.close()
+
+
+async def get_session() -> AsyncIterator[Session]:
     """One unit of work per request: commit before the response is sent, roll back on error."""
     session = get_sessionmaker()()
     try:
         yield session
-        session.commit()
     except BaseException:
-        session.rollback()
+        with anyio.CancelScope(shield=True):  # a dropped client must not leak the connection
+            await run_in_threadpool(_roll_back, session)
         raise
-    finally:
-        session.close()
+    with anyio.CancelScope(shield=True):
+        await run_in_threadpool(_commit, session)
 
 
 # scope="function": the commit happens before the response leaves, so a 2xx means committed.
@@ -43,12 +72,16 @@ def _store(root: str) -> BlobStore:
     return BlobStore(Path(root))
 
 
-def get_store(settings: SettingsDep) -> BlobStore:
+def get_store(settings: Settings) -> BlobStore:
     """The blob store of these settings."""
     return _store(str(settings.blob_dir))
 
 
-StoreDep = Annotated[BlobStore, Depends(get_store)]
+async def _store_dep(settings: SettingsDep) -> BlobStore:
+    return get_store(settings)
+
+
+StoreDep = Annotated[BlobStore, Depends(_store_dep)]
 
 
 def get_registry(settings: SettingsDep) -> dict[str, RegisteredModel]:
@@ -81,7 +114,7 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 def require(role: Role) -> object:
     """A dependency that requires at least ``role``."""
 
-    def _check(principal: PrincipalDep) -> Principal:
+    async def _check(principal: PrincipalDep) -> Principal:
         principal.require(role)
         return principal
 
