@@ -28,9 +28,12 @@ def broker_options(settings: Settings) -> dict[str, object]:
     """Transport options shared by the API (producer) and the workers (consumer)."""
     if settings.is_embedded:
         folder = settings.broker_dir
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
+            # kombu keeps its exchange tables in "control" under the current directory unless
+            # told otherwise: everything the embedded broker writes stays in the data folder
+            "control_folder": str(folder / "control"),
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),

@@ -189,3 +189,18 @@ def test_health_and_models(api: Any) -> None:
     assert api.get("/api/v1/me").json()["role"] == "admin"
     assert api.get("/api/v1/models", headers={"Authorization": "Bearer mc_x_y"}).status_code == 401
     assert ADMIN_KEY
+
+
+def test_the_embedded_broker_writes_only_inside_the_data_folder(
+    api: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.settings import get_settings
+
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    blobs, _ = bright_disc_series(n=1)
+    assert api.post("/api/v1/studies", files=_files(blobs)).status_code == 202
+    assert list(cwd.iterdir()) == []  # kombu's default would leave control/ here
+    broker = get_settings().broker_dir
+    assert (broker / "control").is_dir() and list((broker / "out").iterdir())
