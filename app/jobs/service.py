@@ -61,13 +61,16 @@ def get_job(*, session: Session, job_id: str) -> JobRecord:
 def get_job_context(
     *, session: Session, job_id: str
 ) -> tuple[JobRecord, SeriesRecord, StudyRecord]:
-    """The job with its series and study."""
-    job = get_job(session=session, job_id=job_id)
-    series = session.get(SeriesRecord, job.series_id)
-    assert series is not None
-    study = session.get(StudyRecord, series.study_id)
-    assert study is not None
-    return job, series, study
+    """The job with its series and study (one query), or ``NotFound``."""
+    row = session.execute(
+        select(JobRecord, SeriesRecord, StudyRecord)
+        .join(SeriesRecord, SeriesRecord.id == JobRecord.series_id)
+        .join(StudyRecord, StudyRecord.id == SeriesRecord.study_id)
+        .where(JobRecord.id == job_id)
+    ).first()
+    if row is None:
+        raise NotFound(detail=f"no job {job_id[:64]!r}")
+    return row[0], row[1], row[2]
 
 
 def list_jobs(
