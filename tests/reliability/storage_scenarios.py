@@ -243,6 +243,8 @@ def run_api_kills(
         )
         out.check("every upload acknowledged in the end", len(acked) == n_uploads)
         out.check("the API was killed", kills >= 2)
+        if kill_at is not None:
+            out.check(f"{len(kill_at)} planned kills done", kills == len(kill_at))
         out.check("100 % of 2xx retrievable with the same sha256", not missing and not mismatched)
         out.check("no instance stored twice", rows == n_uploads)
         out.check("every stored series has its job", series_without_job == 0)
