@@ -267,8 +267,14 @@ async def upload_studies(request: Request) -> JSONResponse:
         settings,
         options,
     )
-    # thousands of per-file outcomes take a while to render: not on the event loop
+    # thousands of per-file outcomes take a while to render: not on the event loop (a few take
+    # less than the hand-off to a worker thread would)
+    if len(result.files) <= _RENDER_ON_LOOP_MAX_FILES:
+        return _upload_response(result)
     return await run_in_threadpool(_upload_response, result)
+
+
+_RENDER_ON_LOOP_MAX_FILES = 32
 
 
 def _upload_response(result: IngestResult) -> JSONResponse:
