@@ -38,6 +38,7 @@ router = APIRouter(prefix="/api/v1", tags=["studies"])
 # 100,000 one-byte parts would hold a worker for over 10 s. Larger sets go as zips or batches.
 MAX_UPLOAD_PARTS = 10_000
 _PARSE_SLICE = 16 * 1024
+_RENDER_ON_LOOP_MAX_FILES = 32  # a larger upload answer is rendered in a worker thread
 
 
 async def read_multipart(request: Request, max_bytes: int) -> list[tuple[str, str | UploadFile]]:
@@ -272,9 +273,6 @@ async def upload_studies(request: Request) -> JSONResponse:
     if len(result.files) <= _RENDER_ON_LOOP_MAX_FILES:
         return _upload_response(result)
     return await run_in_threadpool(_upload_response, result)
-
-
-_RENDER_ON_LOOP_MAX_FILES = 32
 
 
 def _upload_response(result: IngestResult) -> JSONResponse:
