@@ -325,7 +325,8 @@ def _soak_checks(
 
 
 def _scrub(ps: ProdStack, *, delete: bool) -> int:
-    """Run the scrubber over the stack's store (no grace); the number of orphans it found."""
+    """Run the scrubber over the stack's store (no grace): how many orphan blobs and stale temp
+    files it found (and, with ``delete``, removed)."""
     from tests.reliability.storage_scenarios import run_scrub
 
     report = run_scrub(
