@@ -54,8 +54,12 @@ def get_job(*, session: Session, job_id: str) -> JobRecord:
     """The job, or ``NotFound``."""
     job = session.get(JobRecord, job_id)
     if job is None:
-        raise NotFound(detail=f"no job {job_id[:64]!r}")
+        raise _no_job(job_id)
     return job
+
+
+def _no_job(job_id: str) -> NotFound:
+    return NotFound(detail=f"no job {job_id[:64]!r}")
 
 
 def get_job_context(
@@ -69,7 +73,7 @@ def get_job_context(
         .where(JobRecord.id == job_id)
     ).first()
     if row is None:
-        raise NotFound(detail=f"no job {job_id[:64]!r}")
+        raise _no_job(job_id)
     return row[0], row[1], row[2]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from app.jobs.scrubber import ScrubReport
 from tests.helpers import wrk
 from tests.reliability.harness import percentile, wait_terminal
 from tests.reliability.outcome import Outcome, timed
@@ -29,6 +30,7 @@ from tests.reliability.queue_scenarios import (
     TERMINAL,
     ProdStack,
     _files,
+    _status_counts,
     duplicate_result_rows,
 )
 
@@ -308,34 +310,25 @@ def _soak_checks(
     out: Outcome, ps: ProdStack, before: dict[str, float], after: dict[str, float]
 ) -> None:
     """L3's resource checks: RSS growth < 10 %, fds flat (± 8), no orphan or missing blob."""
-    from tests.reliability.storage_scenarios import run_scrub
-
     for proc in ("api", "worker"):
         growth = after[f"{proc}_rss_mib"] / before[f"{proc}_rss_mib"] - 1
         out.figures[f"{proc}_rss_growth"] = round(growth, 3)
         out.check(f"{proc} RSS growth < 10 %", growth < 0.10)
         out.check(f"{proc} fds flat", abs(after[f"{proc}_fds"] - before[f"{proc}_fds"]) <= 8)
-    report = run_scrub(
-        ps.stack.database_url, (ps.stack.data_dir / "blobs").resolve(), grace_seconds=0
-    )
+    report = _scrub(ps, delete=False)
     out.figures.update(
         scrub_orphan_blobs=len(report.orphans), scrub_rows_missing_blob=len(report.missing)
     )
     out.check("no orphan blob, no row without its blob", not report.orphans and not report.missing)
 
 
-def _scrub(ps: ProdStack, *, delete: bool) -> int:
-    """Run the scrubber over the stack's store (no grace): how many orphan blobs and stale temp
-    files it found (and, with ``delete``, removed)."""
+def _scrub(ps: ProdStack, *, delete: bool) -> ScrubReport:
+    """The scrubber over the stack's store, without a grace period (``delete``: remove the
+    orphan blobs and stale temp files it finds)."""
+    from tests.reliability.crash_scenarios import _blob_dir
     from tests.reliability.storage_scenarios import run_scrub
 
-    report = run_scrub(
-        ps.stack.database_url,
-        (ps.stack.data_dir / "blobs").resolve(),
-        grace_seconds=0,
-        delete_orphans=delete,
-    )
-    return len(report.orphans) + len(report.stale_temp_files)
+    return run_scrub(ps.stack.database_url, _blob_dir(ps), grace_seconds=0, delete_orphans=delete)
 
 
 def _queued(ps: ProdStack) -> int:
@@ -366,7 +359,7 @@ def _measure_capacity(
     t0, done0 = time.monotonic(), finished()
     while time.monotonic() - t0 < seconds:
         rows = ps.db.jobs(ids)
-        if sum(1 for r in rows.values() if r.status == "queued") < backlog:
+        if _status_counts(rows).get("queued", 0) < backlog:
             ids += ps.upload(client, 1)
         else:
             time.sleep(0.05)
@@ -414,7 +407,10 @@ def run_steady_state(
         if test == "L3":
             # the soak must leave no orphan of its own: the scenarios before it on this stack
             # (L6 kills pool children mid-write) leave theirs, which the scrubber removes now
-            out.figures["orphans_removed_before_soak"] = _scrub(ps, delete=True)
+            cleaned = _scrub(ps, delete=True)
+            out.figures["orphans_removed_before_soak"] = len(cleaned.orphans) + len(
+                cleaned.stale_temp_files
+            )
         before = _process_sample(ps)
         answers: list[tuple[float, int, float]] = []  # (t since start, status, latency)
         ids: list[str] = []
