@@ -96,3 +96,18 @@ def send_job(job_id: str) -> bool:
         log.warning("broker unreachable; job left for the sweeper", extra={"job_id": job_id})
         return False
     return True
+
+
+def waiting_messages() -> int | None:
+    """Messages waiting in the job queue, not yet delivered to a worker; None if the broker
+    cannot say (unreachable). Messages a worker has reserved but not acknowledged are not
+    counted (kombu's ``queue_declare`` message count: Redis list lengths over the priority
+    steps, or the filesystem broker's message files)."""
+    try:
+        with _producer().connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+            declared = conn.default_channel.queue_declare(queue=QUEUE_NAME)
+            return int(declared.message_count)
+    except Exception:  # an unreachable broker: the sweeper falls back to re-sending
+        log.warning("broker queue depth unavailable")
+        return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -351,21 +352,43 @@ class SweepReport:
     failed: list[str]
 
 
-def sweep_jobs(*, session: Session, resend_after: float, max_attempts: int) -> SweepReport:
+def sweep_jobs(
+    *,
+    session: Session,
+    resend_after: float,
+    max_attempts: int,
+    messages_waiting: Callable[[], int | None] | None = None,
+) -> SweepReport:
     """Find lost work: queued jobs never picked up, running jobs whose lease expired.
 
     Returns the ids to (re-)send; the caller sends them after committing.
+
+    ``messages_waiting`` counts the messages the broker still holds for the job queue (None
+    when it cannot say). A queued job whose message is merely waiting behind a backlog (or
+    for stopped workers) is not lost, and re-sending every job that has waited longer than
+    ``resend_after`` on every sweep multiplied the broker's messages by the backlog's age.
+    So only as many stale jobs as the broker is short of messages (queued jobs minus waiting
+    messages, counted in that order) are re-sent, those sent longest ago first; the rest wait
+    for the next sweep. Without a count, every stale job is re-sent.
     """
     now = utcnow()
     resend_before = now - timedelta(seconds=resend_after)
-    stale_queued = list(
-        session.scalars(
-            select(JobRecord).where(
-                JobRecord.status == JobStatus.QUEUED,
-                or_(JobRecord.enqueued_at.is_(None), JobRecord.enqueued_at < resend_before),
-            )
+    stale = (
+        select(JobRecord)
+        .where(
+            JobRecord.status == JobStatus.QUEUED,
+            or_(JobRecord.enqueued_at.is_(None), JobRecord.enqueued_at < resend_before),
         )
+        .order_by(JobRecord.enqueued_at)
     )
+    if messages_waiting is not None:
+        queued = session.scalar(
+            select(func.count()).select_from(JobRecord).where(JobRecord.status == JobStatus.QUEUED)
+        )
+        waiting = messages_waiting()
+        if waiting is not None:
+            stale = stale.limit(max(0, int(queued or 0) - waiting))
+    stale_queued = list(session.scalars(stale))
     expired = list(
         session.scalars(
             select(JobRecord).where(

@@ -1,5 +1,9 @@
 """The sweeper: re-sends lost queued jobs and reclaims running jobs whose lease expired.
 
+A queued job counts as lost only when the broker holds fewer messages than there are queued
+jobs (``app.jobs.service.sweep_jobs``): a backlog waiting for busy or stopped workers is left
+alone instead of being sent again on every sweep.
+
 It runs as a daemon thread in the API process of the embedded shape and in every ``medcad
 worker`` process of the production shape; sweeps are idempotent, so several may run at once.
 """
@@ -25,6 +29,7 @@ def sweep_once(settings: Settings) -> SweepReport:
             session=session,
             resend_after=settings.queued_resend_after_seconds,
             max_attempts=settings.job_max_attempts,
+            messages_waiting=queue.waiting_messages,
         )
     for job_id in report.resent + report.reclaimed:
         queue.send_job(job_id)

@@ -207,6 +207,72 @@ def test_sweeper_reclaims_expired_lease(api: Any) -> None:
     assert api.get(f"/api/v1/jobs/{job_id}").json()["attempts"] == 2
 
 
+def _age_queued(job_ids: list[str], seconds: float) -> None:
+    from datetime import timedelta
+
+    from app.db.records import utcnow
+
+    with session_scope() as s:
+        for i, job_id in enumerate(job_ids):
+            job = s.get(JobRecord, job_id)
+            assert job is not None and job.status == "queued"
+            job.enqueued_at = utcnow() - timedelta(seconds=seconds - i)  # the first is oldest
+
+
+def _purge_broker_queue() -> int:
+    from app import queue
+
+    with queue._producer().connection_for_write() as conn:
+        return int(conn.default_channel.queue_purge(queue.QUEUE_NAME) or 0)
+
+
+def test_sweeper_resends_only_the_messages_the_broker_lost(api: Any) -> None:
+    """A backlog waiting in the broker is not sent again; a lost message is, oldest first."""
+    from app import queue
+    from app.jobs.sweeper import sweep_once
+    from app.settings import get_settings
+
+    settings = get_settings()
+    ids = [_upload(api, bright_disc_series(n=1, seed=k)[0]) for k in range(3)]
+    assert queue.waiting_messages() == 3
+    _age_queued(ids, 10 * settings.queued_resend_after_seconds)
+    # every queued job still has its message: waiting for a worker is not being lost
+    for _ in range(2):
+        assert sweep_once(settings).resent == []
+    assert queue.waiting_messages() == 3
+    # the broker loses everything (a Redis restart without persistence): all three go again
+    assert _purge_broker_queue() == 3
+    assert sweep_once(settings).resent == ids
+    assert queue.waiting_messages() == 3
+    assert sweep_once(settings).resent == []  # just sent: not stale, and none missing
+    # one message short: exactly one job, the one sent longest ago, is sent again
+    _age_queued(ids, 10 * settings.queued_resend_after_seconds)
+    with queue._producer().connection_for_write() as conn:
+        assert conn.default_channel.basic_get(queue.QUEUE_NAME, no_ack=True) is not None
+    assert queue.waiting_messages() == 2
+    assert sweep_once(settings).resent == ids[:1]
+    assert queue.waiting_messages() == 3
+
+
+def test_waiting_messages_counts_a_redis_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker's count the sweeper relies on, on a real Redis (the production broker)."""
+    from app import queue
+    from tests.conftest import reset_caches
+    from tests.helpers.services import redis_db_url
+
+    monkeypatch.setenv("MEDCAD_BROKER_URL", redis_db_url(10))
+    reset_caches()
+    assert queue.waiting_messages() == 0
+    for k in range(4):
+        assert queue.send_job(f"job-{k}")
+    assert queue.waiting_messages() == 4
+    assert _purge_broker_queue() == 4
+    assert queue.waiting_messages() == 0
+    monkeypatch.setenv("MEDCAD_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    reset_caches()
+    assert queue.waiting_messages() is None
+
+
 def test_perturbation_saliency_on_request_respects_budget(api: Any) -> None:
     blobs, disc = bright_disc_series(n=2, radius=10)
     job_id = _upload(api, blobs, models="tinycls", saliency="occlusion,rise", saliency_budget="60")
