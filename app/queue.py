@@ -17,9 +17,10 @@ RUN_JOB_TASK = "medcad.run_job"
 QUEUE_NAME = "medcad"
 
 # How often the embedded worker looks for a message in the filesystem broker's folder. kombu's
-# default of 1 s added half a second, on average, to every idle job's time to result; one
-# listdir of a near-empty folder every 50 ms costs well under 1 % of a core.
-FILESYSTEM_POLL_SECONDS = 0.05
+# default of 1 s added half a second, on average, to every idle job's time to result; at 20 ms
+# the wait is 10 ms on average, and the whole idle embedded deployment (API, worker, pool
+# child) uses about 1.1 % of a core (0.8 % at 50 ms; measured over 30 s idle).
+FILESYSTEM_POLL_SECONDS = 0.02
 
 log = logging.getLogger(__name__)
 
