@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from app.registry.manifest import Manifest, OutputRole, SaliencyMethod, Task
+from app.registry.manifest import (
+    Manifest,
+    OutputRole,
+    SaliencyMethod,
+    Task,
+    TestTimeAugmentation,
+)
 from workers.pipeline import postprocess, saliency
 from workers.pipeline.infer import RunFn, run_batched
 from workers.pipeline.preprocess import preprocess_frames
@@ -168,13 +174,18 @@ def analyze_series(
             preprocessed[key] = x
     t1 = time.perf_counter()
     outputs = run_batched(run, manifest, x)
+    probs = (
+        served_probabilities(run, manifest, x, outputs[OutputRole.LOGITS])
+        if manifest.task is Task.SEGMENTATION
+        else None
+    )
     t2 = time.perf_counter()
     analysis.timings = {"preprocess": t1 - t0, "infer": t2 - t1}
     source_size = (int(frames.shape[1]), int(frames.shape[2]))
     budget = max_forward_passes
-    if manifest.task is Task.SEGMENTATION:
+    if probs is not None:
         analysis.segmentation = _segment(
-            run, manifest, x, outputs, source_size, budget, methods, voxel_mm3
+            run, manifest, x, outputs, probs, source_size, budget, methods, voxel_mm3
         )
     else:
         analysis.classification = _classify(run, manifest, x, outputs, source_size, budget, methods)
@@ -182,18 +193,33 @@ def analyze_series(
     return analysis
 
 
+def served_probabilities(
+    run: RunFn, manifest: Manifest, x: FloatArray, logits: FloatArray
+) -> FloatArray:
+    """A segmenter's served class probabilities (N, K, h, w) on the network grid: the softmax
+    of ``logits`` (the untransformed input's), or with the manifest's test-time augmentation
+    the mean over its members (extra forward passes of the whole series, in its batches)."""
+    tta = manifest.test_time_augmentation
+    return postprocess.averaged_probabilities(
+        lambda batch: run_batched(run, manifest, batch)[OutputRole.LOGITS],
+        x,
+        flip_columns=TestTimeAugmentation.FLIP_COLUMNS in tta,
+        reverse_context=TestTimeAugmentation.REVERSE_CONTEXT in tta,
+        identity_logits=logits,
+    )
+
+
 def _segment(
     run: RunFn,
     manifest: Manifest,
     x: FloatArray,
     outputs: dict[OutputRole, FloatArray],
+    probs: FloatArray,
     size: tuple[int, int],
     budget: int,
     methods: Sequence[SaliencyMethod],
     voxel_mm3: float | None = None,
 ) -> SegmentationResult:
-    logits = outputs[OutputRole.LOGITS]
-    probs = postprocess.probabilities_from_logits(logits, axis=1)
     grid = (int(probs.shape[-2]), int(probs.shape[-1]))
     grid_voxel = (
         None if voxel_mm3 is None else voxel_mm3 * (size[0] * size[1]) / (grid[0] * grid[1])
@@ -228,7 +254,13 @@ def _segment(
                 )
             )
     if SaliencyMethod.TTA_STD in methods:
-        maps.extend(_segmentation_tta(run, manifest, x, probs, size))
+        # the flip-std map's identity member is the plain prediction, not a TTA mean
+        identity = (
+            postprocess.probabilities_from_logits(outputs[OutputRole.LOGITS], axis=1)
+            if manifest.test_time_augmentation
+            else probs
+        )
+        maps.extend(_segmentation_tta(run, manifest, x, identity, size))
     lesions = lesions_in_source(seg, names, grid, size, manifest.review.probability_band)
     if SaliencyMethod.OCCLUSION in methods:
         maps.extend(_segmentation_occlusion(run, manifest, x, small, size, budget, lesions))

@@ -38,6 +38,13 @@ class SaliencyMethod(StrEnum):
     TTA_STD = "tta_std"  # largest std of any class probability over flip test-time augmentation
 
 
+class TestTimeAugmentation(StrEnum):
+    """Input transforms a segmentation model's served prediction averages over."""
+
+    FLIP_COLUMNS = "flip_columns"  # left-right mirror (the columns of each frame reversed)
+    REVERSE_CONTEXT = "reverse_context"  # 2.5-D input: neighbour slices in reverse order
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -175,6 +182,9 @@ class Manifest(_Strict):
     review: Review = Review()
     components: list[ComponentFilter] = Field(default_factory=list)
     saliency: SaliencySpec
+    # segmentation: the served probabilities are the mean softmax over every combination of
+    # these input transforms (2^n members), each member's output mapped back first
+    test_time_augmentation: list[TestTimeAugmentation] = Field(default_factory=list)
     default: bool = True  # served when a request names no model
     provenance: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -217,6 +227,17 @@ class Manifest(_Strict):
                 raise ValueError(
                     f"positive_label {self.classification.positive_label!r} is not a label"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _augmentable(self) -> Manifest:
+        tta = self.test_time_augmentation
+        if tta and self.task is not Task.SEGMENTATION:
+            raise ValueError("'test_time_augmentation' applies to segmentation models only")
+        if len(set(tta)) != len(tta):
+            raise ValueError("'test_time_augmentation' lists a transform twice")
+        if TestTimeAugmentation.REVERSE_CONTEXT in tta and self.preprocessing.context_slices == 0:
+            raise ValueError("'reverse_context' needs context_slices > 0")
         return self
 
     @property

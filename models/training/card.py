@@ -117,6 +117,25 @@ def render_card(manifest: Manifest) -> str:
                 else "."
             )
         )
+    if manifest.test_time_augmentation:
+        names = {
+            "flip_columns": "left-right mirror",
+            "reverse_context": "neighbour slices in reverse order",
+        }
+        n = 2 ** len(manifest.test_time_augmentation)
+        lines.append(
+            "- Test-time augmentation: the served probabilities are the mean softmax of "
+            f"{n} forward passes per slice (every combination of: "
+            + ", ".join(names.get(t.value, t.value) for t in manifest.test_time_augmentation)
+            + "; each output mapped back), so inference costs "
+            f"{n}× a single pass; chosen on the validation split."
+        )
+    derived = p.get("derived_from")
+    if derived:
+        lines.append(
+            f"- Derived from {derived.get('release')}: {derived.get('changed')}. Training and "
+            "export below are that release's."
+        )
     lines += [
         f"- Saliency: {', '.join(m.value for m in manifest.saliency.methods)}; display range "
         f"{list(manifest.saliency.display_range)}.",

@@ -26,6 +26,7 @@ ONNX file and its sha256 are untouched) and the card, and the U-Net vs SegNet ta
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -41,7 +42,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from app.registry.manifest import Manifest, Task
+from app.registry.manifest import Manifest, Task, TestTimeAugmentation
 from app.registry.service import file_sha256, latest_versions, load_registry
 from models.training.card import publish
 from models.training.data import (
@@ -149,19 +150,35 @@ def _dice_counts(pred: NDArray[np.uint8], labels: NDArray[np.uint8]) -> NDArray[
     return counts
 
 
+def served_probabilities(
+    manifest: Manifest, sess: ort.InferenceSession, x: NDArray[np.float32]
+) -> NDArray[np.float32]:
+    """A segmenter's class probabilities on the network grid, as the workers compute them:
+    the softmax, or the mean over the manifest's test-time augmentation members
+    (``workers.pipeline.postprocess.averaged_probabilities``)."""
+    batch = manifest.preprocessing.batch_size
+    tta = manifest.test_time_augmentation
+    return postprocess.averaged_probabilities(
+        lambda b: run(sess, b, batch)[0],
+        x,
+        flip_columns=TestTimeAugmentation.FLIP_COLUMNS in tta,
+        reverse_context=TestTimeAugmentation.REVERSE_CONTEXT in tta,
+    )
+
+
 def seg_series(
     manifest: Manifest,
-    logits: NDArray[np.float32],
+    probs: NDArray[np.float32],
     s: Any,
 ) -> SegSeries:
     """Score one series exactly as the workers would serve it.
 
-    ``workers.pipeline.postprocess.segment`` (softmax → argmax on the network grid → the
+    ``probs`` are the served class probabilities on the network grid
+    (``served_probabilities``); then ``workers.pipeline.postprocess.segment`` (argmax → the
     manifest's component filters) and a nearest-neighbour resize to 512 × 512, the labels a
     SEG or mask PNG carries. Lesions are matched to the 3-D components of the served nodule
     mask; a component's score is its highest nodule probability.
     """
-    probs = postprocess.probabilities_from_logits(logits, axis=1)
     size = s.labels.shape[1:]
     grid = probs.shape[-2:]
     voxel = (
@@ -336,7 +353,7 @@ def fit_components(manifest: Manifest, sess: ort.InferenceSession, n_series: int
     for i in range(n_series):
         s = make_series("val", i)
         x = preprocess_frames(s.hu.astype(np.float32), bare.preprocessing)
-        records.append(seg_series(bare, run(sess, x, bare.preprocessing.batch_size)[0], s))
+        records.append(seg_series(bare, served_probabilities(bare, sess, x), s))
     return fit_component_filter(records)
 
 
@@ -501,15 +518,21 @@ def prepare(n_series: int, workers: int) -> None:
 
 
 def _record_path(manifest: Manifest, index: int) -> Path:
-    """Per-series result cache, keyed by the model file's hash: shards fill it in parallel."""
-    return CACHE_DIR / "eval" / "records" / manifest.name / f"{manifest.sha256[:16]}_{index}.pkl"
+    """Per-series result cache, keyed by the model file's hash and by what else decides the
+    served output (test-time augmentation, component filters): shards fill it in parallel."""
+    served = json.dumps(
+        [manifest.test_time_augmentation, [c.model_dump(mode="json") for c in manifest.components]],
+        sort_keys=True,
+    )
+    name = f"{manifest.sha256[:16]}_{hashlib.sha256(served.encode()).hexdigest()[:8]}_{index}.pkl"
+    return CACHE_DIR / "eval" / "records" / manifest.name / name
 
 
 def _series_record(m: Manifest, sess: ort.InferenceSession, s: Any) -> SegSeries | ClsSeries:
     x = preprocess_frames(s.hu.astype(np.float32), m.preprocessing)
-    outs = run(sess, x, m.preprocessing.batch_size)
     if m.task is Task.SEGMENTATION:
-        return seg_series(m, outs[0], s)
+        return seg_series(m, served_probabilities(m, sess, x), s)
+    outs = run(sess, x, m.preprocessing.batch_size)
     grid = labels_to_grid(s.labels, m.preprocessing.size) == LABEL_NODULE
     y = grid.any(axis=(1, 2))
     rec = ClsSeries(outs[0][:, 0], y)

@@ -45,9 +45,17 @@ from numpy.typing import NDArray
 from onnx import numpy_helper
 from scipy import ndimage
 
-from app.registry.manifest import Manifest, OutputRole, Preprocessing, SaliencySpec, Task
+from app.registry.manifest import (
+    Manifest,
+    OutputRole,
+    Preprocessing,
+    SaliencySpec,
+    Task,
+    TestTimeAugmentation,
+)
 from models.training.data import SPLITS, labels_to_grid
 from models.training.phantoms import LABEL_LUNG, LABEL_NODULE, generate_series
+from workers.pipeline import postprocess
 from workers.pipeline import saliency as S
 from workers.pipeline.postprocess import calibrated_probabilities
 from workers.pipeline.preprocess import preprocess_frames
@@ -854,7 +862,15 @@ def evaluate_segmenter(
     t0 = time.perf_counter()
     logits = model.run(sl.x, [logit_name])[0]
     forward_s = (time.perf_counter() - t0) / len(sl.x)
-    probs = S.softmax(logits, axis=1)
+    # the served probabilities: with the manifest's test-time augmentation, the members' mean
+    tta = manifest.test_time_augmentation
+    probs = postprocess.averaged_probabilities(
+        lambda b: model.run(b, [logit_name])[0],
+        sl.x,
+        flip_columns=TestTimeAugmentation.FLIP_COLUMNS in tta,
+        reverse_context=TestTimeAugmentation.REVERSE_CONTEXT in tta,
+        identity_logits=logits,
+    )
     pred = probs.argmax(axis=1).astype(np.uint8)
     truth = sl.labels
     pred_nod, true_nod = pred == nod, truth == nod

@@ -17,6 +17,7 @@ import collections
 import hashlib
 import math
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from app.registry.manifest import (
     SaliencySpec,
     Task,
     TensorSpec,
+    TestTimeAugmentation,
 )
 from models.training.card import publish
 from models.training.classifier import ClassifierExport, NoduleClassifier
@@ -55,9 +57,16 @@ from models.training.data import (
 )
 from models.training.evaluate import fit_components, load_manifest
 from models.training.train import CHECKPOINTS, MODEL_NAMES, build_model
+from workers.pipeline import postprocess
 from workers.pipeline.postprocess import calibrated_probabilities
 
-VERSION = "1.1.0"  # the release this code exports (earlier releases stay servable)
+# The release this code exports, per model (earlier releases stay servable).
+VERSIONS = {"unet": "1.2.0", "segnet": "1.1.0", "classifier": "1.1.0"}
+# Test-time augmentation of the served segmentation (chosen on the validation split; the
+# members are transforms the training sampler applies: left-right mirror, reversed context).
+TEST_TIME_AUGMENTATION: dict[str, list[TestTimeAugmentation]] = {
+    "unet": [TestTimeAugmentation.FLIP_COLUMNS, TestTimeAugmentation.REVERSE_CONTEXT],
+}
 MAX_ONNX_BYTES = 25 * 1024 * 1024
 PARITY_TOLERANCE = 1e-4
 PARITY_INPUTS = 100
@@ -89,7 +98,7 @@ DESCRIPTIONS = {
 
 
 def version_dir(name: str) -> Path:
-    return MODELS_DIR / name / VERSION
+    return MODELS_DIR / name / VERSIONS[name]
 
 
 def load_trained(name: str, checkpoints: Path = CHECKPOINTS) -> tuple[nn.Module, dict[str, Any]]:
@@ -437,7 +446,7 @@ def build_manifest(
         review = Review(probability_band=(0.2, 0.8), max_mean_entropy=review_entropy)
     return Manifest(
         name=name,
-        version=VERSION,
+        version=VERSIONS[name],
         task=task,
         description=DESCRIPTIONS[name],
         file="model.onnx",
@@ -449,31 +458,96 @@ def build_manifest(
         classification=classification,
         review=review,
         saliency=saliency,
+        test_time_augmentation=TEST_TIME_AUGMENTATION.get(name, []),
         default=True,
         provenance=provenance,
         metrics=metrics or {},
     )
 
 
-def _entropy(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    return np.asarray(-(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1))
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    return np.asarray(-(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1))
 
 
-def entropy_display_max(logits: np.ndarray) -> float:
-    """99.9th percentile of per-pixel softmax entropy (nats) on validation slices."""
-    return float(np.percentile(_entropy(logits), 99.9))
+def entropy_display_max(probs: np.ndarray) -> float:
+    """99.9th percentile of per-pixel softmax entropy (nats) of the served probabilities
+    on validation slices."""
+    return float(np.percentile(_entropy(probs), 99.9))
 
 
-def entropy_review_threshold(logits: np.ndarray) -> float:
+def entropy_review_threshold(probs: np.ndarray) -> float:
     """99th percentile over validation slices of the mean entropy inside the predicted
     foreground: slices above it are less certain than 99 % of the validation slices."""
-    ent = _entropy(logits)
-    fg = logits.argmax(axis=1) > 0
+    ent = _entropy(probs)
+    fg = probs.argmax(axis=1) > 0
     per_slice = [float(e[m].mean()) for e, m in zip(ent, fg, strict=True) if m.any()]
     return float(np.percentile(per_slice, 99)) if per_slice else math.log(3)
+
+
+def entropy_statistics(
+    name: str, sess: ort.InferenceSession, x: np.ndarray, logits: np.ndarray
+) -> tuple[tuple[float, float], float]:
+    """A segmenter's entropy display range and review threshold, from the probabilities the
+    workers will serve for validation inputs ``x`` (with the model's test-time augmentation)."""
+    tta = TEST_TIME_AUGMENTATION.get(name, [])
+    probs = postprocess.averaged_probabilities(
+        lambda b: run_batches(sess, b)[0],
+        x,
+        flip_columns=TestTimeAugmentation.FLIP_COLUMNS in tta,
+        reverse_context=TestTimeAugmentation.REVERSE_CONTEXT in tta,
+        identity_logits=logits,
+    )
+    display = (0.0, round(min(entropy_display_max(probs), math.log(3)), 4))
+    return display, round(entropy_review_threshold(probs), 4)
+
+
+def derive_release(name: str, source_version: str, threads: int = 1) -> Manifest:
+    """Release the ONNX file of ``name``'s ``source_version`` as ``VERSIONS[name]`` with this
+    code's serving recipe: test-time augmentation, and the entropy display range, review
+    threshold and component filter fitted again for it on the validation split. The weights
+    are those of the source release (no checkpoint needed); its parity and training
+    provenance carry over."""
+    source_dir = MODELS_DIR / name / source_version
+    source = Manifest.model_validate_json((source_dir / "manifest.json").read_text())
+    if source.task is not Task.SEGMENTATION:
+        raise SystemExit("--from-release applies to segmentation models")
+    directory = version_dir(name)
+    if directory == source_dir:
+        raise SystemExit(f"{name} {source_version} is already this code's release")
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source_dir / source.file, directory / "model.onnx")
+    sess = ort_session(directory / "model.onnx", threads)
+    val = load_split("val")
+    rows = np.arange(0, len(val.x), 4)
+    x = network_inputs(val, rows)
+    display, review_entropy = entropy_statistics(name, sess, x, run_batches(sess, x)[0])
+    fields = source.model_dump(mode="json")
+    fields.update(
+        version=VERSIONS[name],
+        file="model.onnx",
+        sha256=sha256_file(directory / "model.onnx"),
+        test_time_augmentation=[t.value for t in TEST_TIME_AUGMENTATION.get(name, [])],
+        review={**fields["review"], "max_mean_entropy": review_entropy},
+        saliency={**fields["saliency"], "display_range": list(display)},
+        components=[],
+        metrics={},
+        provenance={
+            **source.provenance,
+            "commands": {
+                **source.provenance.get("commands", {}),
+                "export": f"python -m models.training.export {name} --from-release "
+                f"{source_version}",
+            },
+            "derived_from": {
+                "release": source.key,
+                "changed": "serving recipe only (same ONNX weights): test-time augmentation, "
+                "entropy display range and review threshold, component filter",
+            },
+        },
+    )
+    manifest = with_component_filter(Manifest.model_validate(fields), sess)
+    publish(manifest, directory)
+    return manifest
 
 
 def export(
@@ -516,8 +590,7 @@ def export(
     if name == "classifier":
         classification, display, extra = calibrate_classifier(outs, val, rows)
     else:
-        display = (0.0, round(min(entropy_display_max(outs[0]), math.log(3)), 4))
-        review_entropy = round(entropy_review_threshold(outs[0]), 4)
+        display, review_entropy = entropy_statistics(name, sess, network_inputs(val, rows), outs[0])
 
     params = sum(p.numel() for p in net.parameters())
     provenance = {
@@ -693,6 +766,12 @@ def main(argv: list[str] | None = None) -> int:
         help="re-fit the classifier's temperature and thresholds of the existing export",
     )
     p.add_argument(
+        "--from-release",
+        metavar="VERSION",
+        help="segmenters: release this code's version from an earlier release's ONNX file "
+        "(same weights, this code's serving recipe)",
+    )
+    p.add_argument(
         "--components-only",
         action="store_true",
         help="re-fit the nodule component filter of the existing export on the validation split",
@@ -703,6 +782,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.model != "classifier":
             p.error("--calibration-only applies to the classifier")
         recalibrate_classifier(threads=args.threads)
+        return 0
+    if args.from_release:
+        derive_release(args.model, args.from_release, threads=args.threads)
         return 0
     if args.components_only:
         if args.model == "classifier":

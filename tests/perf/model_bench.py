@@ -318,7 +318,9 @@ class JobReplay:
             b = m.preprocessing.batch_size
             batch = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))
             sess.run(None, {_input_name(case.model): batch[:1]})  # warm after the deployment ran
-            for stage, n in (("infer", slices), ("saliency", passes.get(m.name, 0))):
+            # a segmenter with test-time augmentation runs every slice once per member
+            members = 2 ** len(m.test_time_augmentation)
+            for stage, n in (("infer", slices * members), ("saliency", passes.get(m.name, 0))):
                 t0 = time.perf_counter()
                 for start in range(0, n, b):
                     sess.run(None, {_input_name(case.model): batch[: min(b, n - start)]})

@@ -80,3 +80,74 @@ def test_served_flip_tta_runs_a_batch_of_frames_at_a_time_and_equals_the_whole_s
     whole = saliency.tta_flip_std_series(lambda b: saliency.softmax(logits(b), axis=1), x)
     assert float(whole.max()) > 0.05
     np.testing.assert_allclose(np.stack([m.values for m in maps]), whole, atol=1e-5)
+
+
+def _tta_segmenter(tta: list[str], context: int = 1) -> Manifest:
+    return Manifest.model_validate({
+        "name": "seg", "version": "1", "task": "segmentation", "sha256": "0" * 64,
+        "inputs": [{"name": "x", "shape": ["N", 2 * context + 1, 16, 16]}],
+        "outputs": [{"name": "y", "shape": ["N", 3, 16, 16], "role": "logits"}],
+        "preprocessing": {"window": {"center": 0, "width": 100}, "size": [16, 16],
+                          "batch_size": 2, "context_slices": context},
+        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "lung"},
+                   {"value": 2, "name": "nodule"}],
+        "saliency": {"methods": ["entropy"]},
+        "test_time_augmentation": tta,
+    })
+
+
+def test_served_test_time_augmentation_is_the_mean_of_the_mapped_back_members() -> None:
+    """Mirror × reversed context: 4 passes per frame; labels and entropy from their mean."""
+    manifest = _tta_segmenter(["flip_columns", "reverse_context"])
+    ramp = np.linspace(-3.0, 3.0, 16, dtype=np.float32)  # neither mirror- nor order-symmetric
+    passes: list[int] = []
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        a = x[:, :1] * 3.0 + ramp
+        b = x[:, 1:2] - x[:, 2:3] * 2.0
+        return np.concatenate([-a, b, a - b], axis=1)
+
+    def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        passes.append(len(feeds["x"]))
+        return [logits(feeds["x"])]
+
+    frames = np.random.default_rng(1).normal(0, 40, (5, 16, 16)).astype(np.float32)
+    result = analyze_series(run, manifest, frames, max_forward_passes=0)
+    seg = result.segmentation
+    assert seg is not None
+    assert sum(passes) == 4 * 5 and max(passes) == 2
+    x = preprocess_frames(frames, manifest.preprocessing)
+    members = [
+        saliency.softmax(logits(x), axis=1),
+        saliency.softmax(logits(x[..., ::-1])[..., ::-1], axis=1),
+        saliency.softmax(logits(x[:, ::-1]), axis=1),
+        saliency.softmax(logits(x[:, ::-1, :, ::-1])[..., ::-1], axis=1),
+    ]
+    mean = np.mean(members, axis=0)
+    plain = members[0].argmax(axis=1)
+    assert (mean.argmax(axis=1) != plain).any()  # the members disagree: the test can fail
+    top2 = np.sort(mean, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-4  # float32 sums in another order may break a tie
+    assert clear.mean() > 0.99, clear.mean()
+    assert (seg.labels == mean.argmax(axis=1)).mean() > 0.999
+    np.testing.assert_array_equal(seg.labels[clear], mean.argmax(axis=1)[clear])
+    entropy = np.stack([m.values for m in seg.saliency if m.method is SaliencyMethod.ENTROPY])
+    np.testing.assert_allclose(
+        entropy, np.stack([saliency.softmax_entropy(p) for p in mean]), atol=1e-5
+    )
+
+
+def test_test_time_augmentation_is_checked_against_the_task_and_the_input() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="reverse_context"):
+        _tta_segmenter(["reverse_context"], context=0)
+    with pytest.raises(ValidationError, match="twice"):
+        _tta_segmenter(["flip_columns", "flip_columns"])
+    with pytest.raises(ValidationError, match="segmentation models only"):
+        Manifest.model_validate(
+            _classifier([{"name": "l", "shape": ["N", 1], "role": "logits"}], ["occlusion"])
+            .model_dump(mode="json")
+            | {"test_time_augmentation": ["flip_columns"]}
+        )

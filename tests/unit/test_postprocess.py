@@ -41,6 +41,46 @@ def test_softmax_on_another_axis() -> None:
     np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=1e-6)
 
 
+def test_averaged_probabilities_maps_each_member_back() -> None:
+    """A model that commutes with the transforms gives the same probabilities with TTA as
+    without: each member's output is mirrored back; a reversed context needs no mapping."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 3, 8, 8)).astype(np.float32)
+    calls: list[int] = []
+
+    def pointwise(batch: np.ndarray) -> np.ndarray:  # per pixel, symmetric in the neighbours
+        calls.append(len(batch))
+        centre, side = batch[:, 1:2], batch[:, 0:1] + batch[:, 2:3]
+        return np.concatenate([centre, 2 * side, centre * side], axis=1)
+
+    plain = pp.probabilities_from_logits(pointwise(x))
+    assert pp.averaged_probabilities(pointwise, x) == pytest.approx(plain)
+    calls.clear()
+    both = pp.averaged_probabilities(pointwise, x, flip_columns=True, reverse_context=True)
+    assert len(calls) == 4
+    np.testing.assert_allclose(both, plain, atol=1e-6)
+    calls.clear()
+    given = pp.averaged_probabilities(
+        pointwise, x, flip_columns=True, identity_logits=pointwise(x)
+    )
+    assert len(calls) == 2  # the identity pass was given, the mirror was run
+    np.testing.assert_allclose(given, plain, atol=1e-6)
+
+
+def test_averaged_probabilities_is_the_mean_over_the_members() -> None:
+    ramp = np.arange(6, dtype=np.float32)
+
+    def leftward(batch: np.ndarray) -> np.ndarray:  # prefers class 1 on the right: not mirrored
+        return np.concatenate([batch[:, :1] * 0, batch[:, :1] * 0 + ramp], axis=1)
+
+    x = np.zeros((1, 1, 2, 6), np.float32)
+    p = pp.averaged_probabilities(leftward, x, flip_columns=True)
+    plain = pp.probabilities_from_logits(leftward(x))
+    mirrored = pp.probabilities_from_logits(leftward(x))[..., ::-1]
+    np.testing.assert_allclose(p, (plain + mirrored) / 2, atol=1e-6)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+
+
 def test_labels_are_the_argmax_as_uint8() -> None:
     probs = pp.probabilities_from_logits(RNG.normal(size=(2, 5, 8, 8)), axis=1)
     labels = pp.labels_from_probabilities(probs, axis=1)

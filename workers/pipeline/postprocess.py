@@ -8,7 +8,7 @@ pixels it came from.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -43,6 +43,56 @@ def probabilities_from_logits(logits: ArrayLike, axis: int = 1) -> FloatArray:
     z /= z.sum(axis=axis, keepdims=True)
     probabilities: FloatArray = z
     return probabilities
+
+
+def averaged_probabilities(
+    predict_logits: Callable[[FloatArray], FloatArray],
+    x: FloatArray,
+    *,
+    flip_columns: bool = False,
+    reverse_context: bool = False,
+    identity_logits: FloatArray | None = None,
+) -> FloatArray:
+    """Test-time augmentation: the mean softmax over every combination of input transforms.
+
+    Parameters
+    ----------
+    predict_logits : ``(N, C, H, W) -> (N, K, H, W)`` segmentation logits (batched by the
+        caller).
+    x : (N, C, H, W) network inputs; with a 2.5-D input the C channels are the neighbouring
+        slices in order.
+    flip_columns : add the left-right mirror of every frame (its output is mirrored back).
+    reverse_context : add the input with its neighbour slices in reverse order (the centre
+        channel stays; the output needs no mapping back).
+    identity_logits : the untransformed input's logits, when the caller already has them.
+
+    Returns
+    -------
+    float32 (N, K, H, W) probabilities: the plain softmax when no transform is asked for,
+    else the mean over the 2, or 4, members (nnU-Net averages mirrored predictions the same
+    way). Every member is a transform the model saw in training, so none is out of
+    distribution.
+    """
+    members = [
+        (f, r)
+        for f in (False, True)[: 1 + flip_columns]
+        for r in (False, True)[: 1 + reverse_context]
+    ]
+    total: FloatArray | None = None
+    for flip, reverse in members:
+        if not flip and not reverse and identity_logits is not None:
+            logits = identity_logits
+        else:
+            xi = x[..., ::-1] if flip else x
+            xi = xi[:, ::-1] if reverse else xi
+            logits = predict_logits(np.ascontiguousarray(xi))
+            logits = logits[..., ::-1] if flip else logits
+        p = probabilities_from_logits(logits, axis=1)
+        total = p if total is None else total + p
+    assert total is not None
+    if len(members) > 1:
+        total /= np.float32(len(members))
+    return total
 
 
 def labels_from_probabilities(probabilities: ArrayLike, axis: int = 1) -> LabelArray:
