@@ -128,7 +128,7 @@ def render_card(manifest: Manifest) -> str:
             f"{n} forward passes per slice (every combination of: "
             + ", ".join(names.get(t.value, t.value) for t in manifest.test_time_augmentation)
             + "; each output mapped back), so inference costs "
-            f"{n}× a single pass; chosen on the validation split."
+            f"{n}× a single pass."
         )
     derived = p.get("derived_from")
     if derived:

@@ -64,7 +64,13 @@ RESAMPLES = 1000
 
 
 def release_dir(name: str, models_dir: Path = MODELS_DIR) -> Path:
-    """The folder of ``name``'s newest release: the version the service serves by default."""
+    """The folder of ``name``'s newest release (the version the service serves by default),
+    or of the version ``name`` names as ``model:version``."""
+    if ":" in name:
+        model = load_registry(models_dir).get(name)
+        if model is None:
+            raise SystemExit(f"{name}: not under {models_dir}")
+        return model.folder
     model = latest_versions(load_registry(models_dir)).get(name)
     if model is None:
         raise SystemExit(f"{name}: no release under {models_dir}")
@@ -669,7 +675,11 @@ def refresh_readme() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Evaluate exported models on held-out phantoms.")
-    p.add_argument("models", nargs="*", help="unet, segnet and/or classifier")
+    p.add_argument(
+        "models",
+        nargs="*",
+        help="unet, segnet and/or classifier (newest release), or model:version",
+    )
     p.add_argument("--prepare", action="store_true", help="only generate the test series")
     p.add_argument("--shard", default=None, help="K/N: only fill the cache for series i % N == K")
     p.add_argument("--series", type=int, default=int(SPLITS["test"]["series"]))  # type: ignore[call-overload]
@@ -679,9 +689,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare:
         prepare(args.series, args.workers)
         return 0
-    unknown = set(args.models) - {"unet", "segnet", "classifier"}
+    unknown = {m for m in args.models if m.split(":")[0] not in ("unet", "segnet", "classifier")}
     if unknown or not args.models:
-        p.error(f"name one or more of unet, segnet, classifier (got {sorted(unknown)})")
+        p.error(
+            "name one or more of unet, segnet, classifier, or a version of one as "
+            f"model:version (got {sorted(unknown)})"
+        )
     if args.shard:
         k, n = (int(v) for v in args.shard.split("/"))
         evaluate(args.models, args.series, args.threads, args.workers, shard=(k, n))

@@ -17,9 +17,9 @@ import collections
 import hashlib
 import math
 import platform
-import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +60,7 @@ from models.training.train import CHECKPOINTS, MODEL_NAMES, build_model
 from workers.pipeline import postprocess
 from workers.pipeline.postprocess import calibrated_probabilities
 
-# The release this code exports, per model (earlier releases stay servable).
-VERSIONS = {"unet": "1.2.0", "segnet": "1.1.0", "classifier": "1.1.0"}
-# Test-time augmentation of the served segmentation (chosen on the validation split; the
-# members are transforms the training sampler applies: left-right mirror, reversed context).
-TEST_TIME_AUGMENTATION: dict[str, list[TestTimeAugmentation]] = {
-    "unet": [TestTimeAugmentation.FLIP_COLUMNS, TestTimeAugmentation.REVERSE_CONTEXT],
-}
+VERSION = "1.1.0"  # the release this code exports (earlier releases stay servable)
 MAX_ONNX_BYTES = 25 * 1024 * 1024
 PARITY_TOLERANCE = 1e-4
 PARITY_INPUTS = 100
@@ -98,7 +92,7 @@ DESCRIPTIONS = {
 
 
 def version_dir(name: str) -> Path:
-    return MODELS_DIR / name / VERSIONS[name]
+    return MODELS_DIR / name / VERSION
 
 
 def load_trained(name: str, checkpoints: Path = CHECKPOINTS) -> tuple[nn.Module, dict[str, Any]]:
@@ -446,7 +440,7 @@ def build_manifest(
         review = Review(probability_band=(0.2, 0.8), max_mean_entropy=review_entropy)
     return Manifest(
         name=name,
-        version=VERSIONS[name],
+        version=VERSION,
         task=task,
         description=DESCRIPTIONS[name],
         file="model.onnx",
@@ -458,7 +452,6 @@ def build_manifest(
         classification=classification,
         review=review,
         saliency=saliency,
-        test_time_augmentation=TEST_TIME_AUGMENTATION.get(name, []),
         default=True,
         provenance=provenance,
         metrics=metrics or {},
@@ -485,11 +478,13 @@ def entropy_review_threshold(probs: np.ndarray) -> float:
 
 
 def entropy_statistics(
-    name: str, sess: ort.InferenceSession, x: np.ndarray, logits: np.ndarray
+    sess: ort.InferenceSession,
+    x: np.ndarray,
+    logits: np.ndarray,
+    tta: Sequence[TestTimeAugmentation] = (),
 ) -> tuple[tuple[float, float], float]:
     """A segmenter's entropy display range and review threshold, from the probabilities the
-    workers will serve for validation inputs ``x`` (with the model's test-time augmentation)."""
-    tta = TEST_TIME_AUGMENTATION.get(name, [])
+    workers will serve for validation inputs ``x`` (with test-time augmentation ``tta``)."""
     probs = postprocess.averaged_probabilities(
         lambda b: run_batches(sess, b)[0],
         x,
@@ -501,32 +496,41 @@ def entropy_statistics(
     return display, round(entropy_review_threshold(probs), 4)
 
 
-def derive_release(name: str, source_version: str, threads: int = 1) -> Manifest:
-    """Release the ONNX file of ``name``'s ``source_version`` as ``VERSIONS[name]`` with this
-    code's serving recipe: test-time augmentation, and the entropy display range, review
+def derive_release(
+    name: str,
+    source_version: str,
+    version: str,
+    tta: Sequence[TestTimeAugmentation],
+    threads: int = 1,
+) -> Manifest:
+    """Release the ONNX file of ``name``'s ``source_version`` as ``version`` with another
+    serving recipe: test-time augmentation ``tta``, and the entropy display range, review
     threshold and component filter fitted again for it on the validation split. The weights
-    are those of the source release (no checkpoint needed); its parity and training
-    provenance carry over."""
+    are the source release's (no checkpoint needed); its parity and training provenance carry
+    over. A suffixed version (``1.1.0-tta``) is served only when a request names it."""
     source_dir = MODELS_DIR / name / source_version
     source = Manifest.model_validate_json((source_dir / "manifest.json").read_text())
     if source.task is not Task.SEGMENTATION:
         raise SystemExit("--from-release applies to segmentation models")
-    directory = version_dir(name)
+    directory = MODELS_DIR / name / version
     if directory == source_dir:
-        raise SystemExit(f"{name} {source_version} is already this code's release")
+        raise SystemExit(f"{name} {version} is the source release")
     directory.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source_dir / source.file, directory / "model.onnx")
+    # the same weights: a link to the source release's file, not a second copy in the repository
+    link = directory / "model.onnx"
+    link.unlink(missing_ok=True)
+    link.symlink_to(Path("..") / source_version / source.file)
     sess = ort_session(directory / "model.onnx", threads)
     val = load_split("val")
     rows = np.arange(0, len(val.x), 4)
     x = network_inputs(val, rows)
-    display, review_entropy = entropy_statistics(name, sess, x, run_batches(sess, x)[0])
+    display, review_entropy = entropy_statistics(sess, x, run_batches(sess, x)[0], tta)
     fields = source.model_dump(mode="json")
     fields.update(
-        version=VERSIONS[name],
+        version=version,
         file="model.onnx",
         sha256=sha256_file(directory / "model.onnx"),
-        test_time_augmentation=[t.value for t in TEST_TIME_AUGMENTATION.get(name, [])],
+        test_time_augmentation=[t.value for t in tta],
         review={**fields["review"], "max_mean_entropy": review_entropy},
         saliency={**fields["saliency"], "display_range": list(display)},
         components=[],
@@ -536,7 +540,8 @@ def derive_release(name: str, source_version: str, threads: int = 1) -> Manifest
             "commands": {
                 **source.provenance.get("commands", {}),
                 "export": f"python -m models.training.export {name} --from-release "
-                f"{source_version}",
+                f"{source_version} --as-version {version} --tta {','.join(t.value for t in tta)}",
+                "evaluate": f"python -m models.training.evaluate {name}:{version}",
             },
             "derived_from": {
                 "release": source.key,
@@ -590,7 +595,7 @@ def export(
     if name == "classifier":
         classification, display, extra = calibrate_classifier(outs, val, rows)
     else:
-        display, review_entropy = entropy_statistics(name, sess, network_inputs(val, rows), outs[0])
+        display, review_entropy = entropy_statistics(sess, network_inputs(val, rows), outs[0])
 
     params = sum(p.numel() for p in net.parameters())
     provenance = {
@@ -768,8 +773,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--from-release",
         metavar="VERSION",
-        help="segmenters: release this code's version from an earlier release's ONNX file "
-        "(same weights, this code's serving recipe)",
+        help="segmenters: release an earlier release's ONNX file with another serving recipe "
+        "(--as-version, --tta)",
+    )
+    p.add_argument("--as-version", help="with --from-release: the new version, e.g. 1.1.0-tta")
+    p.add_argument(
+        "--tta",
+        default="",
+        help="with --from-release: comma list of test-time augmentations "
+        f"({', '.join(t.value for t in TestTimeAugmentation)})",
     )
     p.add_argument(
         "--components-only",
@@ -784,7 +796,10 @@ def main(argv: list[str] | None = None) -> int:
         recalibrate_classifier(threads=args.threads)
         return 0
     if args.from_release:
-        derive_release(args.model, args.from_release, threads=args.threads)
+        if not args.as_version:
+            p.error("--from-release needs --as-version")
+        tta = [TestTimeAugmentation(t) for t in args.tta.split(",") if t]
+        derive_release(args.model, args.from_release, args.as_version, tta, threads=args.threads)
         return 0
     if args.components_only:
         if args.model == "classifier":

@@ -107,3 +107,44 @@ def test_classifier_positive_on_nodule_negative_without(
     nod = with_nodule.labels[k] == LABEL_NODULE
     nod_grid = nod.reshape(cam.shape[0], factor, cam.shape[1], factor).any(axis=(1, 3))
     assert nod_grid.flat[int(cam.argmax())]
+
+
+def test_the_tta_variant_serves_what_its_evaluation_scored(with_nodule: PhantomSeries) -> None:
+    """unet:1.1.0-tta: the workers' averaged probabilities are the evaluation's, they differ
+    from the plain release's, and the served masks still find the nodule."""
+    from app.registry.service import load_registry
+    from models.training import evaluate
+    from tests.models.conftest import MODELS_DIR
+    from workers.analysis import served_probabilities
+
+    registry = load_registry(MODELS_DIR)
+    variant = registry["unet:1.1.0-tta"]
+    manifest = variant.manifest
+    assert (
+        manifest.test_time_augmentation
+        and not registry["unet:1.1.0"].manifest.test_time_augmentation
+    )
+    sess = ort.InferenceSession(
+        str(variant.folder / manifest.file), providers=["CPUExecutionProvider"]
+    )
+    k = _largest_nodule_slice(with_nodule)
+    x = preprocess_frames(with_nodule.hu.astype(np.float32), manifest.preprocessing)[k - 1 : k + 2]
+    logits = sess.run(None, {manifest.inputs[0].name: x})[0]
+    served = served_probabilities(sess.run, manifest, x, logits)
+    np.testing.assert_allclose(served, evaluate.served_probabilities(manifest, sess, x), atol=1e-6)
+    plain = np.exp(logits - logits.max(axis=1, keepdims=True))
+    plain /= plain.sum(axis=1, keepdims=True)
+    assert float(np.abs(served - plain).max()) > 1e-3  # four members, not one
+    rows, cols = with_nodule.pixel_spacing
+    analysis = analyze_series(
+        sess.run,
+        manifest,
+        with_nodule.hu.astype(np.float32),
+        max_forward_passes=0,
+        voxel_mm3=rows * cols * with_nodule.slice_thickness,
+    )
+    assert analysis.segmentation is not None
+    pred = analysis.segmentation.labels[k]
+    nod_gt = with_nodule.labels[k] == LABEL_NODULE
+    nod_pred = pred == LABEL_NODULE
+    assert 2 * np.sum(nod_pred & nod_gt) / (nod_pred.sum() + nod_gt.sum()) > 0.6
