@@ -70,8 +70,8 @@ def averaged_probabilities(
     -------
     float32 (N, K, H, W) probabilities: the plain softmax when no transform is asked for,
     else the mean over the 2, or 4, members (nnU-Net averages mirrored predictions the same
-    way). Every member is a transform the model saw in training, so none is out of
-    distribution.
+    way). Ask only for transforms the model was trained with: any other member is an input
+    out of its distribution.
     """
     members = [
         (f, r)
