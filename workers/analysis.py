@@ -15,13 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from app.registry.manifest import (
-    Manifest,
-    OutputRole,
-    SaliencyMethod,
-    Task,
-    TestTimeAugmentation,
-)
+from app.registry.manifest import Manifest, OutputRole, SaliencyMethod, Task
 from workers.pipeline import postprocess, saliency
 from workers.pipeline.infer import RunFn, run_batched
 from workers.pipeline.preprocess import preprocess_frames
@@ -199,12 +193,10 @@ def served_probabilities(
     """A segmenter's served class probabilities (N, K, h, w) on the network grid: the softmax
     of ``logits`` (the untransformed input's), or with the manifest's test-time augmentation
     the mean over its members (extra forward passes of the whole series, in its batches)."""
-    tta = manifest.test_time_augmentation
     return postprocess.averaged_probabilities(
         lambda batch: run_batched(run, manifest, batch)[OutputRole.LOGITS],
         x,
-        flip_columns=TestTimeAugmentation.FLIP_COLUMNS in tta,
-        reverse_context=TestTimeAugmentation.REVERSE_CONTEXT in tta,
+        manifest.test_time_augmentation,
         identity_logits=logits,
     )
 

@@ -241,6 +241,11 @@ class Manifest(_Strict):
         return self
 
     @property
+    def passes_per_frame(self) -> int:
+        """Forward passes of the served prediction per frame: 2^n with n test-time transforms."""
+        return 1 << len(self.test_time_augmentation)
+
+    @property
     def key(self) -> str:
         """``name:version``, the identity used in jobs and results."""
         return f"{self.name}:{self.version}"

@@ -122,7 +122,7 @@ def render_card(manifest: Manifest) -> str:
             "flip_columns": "left-right mirror",
             "reverse_context": "neighbour slices in reverse order",
         }
-        n = 2 ** len(manifest.test_time_augmentation)
+        n = manifest.passes_per_frame
         lines.append(
             "- Test-time augmentation: the served probabilities are the mean softmax of "
             f"{n} forward passes per slice (every combination of: "

@@ -42,7 +42,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from app.registry.manifest import Manifest, Task, TestTimeAugmentation
+from app.registry.manifest import Manifest, Task
 from app.registry.service import file_sha256, latest_versions, load_registry
 from models.training.card import publish
 from models.training.data import (
@@ -163,12 +163,8 @@ def served_probabilities(
     the softmax, or the mean over the manifest's test-time augmentation members
     (``workers.pipeline.postprocess.averaged_probabilities``)."""
     batch = manifest.preprocessing.batch_size
-    tta = manifest.test_time_augmentation
     return postprocess.averaged_probabilities(
-        lambda b: run(sess, b, batch)[0],
-        x,
-        flip_columns=TestTimeAugmentation.FLIP_COLUMNS in tta,
-        reverse_context=TestTimeAugmentation.REVERSE_CONTEXT in tta,
+        lambda b: run(sess, b, batch)[0], x, manifest.test_time_augmentation
     )
 
 

@@ -45,14 +45,7 @@ from numpy.typing import NDArray
 from onnx import numpy_helper
 from scipy import ndimage
 
-from app.registry.manifest import (
-    Manifest,
-    OutputRole,
-    Preprocessing,
-    SaliencySpec,
-    Task,
-    TestTimeAugmentation,
-)
+from app.registry.manifest import Manifest, OutputRole, Preprocessing, SaliencySpec, Task
 from models.training.data import SPLITS, labels_to_grid
 from models.training.phantoms import LABEL_LUNG, LABEL_NODULE, generate_series
 from workers.pipeline import postprocess
@@ -863,12 +856,10 @@ def evaluate_segmenter(
     logits = model.run(sl.x, [logit_name])[0]
     forward_s = (time.perf_counter() - t0) / len(sl.x)
     # the served probabilities: with the manifest's test-time augmentation, the members' mean
-    tta = manifest.test_time_augmentation
     probs = postprocess.averaged_probabilities(
         lambda b: model.run(b, [logit_name])[0],
         sl.x,
-        flip_columns=TestTimeAugmentation.FLIP_COLUMNS in tta,
-        reverse_context=TestTimeAugmentation.REVERSE_CONTEXT in tta,
+        manifest.test_time_augmentation,
         identity_logits=logits,
     )
     pred = probs.argmax(axis=1).astype(np.uint8)

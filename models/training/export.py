@@ -486,11 +486,7 @@ def entropy_statistics(
     """A segmenter's entropy display range and review threshold, from the probabilities the
     workers will serve for validation inputs ``x`` (with test-time augmentation ``tta``)."""
     probs = postprocess.averaged_probabilities(
-        lambda b: run_batches(sess, b)[0],
-        x,
-        flip_columns=TestTimeAugmentation.FLIP_COLUMNS in tta,
-        reverse_context=TestTimeAugmentation.REVERSE_CONTEXT in tta,
-        identity_logits=logits,
+        lambda b: run_batches(sess, b)[0], x, tta, identity_logits=logits
     )
     display = (0.0, round(min(entropy_display_max(probs), math.log(3)), 4))
     return display, round(entropy_review_threshold(probs), 4)

@@ -44,8 +44,8 @@ def job_bound_s(
     for case in cases:
         key, name = case.model.manifest.key, case.model.manifest.name
         ms = ms_per_image(out, cases, key, "ort_fp32", threads)
-        members = 2 ** len(case.model.manifest.test_time_augmentation)  # passes per slice
-        bound[f"infer:{name}"] = slices * members * ms / 1e3
+        passes_per_slice = case.model.manifest.passes_per_frame  # test-time augmentation
+        bound[f"infer:{name}"] = slices * passes_per_slice * ms / 1e3
         bound[f"saliency:{name}"] = passes.get(name, 0) * ms / 1e3
     bound["total"] = sum(bound.values())
     return bound

@@ -319,8 +319,8 @@ class JobReplay:
             batch = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))
             sess.run(None, {_input_name(case.model): batch[:1]})  # warm after the deployment ran
             # a segmenter with test-time augmentation runs every slice once per member
-            members = 2 ** len(m.test_time_augmentation)
-            for stage, n in (("infer", slices * members), ("saliency", passes.get(m.name, 0))):
+            infer = slices * m.passes_per_frame
+            for stage, n in (("infer", infer), ("saliency", passes.get(m.name, 0))):
                 t0 = time.perf_counter()
                 for start in range(0, n, b):
                     sess.run(None, {_input_name(case.model): batch[: min(b, n - start)]})

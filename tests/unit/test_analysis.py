@@ -141,6 +141,10 @@ def test_test_time_augmentation_is_checked_against_the_task_and_the_input() -> N
     import pytest
     from pydantic import ValidationError
 
+    from app.registry.manifest import TestTimeAugmentation
+    from workers.pipeline.postprocess import TTA_TRANSFORMS
+
+    assert {t.value for t in TestTimeAugmentation} == set(TTA_TRANSFORMS)
     with pytest.raises(ValidationError, match="reverse_context"):
         _tta_segmenter(["reverse_context"], context=0)
     with pytest.raises(ValidationError, match="twice"):

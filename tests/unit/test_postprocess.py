@@ -56,13 +56,11 @@ def test_averaged_probabilities_maps_each_member_back() -> None:
     plain = pp.probabilities_from_logits(pointwise(x))
     assert pp.averaged_probabilities(pointwise, x) == pytest.approx(plain)
     calls.clear()
-    both = pp.averaged_probabilities(pointwise, x, flip_columns=True, reverse_context=True)
+    both = pp.averaged_probabilities(pointwise, x, pp.TTA_TRANSFORMS)
     assert len(calls) == 4
     np.testing.assert_allclose(both, plain, atol=1e-6)
     calls.clear()
-    given = pp.averaged_probabilities(
-        pointwise, x, flip_columns=True, identity_logits=pointwise(x)
-    )
+    given = pp.averaged_probabilities(pointwise, x, ["flip_columns"], identity_logits=pointwise(x))
     assert len(calls) == 2  # the identity pass was given, the mirror was run
     np.testing.assert_allclose(given, plain, atol=1e-6)
 
@@ -74,7 +72,9 @@ def test_averaged_probabilities_is_the_mean_over_the_members() -> None:
         return np.concatenate([batch[:, :1] * 0, batch[:, :1] * 0 + ramp], axis=1)
 
     x = np.zeros((1, 1, 2, 6), np.float32)
-    p = pp.averaged_probabilities(leftward, x, flip_columns=True)
+    p = pp.averaged_probabilities(leftward, x, ["flip_columns"])
+    with pytest.raises(ValueError, match="unknown"):
+        pp.averaged_probabilities(leftward, x, ["flip_rows"])
     plain = pp.probabilities_from_logits(leftward(x))
     mirrored = pp.probabilities_from_logits(leftward(x))[..., ::-1]
     np.testing.assert_allclose(p, (plain + mirrored) / 2, atol=1e-6)

@@ -8,7 +8,7 @@ pixels it came from.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -45,12 +45,14 @@ def probabilities_from_logits(logits: ArrayLike, axis: int = 1) -> FloatArray:
     return probabilities
 
 
+TTA_TRANSFORMS: Final = ("flip_columns", "reverse_context")
+
+
 def averaged_probabilities(
     predict_logits: Callable[[FloatArray], FloatArray],
     x: FloatArray,
+    transforms: Collection[str] = (),
     *,
-    flip_columns: bool = False,
-    reverse_context: bool = False,
     identity_logits: FloatArray | None = None,
 ) -> FloatArray:
     """Test-time augmentation: the mean softmax over every combination of input transforms.
@@ -61,9 +63,10 @@ def averaged_probabilities(
         caller).
     x : (N, C, H, W) network inputs; with a 2.5-D input the C channels are the neighbouring
         slices in order.
-    flip_columns : add the left-right mirror of every frame (its output is mirrored back).
-    reverse_context : add the input with its neighbour slices in reverse order (the centre
-        channel stays; the output needs no mapping back).
+    transforms : any of ``TTA_TRANSFORMS`` (a manifest's ``test_time_augmentation``):
+        ``flip_columns`` adds the left-right mirror of every frame (its output is mirrored
+        back); ``reverse_context`` adds the input with its neighbour slices in reverse order
+        (the centre channel stays, so the output needs no mapping back).
     identity_logits : the untransformed input's logits, when the caller already has them.
 
     Returns
@@ -73,11 +76,12 @@ def averaged_probabilities(
     way). Ask only for transforms the model was trained with: any other member is an input
     out of its distribution.
     """
-    members = [
-        (f, r)
-        for f in (False, True)[: 1 + flip_columns]
-        for r in (False, True)[: 1 + reverse_context]
-    ]
+    unknown = set(transforms) - set(TTA_TRANSFORMS)
+    if unknown:
+        raise ValueError(f"unknown test-time transforms {sorted(unknown)}")
+    flips = (False, True) if "flip_columns" in transforms else (False,)
+    reversals = (False, True) if "reverse_context" in transforms else (False,)
+    members = [(f, r) for f in flips for r in reversals]
     total: FloatArray | None = None
     for flip, reverse in members:
         if not flip and not reverse and identity_logits is not None:
