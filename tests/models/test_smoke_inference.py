@@ -11,7 +11,7 @@ import pytest
 from app.registry.manifest import Manifest, OutputRole, Task
 from models.training.phantoms import LABEL_LUNG, LABEL_NODULE, PhantomSeries, generate_series
 from workers.analysis import analyze_series
-from workers.pipeline.postprocess import calibrated_probability
+from workers.pipeline.postprocess import calibrated_probability, probabilities_from_logits
 from workers.pipeline.preprocess import preprocess_frames
 
 
@@ -41,6 +41,24 @@ def _largest_nodule_slice(series: PhantomSeries) -> int:
     return int(areas.argmax())
 
 
+def _served_labels(
+    sess: ort.InferenceSession, manifest: Manifest, series: PhantomSeries
+) -> np.ndarray:
+    """The served labels of every slice, in source geometry: the whole series through the
+    workers' analysis (a slice's neighbours are input channels; the manifest's component
+    filter applies, with the phantom's voxel volume)."""
+    rows, cols = series.pixel_spacing
+    analysis = analyze_series(
+        sess.run,
+        manifest,
+        series.hu.astype(np.float32),
+        max_forward_passes=0,
+        voxel_mm3=rows * cols * series.slice_thickness,
+    )
+    assert analysis.segmentation is not None
+    return analysis.segmentation.labels
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -62,19 +80,8 @@ def test_segmentation_finds_lung_and_nodule(
     manifest, directory = shipped[name]
     assert manifest.task is Task.SEGMENTATION
     k = _largest_nodule_slice(with_nodule)
-    # The whole series through the workers' analysis (the slice's neighbours are input
-    # channels; the manifest's component filter applies, with the phantom's voxel volume).
     sess = ort.InferenceSession(str(directory / manifest.file), providers=["CPUExecutionProvider"])
-    rows, cols = with_nodule.pixel_spacing
-    analysis = analyze_series(
-        sess.run,
-        manifest,
-        with_nodule.hu.astype(np.float32),
-        max_forward_passes=0,
-        voxel_mm3=rows * cols * with_nodule.slice_thickness,
-    )
-    assert analysis.segmentation is not None
-    pred = analysis.segmentation.labels[k]  # served labels, source geometry
+    pred = _served_labels(sess, manifest, with_nodule)[k]
     lung_gt = with_nodule.labels[k] >= LABEL_LUNG
     nod_gt = with_nodule.labels[k] == LABEL_NODULE
     lung_pred = pred >= LABEL_LUNG
@@ -132,19 +139,9 @@ def test_the_tta_variant_serves_what_its_evaluation_scored(with_nodule: PhantomS
     logits = sess.run(None, {manifest.inputs[0].name: x})[0]
     served = served_probabilities(sess.run, manifest, x, logits)
     np.testing.assert_allclose(served, evaluate.served_probabilities(manifest, sess, x), atol=1e-6)
-    plain = np.exp(logits - logits.max(axis=1, keepdims=True))
-    plain /= plain.sum(axis=1, keepdims=True)
+    plain = probabilities_from_logits(logits, axis=1)
     assert float(np.abs(served - plain).max()) > 1e-3  # four members, not one
-    rows, cols = with_nodule.pixel_spacing
-    analysis = analyze_series(
-        sess.run,
-        manifest,
-        with_nodule.hu.astype(np.float32),
-        max_forward_passes=0,
-        voxel_mm3=rows * cols * with_nodule.slice_thickness,
-    )
-    assert analysis.segmentation is not None
-    pred = analysis.segmentation.labels[k]
+    pred = _served_labels(sess, manifest, with_nodule)[k]
     nod_gt = with_nodule.labels[k] == LABEL_NODULE
     nod_pred = pred == LABEL_NODULE
     assert 2 * np.sum(nod_pred & nod_gt) / (nod_pred.sum() + nod_gt.sum()) > 0.6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,33 @@ def _classifier(outputs: list[dict[str, Any]], methods: list[str]) -> Manifest:
         "labels": [{"value": 0, "name": "no"}, {"value": 1, "name": "yes"}],
         "classification": {"positive_label": "yes"}, "saliency": {"methods": methods},
     })
+
+
+def _segmenter(methods: list[str], tta: list[str] | None = None, context: int = 0) -> Manifest:
+    """A 16 × 16, 3-class segmenter manifest, batches of 2."""
+    return Manifest.model_validate({
+        "name": "seg", "version": "1", "task": "segmentation", "sha256": "0" * 64,
+        "inputs": [{"name": "x", "shape": ["N", 2 * context + 1, 16, 16]}],
+        "outputs": [{"name": "y", "shape": ["N", 3, 16, 16], "role": "logits"}],
+        "preprocessing": {"window": {"center": 0, "width": 100}, "size": [16, 16],
+                          "batch_size": 2, "context_slices": context},
+        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "lung"},
+                   {"value": 2, "name": "nodule"}],
+        "saliency": {"methods": methods},
+        "test_time_augmentation": tta or [],
+    })
+
+
+def _counting_run(
+    logits: Callable[[np.ndarray], np.ndarray], batches: list[int]
+) -> Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]:
+    """A session ``run`` computing ``logits``, recording each call's batch size."""
+
+    def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        batches.append(len(feeds["x"]))
+        return [logits(feeds["x"])]
+
+    return run
 
 
 def test_classifier_without_cam_gets_occlusion_automatically() -> None:
@@ -48,16 +76,7 @@ def test_flip_tta_may_be_requested_but_entropy_and_cam_follow_the_manifest() -> 
 
 def test_served_flip_tta_runs_a_batch_of_frames_at_a_time_and_equals_the_whole_series() -> None:
     """Five frames in batches of two: 3 passes per frame, maps as if computed in one go."""
-    manifest = Manifest.model_validate({
-        "name": "seg", "version": "1", "task": "segmentation", "sha256": "0" * 64,
-        "inputs": [{"name": "x", "shape": ["N", 1, 16, 16]}],
-        "outputs": [{"name": "y", "shape": ["N", 3, 16, 16], "role": "logits"}],
-        "preprocessing": {"window": {"center": 0, "width": 100}, "size": [16, 16],
-                          "batch_size": 2},
-        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "lung"},
-                   {"value": 2, "name": "nodule"}],
-        "saliency": {"methods": ["tta_std"]},
-    })
+    manifest = _segmenter(["tta_std"])
     ramp = np.linspace(-2.0, 2.0, 16, dtype=np.float32)  # not flip-symmetric: flips disagree
     batches: list[int] = []
 
@@ -65,10 +84,7 @@ def test_served_flip_tta_runs_a_batch_of_frames_at_a_time_and_equals_the_whole_s
         base = x[:, :1] * 4.0
         return np.concatenate([-base, base + ramp, base - ramp[::-1, None]], axis=1)
 
-    def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        batches.append(len(feeds["x"]))
-        return [logits(feeds["x"])]
-
+    run = _counting_run(logits, batches)
     frames = np.random.default_rng(0).normal(0, 30, (5, 16, 16)).astype(np.float32)
     result = analyze_series(run, manifest, frames, max_forward_passes=0)
     seg = result.segmentation
@@ -82,23 +98,9 @@ def test_served_flip_tta_runs_a_batch_of_frames_at_a_time_and_equals_the_whole_s
     np.testing.assert_allclose(np.stack([m.values for m in maps]), whole, atol=1e-5)
 
 
-def _tta_segmenter(tta: list[str], context: int = 1) -> Manifest:
-    return Manifest.model_validate({
-        "name": "seg", "version": "1", "task": "segmentation", "sha256": "0" * 64,
-        "inputs": [{"name": "x", "shape": ["N", 2 * context + 1, 16, 16]}],
-        "outputs": [{"name": "y", "shape": ["N", 3, 16, 16], "role": "logits"}],
-        "preprocessing": {"window": {"center": 0, "width": 100}, "size": [16, 16],
-                          "batch_size": 2, "context_slices": context},
-        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "lung"},
-                   {"value": 2, "name": "nodule"}],
-        "saliency": {"methods": ["entropy"]},
-        "test_time_augmentation": tta,
-    })
-
-
 def test_served_test_time_augmentation_is_the_mean_of_the_mapped_back_members() -> None:
     """Mirror × reversed context: 4 passes per frame; labels and entropy from their mean."""
-    manifest = _tta_segmenter(["flip_columns", "reverse_context"])
+    manifest = _segmenter(["entropy"], ["flip_columns", "reverse_context"], context=1)
     ramp = np.linspace(-3.0, 3.0, 16, dtype=np.float32)  # neither mirror- nor order-symmetric
     passes: list[int] = []
 
@@ -107,10 +109,7 @@ def test_served_test_time_augmentation_is_the_mean_of_the_mapped_back_members() 
         b = x[:, 1:2] - x[:, 2:3] * 2.0
         return np.concatenate([-a, b, a - b], axis=1)
 
-    def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        passes.append(len(feeds["x"]))
-        return [logits(feeds["x"])]
-
+    run = _counting_run(logits, passes)
     frames = np.random.default_rng(1).normal(0, 40, (5, 16, 16)).astype(np.float32)
     result = analyze_series(run, manifest, frames, max_forward_passes=0)
     seg = result.segmentation
@@ -146,9 +145,9 @@ def test_test_time_augmentation_is_checked_against_the_task_and_the_input() -> N
 
     assert {t.value for t in TestTimeAugmentation} == set(TTA_TRANSFORMS)
     with pytest.raises(ValidationError, match="reverse_context"):
-        _tta_segmenter(["reverse_context"], context=0)
+        _segmenter(["entropy"], ["reverse_context"])
     with pytest.raises(ValidationError, match="twice"):
-        _tta_segmenter(["flip_columns", "flip_columns"])
+        _segmenter(["entropy"], ["flip_columns", "flip_columns"], context=1)
     with pytest.raises(ValidationError, match="segmentation models only"):
         Manifest.model_validate(
             _classifier([{"name": "l", "shape": ["N", 1], "role": "logits"}], ["occlusion"])
