@@ -421,7 +421,7 @@ def _segmentation_occlusion(
                 values=postprocess.resize_float_map(np.asarray(values, np.float32), size),
                 display_range=spec.display_range,
                 target=spec.target_label,
-                params=dict(result.params, passes=passes, fill="blurred"),
+                params=dict(result.params, passes=passes),
             )
         )
     return maps
@@ -506,7 +506,8 @@ def _classifier_perturbation(
         for method in wanted:
             if remaining <= 1:
                 continue
-            values, passes = _perturb(method, predict, x[i], manifest, remaining)
+            result = _perturb(method, predict, x[i], manifest, remaining)
+            values, passes = np.asarray(result.map, dtype=np.float32), result.forward_passes
             remaining -= passes
             maps.append(
                 SaliencyResult(
@@ -518,7 +519,7 @@ def _classifier_perturbation(
                     target=manifest.classification.positive_label
                     if manifest.classification
                     else None,
-                    params={"passes": passes, "fill": "blurred"},
+                    params=dict(result.params, passes=passes),
                 )
             )
     return maps
@@ -530,10 +531,10 @@ def _perturb(
     image: FloatArray,
     manifest: Manifest,
     remaining: int,
-) -> tuple[FloatArray, int]:
+) -> saliency.SaliencyResult:
     sal = manifest.saliency
     if method is SaliencyMethod.OCCLUSION:
-        result = saliency.occlusion_map(
+        return saliency.occlusion_map(
             predict,
             image,
             patch=sal.occlusion_patch,
@@ -541,15 +542,13 @@ def _perturb(
             batch_size=manifest.preprocessing.batch_size,
             max_passes=remaining,
         )
-    else:
-        result = saliency.rise_map(
-            predict,
-            image,
-            n_masks=sal.rise_masks,
-            grid=8,
-            p_keep=0.5,
-            seed=0,
-            batch_size=manifest.preprocessing.batch_size,
-            max_passes=remaining,
-        )
-    return np.asarray(result.map, dtype=np.float32), int(result.forward_passes)
+    return saliency.rise_map(
+        predict,
+        image,
+        n_masks=sal.rise_masks,
+        grid=8,
+        p_keep=0.5,
+        seed=0,
+        batch_size=manifest.preprocessing.batch_size,
+        max_passes=remaining,
+    )

@@ -32,8 +32,8 @@ class SaliencyMethod(StrEnum):
     """Saliency methods the workers know how to compute."""
 
     CAM = "cam"  # read from the graph's CAM output (classifiers with a GAP + linear head)
-    OCCLUSION = "occlusion"  # model-agnostic occlusion sensitivity, blurred-image fill
-    RISE = "rise"  # randomised input sampling, blurred baseline
+    OCCLUSION = "occlusion"  # model-agnostic occlusion sensitivity, local-median fill
+    RISE = "rise"  # randomised input sampling, local-median baseline
     ENTROPY = "entropy"  # per-pixel softmax entropy (segmentation uncertainty)
     TTA_STD = "tta_std"  # largest std of any class probability over flip test-time augmentation
 

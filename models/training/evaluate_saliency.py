@@ -209,9 +209,17 @@ def _generate(args: tuple[int, int, int]) -> tuple[Array, Array]:
     return s.hu, s.labels
 
 
-def load_heldout(n_series: int, n_slices: int, image_size: int, workers: int) -> HeldOut:
-    """The first ``n_series`` series of the ``test`` split (same seeds as ``data.make_series``)."""
-    base = SPLITS["test"]["seed"]
+def load_heldout(
+    n_series: int, n_slices: int, image_size: int, workers: int, split: str = "test"
+) -> HeldOut:
+    """The first ``n_series`` series of a held-out split (same seeds as ``data.make_series``).
+
+    ``test`` gives the reported figures; ``val`` is for choosing between settings (such as
+    ``--fill``) without looking at them.
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"saliency is evaluated on held-out splits only, not {split!r}")
+    base = SPLITS[split]["seed"]
     assert isinstance(base, int)
     jobs = [(base + i, n_slices, image_size) for i in range(n_series)]
     if workers > 1 and n_series > 1:
@@ -627,6 +635,7 @@ def evaluate_classifier(
             stride=spec.occlusion_stride,
             max_passes=max_passes,
             batch_size=args.perturbation_batch,
+            fill=args.fill,
         )
 
     def rise(i: int, predict: S.Predict = predict_logit) -> S.SaliencyResult:
@@ -637,6 +646,7 @@ def evaluate_classifier(
             max_passes=max_passes,
             seed=args.seed + i,
             batch_size=args.perturbation_batch,
+            fill=args.fill,
         )
 
     # Plan the costly parts from the measured pass time, then run them with a guard.
@@ -1000,6 +1010,7 @@ def evaluate_segmenter(
             stride=spec.occlusion_stride,
             max_passes=max_passes,
             batch_size=args.perturbation_batch,
+            fill=args.fill,
         )
 
     occ_done, occ_cut = run_capped(
@@ -1238,7 +1249,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--out", type=Path, default=None, help="default <models-dir>/saliency_metrics.json"
     )
-    ap.add_argument("--series", type=int, default=8, help="held-out series (test split)")
+    ap.add_argument("--series", type=int, default=8, help="held-out series")
+    ap.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="test (the reported figures) or val (to choose settings without seeing them)",
+    )
     ap.add_argument("--slices", type=int, default=None, help="slices per series (split default)")
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--min-lesion-px", type=int, default=4)
@@ -1268,6 +1285,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=256,
         help="pass budget for occlusion/RISE when the manifest allows fewer than 2",
     )
+    ap.add_argument(
+        "--fill",
+        choices=("median", "gaussian_blur"),
+        default="median",
+        help="what occlusion and RISE put in place of hidden pixels (the workers use median)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -1280,9 +1303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not models:
         print(f"no models with manifest.json under {args.models_dir}")
         return 1
-    n_slices = args.slices or SPLITS["test"]["slices"]
+    n_slices = args.slices or SPLITS[args.split]["slices"]
     assert isinstance(n_slices, int)
-    data = load_heldout(args.series, n_slices, args.image_size, args.threads)
+    data = load_heldout(args.series, n_slices, args.image_size, args.threads, args.split)
     data_s = time.monotonic() - t_start
     print(f"held-out data: {args.series} series x {n_slices} slices in {data_s:.0f} s", flush=True)
     report: dict[str, Any] = {
@@ -1298,7 +1321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "numpy": np.__version__,
             "python": platform.python_version(),
         },
-        "data": {"split": "test", "series_seeds": data.seeds, "slices_per_series": n_slices},
+        "data": {"split": args.split, "series_seeds": data.seeds, "slices_per_series": n_slices},
         "targets": TARGETS,
         "models": {},
     }

@@ -305,6 +305,9 @@ def test_evaluate_saliency_command_end_to_end(models_dir: Path, tmp_path: Path) 
     assert cls["plan"]["max_forward_passes_source"].startswith("evaluation default")
     assert seg["plan"]["max_forward_passes_source"] == "manifest"
     assert cls["perturbation_params"]["occlusion"]["stride"] > 8  # had to coarsen to fit
+    # the workers' fill unless --fill says otherwise
+    assert cls["perturbation_params"]["occlusion"]["fill"] == "median"
+    assert cls["perturbation_params"]["rise"]["baseline"] == "median"
     di = cam["deletion_insertion"]
     assert di["n"] >= 1 and di["forward_passes_per_curve_pair"] == 2 * (16 + 1)
     assert 0.0 <= di["deletion_auc"]["mean"] <= 1.0
@@ -346,6 +349,16 @@ def test_evaluate_saliency_command_end_to_end(models_dir: Path, tmp_path: Path) 
     text = proc.stdout
     assert "| tinycls:0.0.1 | cam |" in text and "| tinyseg:0.0.1 | occlusion_region |" in text
     assert "Error-pixel AUC" in text
+
+
+def test_heldout_splits_only() -> None:
+    """Settings are chosen on the validation split, figures reported on the test split;
+    the training split is never an evaluation set."""
+    val = E.load_heldout(1, 4, 128, 1, "val")
+    assert val.seeds == [200_000] and val.hu[0].shape == (4, 128, 128)
+    assert E.load_heldout(1, 4, 128, 1).seeds == [900_000]
+    with pytest.raises(ValueError, match="held-out"):
+        E.load_heldout(1, 2, 64, 1, "train")
 
 
 def test_randomised_maps_that_became_constant_count_as_uncorrelated() -> None:

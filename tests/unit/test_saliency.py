@@ -104,9 +104,37 @@ def test_blurred_baseline_blurs_space_not_channels() -> None:
     assert b[0, 10, 10] == pytest.approx(1 / (2 * math.pi * 4), rel=0.05)
 
 
+def test_median_baseline_removes_small_structures_and_keeps_edges() -> None:
+    """A nodule-sized disc disappears into its surroundings; a large edge stays in place."""
+    x = np.zeros((2, 64, 64), np.float32)
+    x[0, :, 32:] = 1.0  # a large edge (body wall, pleura)
+    yy, xx = np.mgrid[:64, :64]
+    disc = (yy - 16) ** 2 + (xx - 12) ** 2 <= 3**2  # a 7-pixel nodule on the dark side
+    x[0][disc] = 1.0
+    b = S.median_baseline(x, 16)
+    assert b.shape == x.shape and b.dtype == np.float32
+    assert b[0][disc].max() < 0.05  # the disc is gone, not spread into a faint blob
+    assert b[1].max() == 0.0  # channels are filtered separately
+    np.testing.assert_allclose(b[0, :, :28], 0.0, atol=1e-6)
+    np.testing.assert_allclose(b[0, :, 36:], 1.0, atol=1e-6)
+    # the blur keeps a soft blob where the disc was
+    assert S.blurred_baseline(x, 8.0)[0, 16, 12] > 0.05
+    assert S.median_baseline(x, 1)[0][disc].min() == 1.0  # no window: the image itself
+    odd = S.median_baseline(np.ones((1, 3, 5), np.float32), 4)
+    np.testing.assert_allclose(odd, 1.0)
+
+
+def test_fill_image_names_its_fills() -> None:
+    x = np.random.default_rng(0).random((1, 16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(S.fill_image(x, "median", 8), S.median_baseline(x, 8))
+    np.testing.assert_array_equal(S.fill_image(x, "gaussian_blur", 8), S.blurred_baseline(x, 4))
+    with pytest.raises(ValueError, match="unknown fill"):
+        S.fill_image(x, "mean", 8)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("y0", "x0"), [(13, 18), (1, 30)])  # interior; edge (less coverage)
 def test_occlusion_of_a_single_pixel_score_is_exact(y0: int, x0: int) -> None:
-    """score = x[y0, x0]; every patch covering that pixel drops it by x - blur(x) there."""
+    """score = x[y0, x0]; every patch covering that pixel drops it by x - fill(x) there."""
     rng = np.random.default_rng(1)
     x = rng.random((1, 32, 32)).astype(np.float32)
     patch, stride = 8, 4
@@ -115,7 +143,7 @@ def test_occlusion_of_a_single_pixel_score_is_exact(y0: int, x0: int) -> None:
         return batch[:, 0, y0, x0].copy()
 
     res = S.occlusion_map(predict, x, patch=patch, stride=stride, max_passes=10_000)
-    fill = S.blurred_baseline(x, patch / 2)
+    fill = S.median_baseline(x, patch)
     drop = float(x[0, y0, x0] - fill[0, y0, x0])
     starts = np.arange(0, 32 - patch + 1, stride)
     cover = [s for s in starts if s <= y0 < s + patch]
