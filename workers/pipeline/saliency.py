@@ -376,9 +376,9 @@ def occlusion_map(
 
     Each patch position is replaced by the same region of the image's local median
     (``fill_image`` at the scale of the requested patch: structures up to about half a patch
-    wide are removed); the
-    drop of the score (reference - occluded) is added to every pixel the patch covered, and
-    each pixel's sum is divided by the number of patches that covered it.
+    wide are removed); the drop of the score (reference - occluded) is added to every pixel
+    the patch covered, and each pixel's sum is divided by the number of patches that covered
+    it.
 
     Parameters
     ----------
