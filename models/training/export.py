@@ -584,14 +584,15 @@ def export(
     # segmentation display and review statistics every fourth. Keeps the export a few minutes.
     stride = 1 if name == "classifier" else 4
     rows = np.arange(0, n_val, stride)
-    outs = run_batches(sess, network_inputs(val, rows))
+    x_val = network_inputs(val, rows)
+    outs = run_batches(sess, x_val)
     classification = None
     review_entropy: float | None = None
     extra: dict[str, Any] = {}
     if name == "classifier":
         classification, display, extra = calibrate_classifier(outs, val, rows)
     else:
-        display, review_entropy = entropy_statistics(sess, network_inputs(val, rows), outs[0])
+        display, review_entropy = entropy_statistics(sess, x_val, outs[0])
 
     params = sum(p.numel() for p in net.parameters())
     provenance = {
