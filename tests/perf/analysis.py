@@ -220,6 +220,12 @@ def headline(out: dict[str, Any], cases: list[ModelCase], n_cores: int) -> dict[
     h["two_worker_scaling"] = (
         sc["two_workers"]["slices_per_s"] / sc["one_worker"]["slices_per_s"] if sc else None
     )
+    busy = sc["one_worker"].get("cores_busy") if sc else None
+    # One worker process already keeps more than one core busy when its output builder
+    # overlaps the next model's inference (and the API takes its share): 2 workers can then
+    # add at most the cores that were left idle.
+    h["one_worker_cores_busy"] = busy
+    h["two_worker_scaling_cpu_ceiling"] = n_cores / busy if busy else None
     tp2 = out.get("model_only_multiprocess_images_per_s", {})
     if sc and tp2:
         one_t = {k: ms_per_image(out, cases, k, "ort_fp32", 1) for k in tp2}

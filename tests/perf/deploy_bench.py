@@ -29,7 +29,7 @@ from tests.helpers.services import (
     postgres_database,
     redis_db_url,
 )
-from tests.perf.timing import percentile
+from tests.perf.timing import percentile, process_tree_cpu_seconds
 
 POLL_S = 0.02
 
@@ -219,10 +219,12 @@ def throughput(
     """``jobs`` series uploaded back to back; makespan and slices/s until the last result."""
     batches = [relabelled(paths, f"{tag}-{j}") for j in range(jobs)]
     with dep.client() as client:
+        cpu0 = _cpu_seconds(dep)
         t0 = time.perf_counter()
         ids = [upload(client, files, models)[0] for files in batches]
         done = wait_done(client, ids)
         end = max(t for t, _ in done.values())
+        cpu = {k: v - cpu0[k] for k, v in _cpu_seconds(dep).items()}
         passes = [occlusion_passes(client, i) for i in ids]
     slices = sum(len(b) for b in batches)
     return {
@@ -230,9 +232,22 @@ def throughput(
         "slices": slices,
         "makespan_s": end - t0,
         "slices_per_s": slices / (end - t0),
+        # includes up to one 20 ms poll after the last job: negligible against the makespan
+        "cpu_s": cpu,
+        "cores_busy": sum(cpu.values()) / (end - t0),
         "statuses": sorted({b["status"] for _, b in done.values()}),
         "passes": passes,
         "timings": [b.get("timings") for _, b in done.values()],
+    }
+
+
+def _cpu_seconds(dep: MedcadProcesses) -> dict[str, float]:
+    """CPU seconds so far of the API process tree (``serve``; with its embedded worker in the
+    embedded shape) and of the worker process trees."""
+    api, *workers = dep.procs
+    return {
+        "api": process_tree_cpu_seconds(api.pid),
+        "workers": sum(process_tree_cpu_seconds(w.pid) for w in workers),
     }
 
 

@@ -234,7 +234,9 @@ def _e2e_tables(c: Console, out: dict[str, Any]) -> None:
             f"1 worker {_f(one['slices_per_s'], 2)} slices/s ({_f(one['makespan_s'], 1)} s), "
             f"2 workers {_f(two['slices_per_s'], 2)} slices/s ({_f(two['makespan_s'], 1)} s) → "
             f"{_f(two['slices_per_s'] / one['slices_per_s'], 2)}×; model-only 2-process scaling "
-            f"{_f(out.get('model_only_two_process_scaling'), 2)}×"
+            f"{_f(out.get('model_only_two_process_scaling'), 2)}×; cores busy with 1 worker "
+            f"{_f(one.get('cores_busy'), 2)}, with 2 {_f(two.get('cores_busy'), 2)} "
+            f"(ceiling on this machine {_f(out.get('two_worker_scaling_cpu_ceiling'), 2)}×)"
         )
 
 
@@ -303,7 +305,10 @@ def markdown(out: dict[str, Any]) -> str:
             f"Scaling ({one['jobs']} series × {one['slices'] // max(1, one['jobs'])} slices, "
             f"1 thread per worker): 1 worker {_f(one['slices_per_s'], 2)} slices/s, 2 workers "
             f"{_f(two['slices_per_s'], 2)} slices/s; model-only with 2 processes "
-            f"{_f(out.get('model_only_two_process_scaling'), 2)} × one.",
+            f"{_f(out.get('model_only_two_process_scaling'), 2)} × one. CPU of all medcad "
+            f"processes per second of the run: {_f(one.get('cores_busy'), 2)} cores with 1 "
+            f"worker, {_f(two.get('cores_busy'), 2)} with 2, so 2 workers could at most reach "
+            f"{_f(out.get('two_worker_scaling_cpu_ceiling'), 2)} × one on these cores.",
         ]
     ing = out.get("ingest")
     if ing:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,7 @@ from tests.perf.ingest_bench import (
 from tests.perf.model_bench import JobReplay, ModelCase, bench_model, model_input
 from tests.perf.peak import fma_peak, ort_matmul_gflops
 from tests.perf.shipped import fixture_cases
-from tests.perf.timing import interleaved, percentile
+from tests.perf.timing import interleaved, percentile, process_tree_cpu_seconds
 
 
 def test_interleaved_timing_reports_every_variant_and_ratio() -> None:
@@ -49,6 +52,23 @@ def test_interleaved_timing_reports_every_variant_and_ratio() -> None:
     assert all(s.n >= 3 and len(s.rounds_ms) == 3 for s in stats.values())
     assert calls["a"] >= stats["a"].n and calls["b"] >= stats["b"].n
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+
+
+def test_process_tree_cpu_counts_live_descendants() -> None:
+    """A child burning CPU shows up in its parent's tree while it runs."""
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    child = subprocess.Popen(
+        [sys.executable, "-c", spin + "print('spun', flush=True)\ntime.sleep(30)"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"spun"
+        assert process_tree_cpu_seconds(child.pid) >= 0.25  # clock ticks of 10 ms
+        assert process_tree_cpu_seconds(os.getpid()) >= process_tree_cpu_seconds(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert process_tree_cpu_seconds(child.pid) == 0.0  # reaped: gone from /proc
 
 
 def test_flops_are_counted_from_the_graph(tmp_path: Path) -> None:
@@ -159,6 +179,7 @@ def test_end_to_end_and_ingest_on_a_live_deployment(tmp_path: Path) -> None:
         relabelled,
         run_series,
         summarize_latency,
+        throughput,
     )
     from tests.perf.ingest_bench import run_ingest
 
@@ -169,6 +190,7 @@ def test_end_to_end_and_ingest_on_a_live_deployment(tmp_path: Path) -> None:
         with dep.client() as client:
             series = run_series(client, relabelled(paths, "smoke-series"), keys)
         idle = idle_latency(dep, paths[:1], keys, 1, "smoke-idle")
+        busy = throughput(dep, paths, keys, 2, "smoke-throughput")
         ingest = run_ingest(
             f"{dep.url}/api/v1/studies",
             dep.api_key,
@@ -180,6 +202,10 @@ def test_end_to_end_and_ingest_on_a_live_deployment(tmp_path: Path) -> None:
     assert series.status == "succeeded" and series.slices == 2
     assert {"decode", "outputs"} <= set(series.timings)
     assert idle[0].status == "succeeded" and summarize_latency(idle)["n"] == 1
+    # embedded: the jobs ran in the serve process tree, so its CPU grew and no worker's did
+    assert busy["statuses"] == ["succeeded"] and busy["slices"] == 4
+    assert busy["cpu_s"]["api"] > 0 and busy["cpu_s"]["workers"] == 0
+    assert 0 < busy["cores_busy"] <= len(os.sched_getaffinity(0)) + 0.1
     # every answer is counted (errors included: the error rate is a result, not a precondition)
     assert ingest["requests"] > 0 and ingest["statuses"].get("202", 0) > 0
     assert sum(ingest["statuses"].values()) + ingest["socket_errors"]["read"] >= ingest["requests"]
@@ -203,6 +229,7 @@ def test_end_to_end_and_ingest_on_a_live_deployment(tmp_path: Path) -> None:
                 "idle": [r.to_json() for r in idle],
                 "idle_summary": summarize_latency(idle),
             },
+            "scaling": {"one_worker": busy, "two_workers": busy},
         },
         "ingest": ingest,
     }
@@ -214,6 +241,8 @@ def test_end_to_end_and_ingest_on_a_live_deployment(tmp_path: Path) -> None:
         rel_tol=1e-6,
     )
     assert out["ingest_uploads_per_s"] > 0 and out["pipeline_vs_model_ratio"] > 0
+    assert out["two_worker_scaling"] == 1.0
+    assert out["two_worker_scaling_cpu_ceiling"] == pytest.approx(1 / busy["cores_busy"])
     buf = io.StringIO()
     report.print_report(out, Console(file=buf, width=200))
     assert "targets (issue 8)" in buf.getvalue()

@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def loadavg() -> float:
@@ -23,6 +24,24 @@ def loadavg() -> float:
         return os.getloadavg()[0]
     except OSError:
         return float("nan")
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every live descendant, plus the children
+    each of them has already reaped (Linux ``/proc``; 0 for a process that is gone).
+
+    A worker's pool children run the jobs, so a worker's cost is its whole tree; children
+    replaced by the pool were waited for and count in their parent's ``cutime``/``cstime``.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (OSError, IndexError):
+        return 0.0
+    # fields[0] is field 3 of proc(5): utime, stime, cutime, cstime are fields 14–17
+    own = sum(int(v) for v in fields[11:15]) / tick
+    return own + sum(process_tree_cpu_seconds(int(k)) for k in kids)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
