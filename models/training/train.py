@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from models.training.classifier import NoduleClassifier
 from models.training.data import (
@@ -406,6 +407,7 @@ def train(
     lesion_sampling: bool = False,
     nodule_weight: float = NODULE_CE_WEIGHT,
     evidence_stride: int | None = None,
+    ema: float | None = None,
 ) -> dict[str, Any]:
     """Train ``name`` within a wall-clock budget; save ``<out>/<name>.pt`` and a JSON log.
 
@@ -416,6 +418,9 @@ def train(
     ``lesion_sampling`` draws the nodule crops per lesion (classifier too) but keeps the
     pooled nodule Dice; ``nodule_weight`` is the segmenters' cross-entropy weight of the
     nodule class; ``evidence_stride`` (classifier, 2 or 4) the stride of its evidence map.
+    With ``ema`` (a decay, e.g. 0.999) the saved weights are the exponential moving average
+    of the weights over the steps (Polyak averaging) instead of the last step's; BatchNorm
+    statistics are then re-estimated for the averaged weights.
     """
     out = out or CHECKPOINTS
     cfg = dict(DEFAULTS[name])
@@ -425,6 +430,10 @@ def train(
         cfg["lr"] = lr
     if name != "classifier":
         cfg["nodule_weight"] = nodule_weight
+    if ema is not None:
+        if not 0.0 < ema < 1.0:
+            raise ValueError(f"ema decay must lie in (0, 1), got {ema}")
+        cfg["ema"] = ema
     elif evidence_stride is not None:
         cfg["evidence_stride"] = evidence_stride
     previous: dict[str, Any] | None = None
@@ -433,6 +442,7 @@ def train(
         ckpt = torch.load(out / f"{name}.pt", map_location="cpu", weights_only=False)
         if name == "classifier":  # the checkpoint's architecture wins
             cfg["evidence_stride"] = int(ckpt.get("evidence_stride") or 4)
+    torch.manual_seed(seed)  # the initial weights come from the seed too
     net = build_model(name, cfg["base"], evidence_stride=int(cfg.get("evidence_stride", 4)))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=1e-4)
     if ckpt is not None:
@@ -468,6 +478,11 @@ def train(
         )
     # NHWC activations: oneDNN's convolutions are about 20 % faster on CPU (same weights).
     net = net.to(memory_format=torch.channels_last)
+    averaged = (
+        AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=False)
+        if ema is not None
+        else None
+    )
     budget = cfg["minutes"] * 60.0
     t0 = time.time()
     step = 0
@@ -518,12 +533,19 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if averaged is not None:
+            averaged.update_parameters(net)
         step += 1
         lv = float(loss.detach())
         running = 0.98 * running + 0.02 * lv if step > 1 else lv
         if step % log_every == 0:
             history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(running, 4)})
             print(f"{name} step {step} t={elapsed:.0f}s lr={lr:.2e} loss={running:.4f}", flush=True)
+    if averaged is not None:  # BatchNorm buffers are re-estimated below for these weights
+        params = dict(averaged.module.named_parameters())
+        with torch.no_grad():
+            for pname, param in net.named_parameters():
+                param.copy_(params[pname])
     # A step-capped run (the training smoke test) re-estimates on a token number of slices.
     recalibrate_batchnorm(net, sampler, BN_RECALIBRATION_SLICES if max_steps is None else 8)
     net = net.to(memory_format=torch.contiguous_format)
@@ -545,6 +567,7 @@ def train(
     command += " --lesion-sampling" if lesion_sampling and not lesion_balanced else ""
     if not is_cls and nodule_weight != NODULE_CE_WEIGHT:
         command += f" --nodule-weight {nodule_weight:g}"
+    command += f" --ema {ema:g}" if ema is not None else ""
     if is_cls and cfg["evidence_stride"] != DEFAULTS["classifier"]["evidence_stride"]:
         command += f" --evidence-stride {cfg['evidence_stride']}"
     command += f" --out {out}" if out != CHECKPOINTS else ""
@@ -640,6 +663,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="classifier: stride of the evidence (CAM) map",
     )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="save the exponential moving average of the weights (e.g. 0.999)",
+    )
     p.add_argument("--out", type=Path, default=None, help="checkpoint folder")
     args = p.parse_args(argv)
     train(
@@ -653,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         lesion_sampling=args.lesion_sampling,
         nodule_weight=args.nodule_weight,
         evidence_stride=args.evidence_stride,
+        ema=args.ema,
         out=args.out,
     )
     return 0

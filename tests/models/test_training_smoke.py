@@ -97,3 +97,29 @@ def test_stride2_classifier_trains_resumes_and_exports_its_architecture(
     assert net.evidence_stride == 2 and net.refine is not None
     cam = net.cam_lowres(torch.zeros(1, PREPROCESSING.channels, 256, 256))
     assert cam.shape[-1] == 128
+
+
+def test_ema_saves_the_moving_average_of_the_weights(tiny: Split, tmp_path: Path) -> None:
+    """With ``ema=d`` the saved weights are d × (after step 1) + (1 − d) × (after step 2).
+
+    The three runs start from the same weights only because the seed sets the initial weights
+    (they used to come from whatever state the global torch generator was in).
+    """
+    decay = 0.75
+    runs = {}
+    for tag, steps, ema in (("one", 1, None), ("two", 2, None), ("ema", 2, decay)):
+        train(
+            "unet", minutes=5.0, seed=0, threads=1, data=tiny, val=tiny, out=tmp_path / tag,
+            max_steps=steps, log_every=1, ema=ema,
+        )  # fmt: skip
+        runs[tag] = torch.load(tmp_path / tag / "unet.pt", map_location="cpu", weights_only=False)
+    weights = [k for k, v in runs["ema"]["state_dict"].items() if k.endswith(".weight") and v.ndim == 4]
+    assert weights
+    for k in weights:
+        one, two = runs["one"]["state_dict"][k], runs["two"]["state_dict"][k]
+        assert not torch.equal(one, two)
+        torch.testing.assert_close(runs["ema"]["state_dict"][k], decay * one + (1 - decay) * two)
+    assert "--ema 0.75" in runs["ema"]["log"]["commands"][0]
+    assert runs["ema"]["log"]["config"]["ema"] == decay
+    with pytest.raises(ValueError, match="ema decay"):
+        train("unet", data=tiny, val=tiny, out=tmp_path / "bad", max_steps=1, ema=1.0)
