@@ -113,7 +113,9 @@ def test_ema_saves_the_moving_average_of_the_weights(tiny: Split, tmp_path: Path
             max_steps=steps, log_every=1, ema=ema,
         )  # fmt: skip
         runs[tag] = torch.load(tmp_path / tag / "unet.pt", map_location="cpu", weights_only=False)
-    weights = [k for k, v in runs["ema"]["state_dict"].items() if k.endswith(".weight") and v.ndim == 4]
+    weights = [
+        k for k, v in runs["ema"]["state_dict"].items() if k.endswith(".weight") and v.ndim == 4
+    ]
     assert weights
     for k in weights:
         one, two = runs["one"]["state_dict"][k], runs["two"]["state_dict"][k]
