@@ -669,6 +669,9 @@ def _commit_results(run: JobRun, records: list[Any], analyses: list[ModelAnalysi
         for table in (FindingRecord, MaskRecord, SaliencyRecord, ArtifactRecord):
             session.execute(delete(table).where(table.job_id == run.job_id))
         session.add_all(records)
+        # written before the job is stamped: its finished_at is then the moment its results
+        # are (only the job's own row and the commit follow), which clients can time against
+        session.flush()
         jobs.succeed_job(
             session=session, job=job, timings=dict(run.timings), uncertain=_uncertain(analyses)
         )
