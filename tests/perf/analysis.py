@@ -232,6 +232,7 @@ def headline(out: dict[str, Any], cases: list[ModelCase], n_cores: int) -> dict[
         h["model_only_two_process_scaling"] = statistics.fmean(tp2[k] * one_t[k] / 1e3 for k in tp2)
     ing = out.get("ingest")
     h["ingest_uploads_per_s"] = ing["uploads_per_s"] if ing else None
+    h["ingest_api_cpu_ms_per_upload"] = ing.get("api_cpu_ms_per_upload") if ing else None
     h["ingest_p99_ms"] = ing["p99_ms"] if ing else None
     h["ingest_error_rate"] = ing["error_rate"] if ing else None
     return {k: _nan_to_none(v) if isinstance(v, float) else v for k, v in h.items()}

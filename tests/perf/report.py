@@ -104,7 +104,8 @@ def print_report(out: dict[str, Any], console: Console | None = None) -> None:
             f"ingest ({ing['tool']}, {ing['connections']} connections, {ing['instance_bytes'] / 1e6:.2f} MB "
             f"instances): {_f(ing['uploads_per_s'], 1)} uploads/s, p50 {_f(ing['p50_ms'], 1)} ms, "
             f"p95 {_f(ing['p95_ms'], 1)} ms, p99 {_f(ing['p99_ms'], 1)} ms, errors {ing['errors']} "
-            f"of {ing['requests']} ({_f(100 * ing['error_rate'], 2)} %)"
+            f"of {ing['requests']} ({_f(100 * ing['error_rate'], 2)} %); API CPU "
+            f"{_f(ing.get('api_cpu_ms_per_upload'), 1)} ms per upload"
         )
     t = Table(title="targets (issue 8)")
     for col in ("key", "value", "target", "status", "meaning"):
@@ -318,7 +319,8 @@ def markdown(out: dict[str, Any]) -> str:
             f"{ing['instance_bytes'] / 1e6:.2f} MB instances, one API process, PostgreSQL + "
             f"Redis): {_f(ing['uploads_per_s'], 1)} uploads/s, p50 {_f(ing['p50_ms'], 0)} ms, "
             f"p95 {_f(ing['p95_ms'], 0)} ms, p99 {_f(ing['p99_ms'], 0)} ms, "
-            f"{ing['errors']} errors in {ing['requests']} requests (statuses {ing.get('statuses')}).",
+            f"{ing['errors']} errors in {ing['requests']} requests (statuses {ing.get('statuses')}); "
+            f"the API process spent {_f(ing.get('api_cpu_ms_per_upload'), 1)} ms of CPU per upload.",
         ]
     lines += ["", "| key | value | target | |", "|---|---|---|---|"]
     for key, op, target, _meaning in TARGETS:

@@ -38,7 +38,7 @@ from tests.perf.model_bench import (  # noqa: E402
     model_input,
     multiprocess_throughput,
 )
-from tests.perf.timing import loadavg  # noqa: E402
+from tests.perf.timing import loadavg, process_tree_cpu_seconds  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -293,6 +293,8 @@ def run_ingest_section(
 
     t0 = _section("ingest (serve --no-worker, PostgreSQL + Redis, wrk on loopback)", log)
     with deployment("redis-pg", work, models_dir, workers=0, threads=1, redis_db=15) as dep:
+        api = dep.procs[0].pid
+        cpu0 = process_tree_cpu_seconds(api)
         result = run_ingest(
             f"{dep.url}/api/v1/studies",
             dep.api_key,
@@ -300,6 +302,11 @@ def run_ingest_section(
             work / "ingest",
             seconds=cfg.ingest_seconds,
             connections=cfg.ingest_connections,
+        )
+        # what one upload costs the API process (it is single-threaded for the Python part,
+        # so this bounds its uploads/s on this CPU whatever the load generator does)
+        result["api_cpu_ms_per_upload"] = (
+            1e3 * (process_tree_cpu_seconds(api) - cpu0) / max(1, result["requests"])
         )
     _end(t0, log)
     return result
