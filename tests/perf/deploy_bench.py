@@ -204,11 +204,16 @@ def deployment(
         yield dep
 
 
-def warm_up(dep: MedcadProcesses, paths: list[Path], models: str, n_jobs: int) -> None:
-    """Create every worker's sessions with single-slice jobs (first use builds them)."""
+def warm_up(
+    dep: MedcadProcesses, paths: list[Path], models: str, n_jobs: int, slices: int = 8
+) -> None:
+    """Create every worker's sessions with ``slices``-slice jobs (first use builds them; a
+    full batch also grows their memory arenas to the size the measured jobs need)."""
     with dep.client() as client:
         ids = [
-            upload(client, relabelled(paths[:1], f"warm-{time.perf_counter_ns()}-{i}"), models)[0]
+            upload(
+                client, relabelled(paths[:slices], f"warm-{time.perf_counter_ns()}-{i}"), models
+            )[0]
             for i in range(n_jobs)
         ]
         wait_done(client, ids, timeout=600)

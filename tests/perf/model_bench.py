@@ -317,7 +317,8 @@ class JobReplay:
             x = self.inputs[m.key]
             b = m.preprocessing.batch_size
             batch = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))
-            sess.run(None, {_input_name(case.model): batch[:1]})  # warm after the deployment ran
+            # warm at the full batch (a fresh session's first batch of 8 grows its arena)
+            sess.run(None, {_input_name(case.model): batch})
             # a segmenter with test-time augmentation runs every slice once per member
             infer = slices * m.passes_per_frame
             for stage, n in (("infer", infer), ("saliency", passes.get(m.name, 0))):

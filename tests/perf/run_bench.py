@@ -39,6 +39,7 @@ from tests.perf.model_bench import (  # noqa: E402
     multiprocess_throughput,
 )
 from tests.perf.timing import loadavg, process_tree_cpu_seconds  # noqa: E402
+from tests.reliability.harness import children, wait_until  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -265,9 +266,14 @@ def run_e2e(
         one = throughput(dep, scale_paths, models_arg, cfg.scaling_jobs, f"scale1-{time.time_ns()}")
         _end(t0, log)
         t0 = _section("e2e redis-pg, 2 worker processes", log)
-        dep.start_worker()
-        time.sleep(3.0)
-        warm_up(dep, paths, models_arg, 2)
+        second = dep.start_worker()
+        # A worker that is still starting when the warm-up jobs arrive leaves them to the first
+        # one and then builds its sessions inside the measurement (seen on a slower host: the
+        # two workers spent 26 % more CPU on the same slices than one). Wait for its pool, then
+        # give each worker more than one warm-up job to take.
+        wait_until(lambda: children(second.pid), 120, 0.2, "second worker's pool started")
+        time.sleep(2.0)
+        warm_up(dep, paths, models_arg, 4)
         two = throughput(dep, scale_paths, models_arg, cfg.scaling_jobs, f"scale2-{time.time_ns()}")
         rounds_pg = series_rounds(dep, "e2e-pg", 1)
         idle_pg = idle_latency(dep, free, models_arg, cfg.idle_n, f"idle-pg-{time.time_ns()}")
