@@ -430,12 +430,12 @@ def train(
         cfg["lr"] = lr
     if name != "classifier":
         cfg["nodule_weight"] = nodule_weight
+    elif evidence_stride is not None:
+        cfg["evidence_stride"] = evidence_stride
     if ema is not None:
         if not 0.0 < ema < 1.0:
             raise ValueError(f"ema decay must lie in (0, 1), got {ema}")
         cfg["ema"] = ema
-    elif evidence_stride is not None:
-        cfg["evidence_stride"] = evidence_stride
     previous: dict[str, Any] | None = None
     ckpt = None
     if resume:

@@ -123,5 +123,11 @@ def test_ema_saves_the_moving_average_of_the_weights(tiny: Split, tmp_path: Path
         torch.testing.assert_close(runs["ema"]["state_dict"][k], decay * one + (1 - decay) * two)
     assert "--ema 0.75" in runs["ema"]["log"]["commands"][0]
     assert runs["ema"]["log"]["config"]["ema"] == decay
+    # the option combines with the others (it once cut the classifier's stride option off)
+    log = train(
+        "classifier", minutes=5.0, seed=0, threads=1, data=tiny, val=tiny, out=tmp_path / "cls",
+        max_steps=1, log_every=1, evidence_stride=2, ema=0.5,
+    )  # fmt: skip
+    assert log["config"]["evidence_stride"] == 2 and log["config"]["ema"] == 0.5
     with pytest.raises(ValueError, match="ema decay"):
         train("unet", data=tiny, val=tiny, out=tmp_path / "bad", max_steps=1, ema=1.0)
