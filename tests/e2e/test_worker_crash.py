@@ -11,13 +11,9 @@ import pytest
 
 from tests.fixtures.dicom_files import bright_disc_series
 from tests.helpers.services import medcad_deployment, postgres_database, redis_db_url, wait_for_jobs
+from tests.reliability.harness import children as pool_children
 
 pytestmark = pytest.mark.slow
-
-
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
 def _wait_running(client, job_id: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
@@ -58,7 +54,7 @@ def test_killed_pool_child_and_killed_worker_lose_nothing(
         # 1. SIGKILL the pool child running the job: Celery re-queues it (reject on worker lost)
         job_a = _big_job(client)
         _wait_running(client, job_a)
-        children = _children(first_worker.pid)
+        children = pool_children(first_worker.pid)
         assert children, "worker has no pool child"
         for child in children:
             os.kill(child, signal.SIGKILL)

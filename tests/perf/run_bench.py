@@ -309,8 +309,8 @@ def run_ingest_section(
             seconds=cfg.ingest_seconds,
             connections=cfg.ingest_connections,
         )
-        # what one upload costs the API process (it is single-threaded for the Python part,
-        # so this bounds its uploads/s on this CPU whatever the load generator does)
+        # what one upload costs the API process on this CPU (its Python part runs under one
+        # GIL; system calls and hashing may overlap it on another core)
         result["api_cpu_ms_per_upload"] = (
             1e3 * (process_tree_cpu_seconds(api) - cpu0) / max(1, result["requests"])
         )

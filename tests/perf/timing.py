@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.reliability.harness import children
+
 
 def loadavg() -> float:
     """1-minute load average (NaN where the OS has none)."""
@@ -33,15 +35,13 @@ def process_tree_cpu_seconds(pid: int) -> float:
     A worker's pool children run the jobs, so a worker's cost is its whole tree; children
     replaced by the pool were waited for and count in their parent's ``cutime``/``cstime``.
     """
-    tick = os.sysconf("SC_CLK_TCK")
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except (OSError, IndexError):
         return 0.0
     # fields[0] is field 3 of proc(5): utime, stime, cutime, cstime are fields 14–17
-    own = sum(int(v) for v in fields[11:15]) / tick
-    return own + sum(process_tree_cpu_seconds(int(k)) for k in kids)
+    own = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_tree_cpu_seconds(k) for k in children(pid))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
