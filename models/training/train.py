@@ -668,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         metavar="DECAY",
-        help="save the exponential moving average of the weights (e.g. 0.999)",
+        help="save the exponential moving average of the weights (e.g. 0.999); experimental: "
+        "it made the U-Net worse (models/README.md)",
     )
     p.add_argument("--out", type=Path, default=None, help="checkpoint folder")
     args = p.parse_args(argv)
