@@ -55,6 +55,7 @@ from models.training.data import (
 )
 from models.training.phantoms import LABEL_LUNG, LABEL_NODULE
 from workers.analysis import structure_rules
+from workers.onnx_sessions import session_options
 from workers.pipeline import postprocess
 from workers.pipeline.postprocess import aggregate_series, calibrated_probabilities
 from workers.pipeline.preprocess import preprocess_frames
@@ -95,10 +96,9 @@ def load_manifest(name: str, models_dir: Path = MODELS_DIR) -> tuple[Manifest, P
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), session_options(threads), providers=["CPUExecutionProvider"]
+    )
 
 
 def run(

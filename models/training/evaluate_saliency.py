@@ -48,6 +48,7 @@ from scipy import ndimage
 from app.registry.manifest import Manifest, OutputRole, Preprocessing, SaliencySpec, Task
 from models.training.data import SPLITS, labels_to_grid
 from models.training.phantoms import LABEL_LUNG, LABEL_NODULE, generate_series
+from workers.onnx_sessions import session_options
 from workers.pipeline import postprocess
 from workers.pipeline import saliency as S
 from workers.pipeline.postprocess import calibrated_probabilities
@@ -122,9 +123,7 @@ class OnnxModel:
     def __init__(
         self, manifest: Manifest, model: bytes, threads: int, batch: int | None = None
     ) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
+        opts = session_options(threads)  # as the workers run it (idle threads sleep)
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         self.input = manifest.inputs[0].name

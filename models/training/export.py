@@ -57,6 +57,7 @@ from models.training.data import (
 )
 from models.training.evaluate import fit_components, load_manifest
 from models.training.train import CHECKPOINTS, MODEL_NAMES, build_model
+from workers.onnx_sessions import session_options
 from workers.pipeline import postprocess
 from workers.pipeline.postprocess import calibrated_probabilities
 
@@ -226,11 +227,9 @@ def strip_doc_strings(path: Path) -> None:
 
 
 def ort_session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), session_options(threads), providers=["CPUExecutionProvider"]
+    )
 
 
 def run_batches(sess: ort.InferenceSession, x: np.ndarray, batch: int = 8) -> list[np.ndarray]:

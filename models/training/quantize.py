@@ -66,6 +66,7 @@ from models.training.card import render_card, write_manifest
 from models.training.data import CACHE_DIR, MODELS_DIR, SPLITS, load_split, network_inputs
 from models.training.evaluate import release_dir
 from models.training.export import sha256_file, strip_doc_strings
+from workers.onnx_sessions import session_options
 from workers.pipeline.postprocess import calibrated_probabilities
 
 INT8_SUFFIX = "-int8"  # the INT8 build of release X is version X-int8 (never a default)
@@ -220,12 +221,9 @@ def quantize(
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
     """Sessions as the workers build them."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), session_options(threads), providers=["CPUExecutionProvider"]
+    )
 
 
 def run_all(

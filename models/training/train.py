@@ -408,6 +408,7 @@ def train(
     nodule_weight: float = NODULE_CE_WEIGHT,
     evidence_stride: int | None = None,
     ema: float | None = None,
+    base: int | None = None,
 ) -> dict[str, Any]:
     """Train ``name`` within a wall-clock budget; save ``<out>/<name>.pt`` and a JSON log.
 
@@ -417,7 +418,8 @@ def train(
     small nodules weigh as much as large ones (an experiment: see models/README.md);
     ``lesion_sampling`` draws the nodule crops per lesion (classifier too) but keeps the
     pooled nodule Dice; ``nodule_weight`` is the segmenters' cross-entropy weight of the
-    nodule class; ``evidence_stride`` (classifier, 2 or 4) the stride of its evidence map.
+    nodule class; ``evidence_stride`` (classifier, 2 or 4) the stride of its evidence map;
+    ``base`` the channel width of the first stage (the model's default when None).
     With ``ema`` (a decay, e.g. 0.999) the saved weights are the exponential moving average
     of the weights over the steps (Polyak averaging) instead of the last step's; BatchNorm
     statistics are then re-estimated for the averaged weights.
@@ -428,6 +430,8 @@ def train(
         cfg["minutes"] = minutes
     if lr is not None:
         cfg["lr"] = lr
+    if base is not None:
+        cfg["base"] = base
     if name != "classifier":
         cfg["nodule_weight"] = nodule_weight
     elif evidence_stride is not None:
@@ -440,6 +444,7 @@ def train(
     ckpt = None
     if resume:
         ckpt = torch.load(out / f"{name}.pt", map_location="cpu", weights_only=False)
+        cfg["base"] = int(ckpt["base"])  # the checkpoint's width wins
         if name == "classifier":  # the checkpoint's architecture wins
             cfg["evidence_stride"] = int(ckpt.get("evidence_stride") or 4)
     torch.manual_seed(seed)  # the initial weights come from the seed too
@@ -568,6 +573,8 @@ def train(
     if not is_cls and nodule_weight != NODULE_CE_WEIGHT:
         command += f" --nodule-weight {nodule_weight:g}"
     command += f" --ema {ema:g}" if ema is not None else ""
+    if not resume and cfg["base"] != DEFAULTS[name]["base"]:
+        command += f" --base {cfg['base']}"
     if is_cls and cfg["evidence_stride"] != DEFAULTS["classifier"]["evidence_stride"]:
         command += f" --evidence-stride {cfg['evidence_stride']}"
     command += f" --out {out}" if out != CHECKPOINTS else ""
@@ -671,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
         help="save the exponential moving average of the weights (e.g. 0.999); experimental: "
         "it made the U-Net worse (models/README.md)",
     )
+    p.add_argument(
+        "--base", type=int, default=None, help="channel width of the first stage (network width)"
+    )
     p.add_argument("--out", type=Path, default=None, help="checkpoint folder")
     args = p.parse_args(argv)
     train(
@@ -685,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         nodule_weight=args.nodule_weight,
         evidence_stride=args.evidence_stride,
         ema=args.ema,
+        base=args.base,
         out=args.out,
     )
     return 0

@@ -93,6 +93,7 @@ def test_stride2_classifier_trains_resumes_and_exports_its_architecture(
         max_steps=1, log_every=1, resume=True,
     )  # fmt: skip
     assert resumed["config"]["evidence_stride"] == 2 and resumed["steps"] == 3
+    assert "--base" not in log["commands"][0]  # the default width is not spelled out
     net, _ = load_trained("classifier", tmp_path)
     assert net.evidence_stride == 2 and net.refine is not None
     cam = net.cam_lowres(torch.zeros(1, PREPROCESSING.channels, 256, 256))
@@ -131,3 +132,20 @@ def test_ema_saves_the_moving_average_of_the_weights(tiny: Split, tmp_path: Path
     assert log["config"]["evidence_stride"] == 2 and log["config"]["ema"] == 0.5
     with pytest.raises(ValueError, match="ema decay"):
         train("unet", data=tiny, val=tiny, out=tmp_path / "bad", max_steps=1, ema=1.0)
+
+
+def test_base_width_is_an_option_kept_by_resume_and_export(tiny: Split, tmp_path: Path) -> None:
+    from models.training.export import load_trained
+
+    log = train(
+        "classifier", minutes=5.0, seed=0, threads=1, data=tiny, val=tiny, out=tmp_path,
+        max_steps=1, log_every=1, base=8,
+    )  # fmt: skip
+    assert log["config"]["base"] == 8 and "--base 8" in log["commands"][0]
+    resumed = train(
+        "classifier", minutes=5.0, threads=1, data=tiny, val=tiny, out=tmp_path,
+        max_steps=1, log_every=1, resume=True,
+    )  # fmt: skip
+    assert resumed["config"]["base"] == 8 and "--base" not in resumed["commands"][1]
+    net, _ = load_trained("classifier", tmp_path)
+    assert net.stem[0].out_channels == 8

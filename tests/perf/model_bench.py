@@ -24,7 +24,7 @@ from app.registry.manifest import OutputRole, Task
 from app.registry.service import RegisteredModel
 from tests.perf.flops import graph_flops
 from tests.perf.timing import interleaved
-from workers.onnx_sessions import configure_spinning
+from workers.onnx_sessions import configure_spinning, session_options
 from workers.pipeline.preprocess import preprocess_frames
 
 TorchLoader = Callable[[RegisteredModel], Any]  # returns an eval() torch module, or None
@@ -32,13 +32,9 @@ TorchLoader = Callable[[RegisteredModel], Any]  # returns an eval() torch module
 
 def make_session(path: Path, threads: int) -> ort.InferenceSession:
     """An InferenceSession with the options the workers use."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    configure_spinning(so)
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+    )
 
 
 @dataclass
