@@ -41,6 +41,7 @@ def test_worker_options_are_sequential_fully_optimised_and_sleep_when_idle() -> 
 def test_the_evaluation_tools_time_sessions_built_as_the_workers_build_them() -> None:
     """Two 2-thread sessions run in turn with spinning threads steal each other's cores: the
     saliency evaluation once reported the classifier's CAM as 39 % of a pass that way."""
+    pytest.importorskip("torch")  # the export tool imports it
     from models.training.evaluate import load_manifest, session
     from models.training.export import ort_session
     from models.training.quantize import session as quantize_session
