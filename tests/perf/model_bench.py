@@ -24,7 +24,7 @@ from app.registry.manifest import OutputRole, Task
 from app.registry.service import RegisteredModel
 from tests.perf.flops import graph_flops
 from tests.perf.timing import interleaved
-from workers.onnx_sessions import configure_spinning, session_options
+from workers.onnx_sessions import session_options
 from workers.pipeline.preprocess import preprocess_frames
 
 TorchLoader = Callable[[RegisteredModel], Any]  # returns an eval() torch module, or None
@@ -234,13 +234,9 @@ def matmul_runner(threads: int) -> Callable[[], object]:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    configure_spinning(so)  # as the model sessions it is the reference for
     sess = ort.InferenceSession(
         onnx.shape_inference.infer_shapes(model).SerializeToString(),
-        so,
+        session_options(threads),  # as the model sessions it is the reference for
         providers=["CPUExecutionProvider"],
     )
     rng = np.random.default_rng(0)
