@@ -76,7 +76,9 @@ BN_RECALIBRATION_SLICES = 256  # BatchNorm statistics re-estimated on whole slic
 VAL_EVERY_SECONDS = 300.0  # classifier: progress probe on every 8th validation slice
 
 
-def classifier_recipe(lesion_sampling: bool = False, evidence_stride: int = 4) -> str:
+def classifier_recipe(
+    lesion_sampling: bool = False, evidence_stride: int = 4, min_evidence: float | None = None
+) -> str:
     """One-paragraph description of the classifier's training recipe (for the model card)."""
     drawn = (
         "a uniformly drawn lesion (3-D nodule component), then one of its slices"
@@ -88,6 +90,13 @@ def classifier_recipe(lesion_sampling: bool = False, evidence_stride: int = 4) -
         for end, c, b in CLS_PHASES
     )
     uniform = 1.0 - CLS_NODULE_FRACTION - CLS_LUNG_FRACTION
+    raised = (
+        f", raised to {min_evidence:g} / n on the n nodule cells of a sample whose targets "
+        "would sum to less, so that a small cross-section's evidence stands out of the "
+        "background's"
+        if min_evidence
+        else ""
+    )
     return (
         f"{phases}, then whole 256 × 256 slices (batch {CLS_FULL_BATCH}, drawn uniformly: the "
         f"natural share of nodule slices); crops {CLS_NODULE_FRACTION:.0%} centred on a nodule "
@@ -97,7 +106,7 @@ def classifier_recipe(lesion_sampling: bool = False, evidence_stride: int = 4) -
         f"{WARMUP_FRACTION:.0%} linear warm-up, cosine decay on wall-clock progress; loss = BCE "
         f"on the pooled logit + localisation term on the stride-{evidence_stride} evidence map "
         f"(target {EVIDENCE_TARGET:g} · (1 + c) / 2 on cells holding nodule pixels, c = their nodule "
-        f"share, 0 elsewhere, a one-cell ring left free, nodule cells weighted "
+        f"share{raised}, 0 elsewhere, a one-cell ring left free, nodule cells weighted "
         f"{LESION_CELL_WEIGHT:g}×, weight {LOC_WEIGHT:g}); BatchNorm statistics re-estimated on "
         f"{BN_RECALIBRATION_SLICES} whole training slices at the end; slice label: any "
         "nodule pixel on the 256 × 256 grid (area majority), as in validation and test."
@@ -267,8 +276,27 @@ def seg_loss(
     return ce + ((1.0 - lung) + (1.0 - nodule)) / 2
 
 
+def evidence_target(
+    nodule: torch.Tensor, stride: int, min_evidence: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell evidence targets and loss weights of the classifier's localisation term.
+
+    ``nodule`` is the (B, 1, H, W) nodule indicator; the answer is two (B, 1, H/stride,
+    W/stride) maps. See ``cls_loss`` for the rule.
+    """
+    cell = F.max_pool2d(nodule, kernel_size=stride, stride=stride)
+    cover = F.avg_pool2d(nodule, kernel_size=stride, stride=stride)
+    ring = F.max_pool2d(cell, kernel_size=3, stride=1, padding=1) - cell
+    weight = (1.0 - ring) + (LESION_CELL_WEIGHT - 1.0) * cell
+    target = EVIDENCE_TARGET * 0.5 * (cell + cover)
+    if min_evidence:
+        n_cells = cell.sum((1, 2, 3), keepdim=True).clamp(min=1.0)
+        target = torch.where(cell > 0, target.clamp(min=min_evidence / n_cells), target)
+    return target, weight
+
+
 def cls_loss(
-    net: NoduleClassifier, x: torch.Tensor, y: torch.Tensor
+    net: NoduleClassifier, x: torch.Tensor, y: torch.Tensor, min_evidence: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BCE on the pooled logit + a localisation term on the per-position evidence.
 
@@ -280,17 +308,19 @@ def cls_loss(
     of the cell's pixels that are nodule (so the map peaks on the best-covered cells, where its up-sampled maximum lands
     inside the nodule), 0 elsewhere (a ring around the nodule is left free) — so the map is
     zero away from nodules and the logit grows with the nodule's extent.
+
+    With ``min_evidence`` the nodule cells of a sample are asked for at least
+    ``min_evidence / n`` each (``n`` of them): a 2-pixel cross-section fills one cell, whose
+    plain target (about half ``EVIDENCE_TARGET``) is no more than the summed noise of 4,096
+    background cells, so without it the localisation term holds the small nodules' logit
+    down against the BCE term.
     """
     evidence = net.cam_lowres(x) / net.scale
     logit = evidence.sum((2, 3)) + net.bias
     nodule = (y == 2).float()[:, None]
     present = (nodule.flatten(1).sum(1) > 0).float()[:, None]
-    k = net.evidence_stride
-    cell = F.max_pool2d(nodule, kernel_size=k, stride=k)
-    cover = F.avg_pool2d(nodule, kernel_size=k, stride=k)
-    ring = F.max_pool2d(cell, kernel_size=3, stride=1, padding=1) - cell
-    weight = (1.0 - ring) + (LESION_CELL_WEIGHT - 1.0) * cell
-    err = (evidence - EVIDENCE_TARGET * 0.5 * (cell + cover)) ** 2
+    target, weight = evidence_target(nodule, net.evidence_stride, min_evidence)
+    err = (evidence - target) ** 2
     loc = (weight * err).sum((1, 2, 3)).mean()
     bce = F.binary_cross_entropy_with_logits(logit, present)
     return bce + LOC_WEIGHT * loc, logit, present
@@ -409,6 +439,7 @@ def train(
     evidence_stride: int | None = None,
     ema: float | None = None,
     base: int | None = None,
+    min_evidence: float | None = None,
 ) -> dict[str, Any]:
     """Train ``name`` within a wall-clock budget; save ``<out>/<name>.pt`` and a JSON log.
 
@@ -419,7 +450,9 @@ def train(
     ``lesion_sampling`` draws the nodule crops per lesion (classifier too) but keeps the
     pooled nodule Dice; ``nodule_weight`` is the segmenters' cross-entropy weight of the
     nodule class; ``evidence_stride`` (classifier, 2 or 4) the stride of its evidence map;
-    ``base`` the channel width of the first stage (the model's default when None).
+    ``base`` the channel width of the first stage (the model's default when None);
+    ``min_evidence`` (classifier) the least summed evidence target of a nodule slice (see
+    ``cls_loss``).
     With ``ema`` (a decay, e.g. 0.999) the saved weights are the exponential moving average
     of the weights over the steps (Polyak averaging) instead of the last step's; BatchNorm
     statistics are then re-estimated for the averaged weights.
@@ -434,8 +467,13 @@ def train(
         cfg["base"] = base
     if name != "classifier":
         cfg["nodule_weight"] = nodule_weight
-    elif evidence_stride is not None:
-        cfg["evidence_stride"] = evidence_stride
+    else:
+        if evidence_stride is not None:
+            cfg["evidence_stride"] = evidence_stride
+        if min_evidence is not None:
+            if min_evidence <= 0:
+                raise ValueError(f"min_evidence must be > 0, got {min_evidence}")
+            cfg["min_evidence"] = min_evidence
     if ema is not None:
         if not 0.0 < ema < 1.0:
             raise ValueError(f"ema decay must lie in (0, 1), got {ema}")
@@ -530,7 +568,7 @@ def train(
         x = x.contiguous(memory_format=torch.channels_last)
         if is_cls:
             assert isinstance(net, NoduleClassifier)
-            loss, _, _ = cls_loss(net, x, y)
+            loss, _, _ = cls_loss(net, x, y, cfg.get("min_evidence"))
         else:
             loss = seg_loss(
                 net(x), y, per_sample_nodule=lesion_balanced, nodule_weight=nodule_weight
@@ -577,6 +615,8 @@ def train(
         command += f" --base {cfg['base']}"
     if is_cls and cfg["evidence_stride"] != DEFAULTS["classifier"]["evidence_stride"]:
         command += f" --evidence-stride {cfg['evidence_stride']}"
+    if is_cls and cfg.get("min_evidence"):
+        command += f" --min-evidence {cfg['min_evidence']:g}"
     command += f" --out {out}" if out != CHECKPOINTS else ""
     command += f" --threads {threads}"
     session = {
@@ -605,7 +645,9 @@ def train(
         "cpu_threads": threads,
     }
     if is_cls:
-        log["recipe"] = classifier_recipe(lesion_sampling, int(cfg["evidence_stride"]))
+        log["recipe"] = classifier_recipe(
+            lesion_sampling, int(cfg["evidence_stride"]), cfg.get("min_evidence")
+        )
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
@@ -681,6 +723,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--base", type=int, default=None, help="channel width of the first stage (network width)"
     )
+    p.add_argument(
+        "--min-evidence",
+        type=float,
+        default=None,
+        help="classifier: least summed evidence target of a nodule slice (small cross-sections)",
+    )
     p.add_argument("--out", type=Path, default=None, help="checkpoint folder")
     args = p.parse_args(argv)
     train(
@@ -696,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         evidence_stride=args.evidence_stride,
         ema=args.ema,
         base=args.base,
+        min_evidence=args.min_evidence,
         out=args.out,
     )
     return 0

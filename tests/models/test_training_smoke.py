@@ -149,3 +149,33 @@ def test_base_width_is_an_option_kept_by_resume_and_export(tiny: Split, tmp_path
     assert resumed["config"]["base"] == 8 and "--base" not in resumed["commands"][1]
     net, _ = load_trained("classifier", tmp_path)
     assert net.stem[0].out_channels == 8
+
+
+def test_min_evidence_raises_the_targets_of_small_cross_sections_only() -> None:
+    from models.training.train import EVIDENCE_TARGET, evidence_target
+
+    nodule = torch.zeros(2, 1, 32, 32)
+    nodule[0, 0, 5, 5] = 1.0  # one pixel: one stride-4 cell
+    nodule[1, 0, 8:24, 8:24] = 1.0  # 16 × 16 pixels: 16 fully covered cells
+    plain, weight = evidence_target(nodule, 4)
+    raised, weight_raised = evidence_target(nodule, 4, min_evidence=6.0)
+    assert torch.equal(weight, weight_raised)
+    # The single cell: half the target plus its 1/16 cover, raised to the whole minimum.
+    assert math.isclose(float(plain[0, 0, 1, 1]), EVIDENCE_TARGET * 0.5 * (1 + 1 / 16))
+    assert math.isclose(float(raised[0, 0, 1, 1]), 6.0)
+    # The large cross-section already sums to 16 × EVIDENCE_TARGET > 6: unchanged.
+    assert torch.equal(plain[1], raised[1])
+    # Background cells keep their zero target.
+    assert float(raised[0].sum()) == 6.0
+
+
+def test_min_evidence_is_recorded_in_command_and_recipe(tiny: Split, tmp_path: Path) -> None:
+    log = train(
+        "classifier", minutes=5.0, seed=0, threads=1, data=tiny, val=tiny, out=tmp_path,
+        max_steps=2, log_every=1, min_evidence=6.0,
+    )  # fmt: skip
+    assert log["config"]["min_evidence"] == 6.0
+    assert "--min-evidence 6" in log["commands"][0]
+    assert "raised to 6 / n" in log["recipe"]
+    with pytest.raises(ValueError, match="min_evidence"):
+        train("classifier", data=tiny, val=tiny, out=tmp_path, max_steps=1, min_evidence=0.0)
