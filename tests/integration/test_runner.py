@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import highdicom as hd
@@ -147,28 +149,65 @@ def test_running_a_job_twice_leaves_one_result_set(api: Any) -> None:
     assert all(api.get(m["url"]).status_code == 200 for m in after.json()["masks"])
 
 
-def test_undecodable_pixels_fail_with_a_reason(api: Any) -> None:
-    import pydicom
-
-    blobs, _ = bright_disc_series(n=1)
-    ds = pydicom.dcmread(io.BytesIO(blobs[0]))
-    ds.BitsStored = 12  # still valid header; decode works — break the manifest model file instead
-    job_id = _upload(api, blobs)
+@contextlib.contextmanager
+def _tampered_segmenter() -> Iterator[None]:
+    """The tiny segmenter's ONNX file no longer matches its manifest's sha256."""
     from app.settings import get_settings
+    from workers import onnx_sessions
 
     model_file = next(get_settings().models_dir.glob("tinyseg/*/model.onnx"))
     original = model_file.read_bytes()
     try:
         model_file.write_bytes(original + b"tampered")
-        from workers import onnx_sessions
-
         onnx_sessions.clear()
-        assert runner.run_job(job_id) == "failed: model_checksum_mismatch"
+        yield
     finally:
         model_file.write_bytes(original)
+        onnx_sessions.clear()
+
+
+def test_undecodable_pixels_fail_with_a_reason(api: Any) -> None:
+    blobs, _ = bright_disc_series(n=1)
+    job_id = _upload(api, blobs)
+    with _tampered_segmenter():
+        assert runner.run_job(job_id) == "failed: model_checksum_mismatch"
     job = api.get(f"/api/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "model_checksum_mismatch"
     assert _counts(job_id) == (0, 0, 0)
+
+
+def test_metrics_give_stage_durations_by_model_and_failures_by_reason(api: Any) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ok = _upload(api, bright_disc_series(n=2, radius=10)[0])
+    assert runner.run_job(ok) == "succeeded"
+    timings = api.get(f"/api/v1/jobs/{ok}").json()["timings"]
+    failed = _upload(api, bright_disc_series(n=1)[0])
+    with _tampered_segmenter():
+        assert runner.run_job(failed) == "failed: model_checksum_mismatch"
+    _upload(api, bright_disc_series(n=1)[0])  # left queued
+
+    r = api.get("/metrics", headers={"Authorization": ""})
+    assert r.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    jobs = {s.labels["status"]: s.value for s in families["medcad_jobs"].samples}
+    assert jobs == {"queued": 1, "running": 0, "succeeded": 1, "failed": 1}
+    assert families["medcad_queue_depth"].samples[0].value == 1
+    failures = {s.labels["code"]: s.value for s in families["medcad_job_failures"].samples}
+    assert failures == {"model_checksum_mismatch": 1}
+    # One succeeded job: every quantile of a stage is that job's own duration.
+    stage = {
+        (s.labels["stage"], s.labels["model"], s.labels["quantile"]): s.value
+        for s in families["medcad_job_stage_seconds"].samples
+    }
+    assert {(k.partition(":")[0], k.partition(":")[2]) for k in timings} == {
+        (st, model) for st, model, _ in stage
+    }
+    assert ("infer", "tinyseg", "0.95") in stage and ("decode", "", "0.5") in stage
+    for key, seconds in timings.items():
+        st, _, model = key.partition(":")
+        assert stage[(st, model, "0.5")] == pytest.approx(seconds)
+        assert stage[(st, model, "0.95")] == pytest.approx(seconds)
 
 
 def test_claim_gives_up_after_max_attempts(api: Any) -> None:
