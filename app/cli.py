@@ -95,17 +95,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_worker:
         holder.append(_spawn_worker())
         threading.Thread(target=_supervise, args=(holder, stop), daemon=True).start()
+    processes = args.api_processes or settings.api_processes
     try:
-        uvicorn.run(
-            create_app(settings, run_sweeper=True),
-            host=args.host,
-            port=args.port,
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=5,
-            # slowloris: uvicorn alone never times out a request whose headers do not finish
-            http=header_deadline_protocol(settings.http_header_timeout_seconds),
-        )
+        if processes > 1:
+            _serve_processes(settings, args.host, args.port, processes)
+        else:
+            uvicorn.run(
+                create_app(settings, run_sweeper=True),
+                host=args.host,
+                port=args.port,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=5,
+                # slowloris: uvicorn alone never times out a request whose headers do not finish
+                http=header_deadline_protocol(settings.http_header_timeout_seconds),
+            )
     finally:
         stop.set()
         for proc in holder:
@@ -115,6 +119,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
     return 0
+
+
+def _serve_processes(settings: Settings, host: str, port: int, processes: int) -> None:
+    """Serve the API from ``processes`` processes on one listening socket.
+
+    uvicorn's supervisor starts them, replaces any that dies or stops answering its health
+    check, and stops them on SIGTERM/SIGINT. This process runs the sweeper (once, not once per
+    API process) and the admin key was seeded before the processes start, so they never race to
+    create it. The upload and rejection counters of ``/metrics`` are summed over the processes
+    through prometheus_client's multiprocess mode, in a private directory removed on exit.
+    """
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from app.jobs.sweeper import start_sweeper
+    from app.main import seed_admin_key
+
+    seed_admin_key(settings)
+    metrics_dir = tempfile.mkdtemp(prefix="medcad-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by each process at start
+    sweeper = start_sweeper(settings)
+    try:
+        uvicorn.run(
+            "app.main:create_process_app",
+            factory=True,
+            workers=processes,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            http="app.http_guard:ConfiguredHeaderDeadlineProtocol",
+        )
+    finally:
+        sweeper.set()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -359,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--no-worker", action="store_true")
+    serve.add_argument(
+        "--api-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="API processes sharing the port (default MEDCAD_API_PROCESSES, 1)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="a Celery worker")

@@ -22,6 +22,7 @@ on its own.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import h11
 from starlette.responses import JSONResponse
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.errors import MedcadError
+from app.settings import get_settings
 
 UPLOAD_PATH_PREFIXES = ("/api/v1/studies", "/dicomweb/studies")
 
@@ -203,6 +205,18 @@ class HeaderDeadlineProtocol(H11Protocol):
         self._header_deadline = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self.transport.close()
+
+
+class ConfiguredHeaderDeadlineProtocol(HeaderDeadlineProtocol):
+    """The deadline of ``MEDCAD_HTTP_HEADER_TIMEOUT_SECONDS``, importable by name.
+
+    Several API processes get their protocol class by import string
+    (``app.http_guard:ConfiguredHeaderDeadlineProtocol``), so it reads the setting itself.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = get_settings().http_header_timeout_seconds
 
 
 def header_deadline_protocol(timeout: float) -> type[HeaderDeadlineProtocol]:

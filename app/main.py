@@ -98,6 +98,20 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = False) -
     return app
 
 
+def create_process_app() -> FastAPI:
+    """The application of one of several API processes (``medcad serve --api-processes N``).
+
+    uvicorn starts each process fresh and builds its application from this factory: logging is
+    configured from the settings here; migrations, the admin key and the sweeper are the
+    supervising ``medcad serve`` process's, done once before the processes start.
+    """
+    from app.logging_setup import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return create_app(settings, run_sweeper=False)
+
+
 def _mount_optional(app: FastAPI) -> None:
     """Routers that live in their own packages (page, DICOMweb) when present."""
     try:

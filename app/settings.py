@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     worker_sweeper: bool = True  # run the sweeper in each worker's main process
 
     # API
+    api_processes: int = Field(default=1, ge=1)  # `medcad serve` processes sharing the port
     cors_origins: list[str] = Field(default_factory=list)
     log_level: str = "INFO"
     log_json: bool = True

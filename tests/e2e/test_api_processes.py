@@ -1,0 +1,100 @@
+"""``medcad serve --api-processes 2``: one port, two API processes, one set of figures.
+
+Real processes on loopback: the embedded worker on SQLite and the filesystem broker, with
+``MEDCAD_API_PROCESSES=2``. Every request opens a new connection, so the kernel spreads them
+over both processes; the checks hold whichever process answers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures.dicom_files import bright_disc_series
+from tests.helpers.services import ADMIN_KEY, medcad_deployment, wait_for_jobs
+
+pytestmark = pytest.mark.slow
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(c) for c in text.split()]
+
+
+def _api_processes(serve_pid: int) -> list[int]:
+    """uvicorn's API processes: the spawned children of ``medcad serve``."""
+    found = []
+    for child in _children(serve_pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"multiprocessing.spawn" in cmdline:
+            found.append(child)
+    return found
+
+
+def _upload(url: str, seed: int) -> httpx.Response:
+    blobs, _ = bright_disc_series(n=1, seed=seed)
+    with httpx.Client(base_url=url, timeout=60) as fresh:  # a new connection per request
+        return fresh.post(
+            "/api/v1/studies",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            files=[("files", ("0.dcm", blobs[0], "application/dicom"))],
+        )
+
+
+def _uploads_accepted(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "medcad_uploads":
+            return sum(
+                s.value
+                for s in family.samples
+                if s.name == "medcad_uploads_total" and s.labels.get("outcome") == "accepted"
+            )
+    return 0.0
+
+
+def test_two_api_processes_share_the_port_the_figures_and_survive_a_kill(
+    tmp_path: Path, tiny_models_dir: Path
+) -> None:
+    with (
+        medcad_deployment(tmp_path, tiny_models_dir, MEDCAD_API_PROCESSES="2") as server,
+        server.client() as client,
+    ):
+        serve_pid = server.procs[0].pid
+        api = _api_processes(serve_pid)
+        assert len(api) == 2, api
+
+        responses = [_upload(server.url, seed) for seed in range(6)]
+        assert [r.status_code for r in responses] == [202] * 6, [r.text for r in responses]
+        job_ids = [r.json()["jobs"][0]["id"] for r in responses]
+        # Each scrape may land on either process; each must count all six uploads.
+        assert [_uploads_accepted(server.url) for _ in range(6)] == [6.0] * 6
+
+        os.kill(api[0], signal.SIGKILL)
+        more = [_upload(server.url, seed) for seed in range(6, 10)]
+        assert [r.status_code for r in more] == [202] * 4, [r.text for r in more]
+        job_ids += [r.json()["jobs"][0]["id"] for r in more]
+
+        deadline = time.monotonic() + 30  # uvicorn's supervisor replaces the killed process
+        while time.monotonic() < deadline:
+            now = _api_processes(serve_pid)
+            if len(now) == 2 and api[0] not in now:
+                break
+            time.sleep(0.5)
+        assert len(now) == 2 and api[0] not in now, now
+        # The killed process's counts are kept (its file stays in the metrics directory).
+        assert _uploads_accepted(server.url) == 10.0
+
+        final = wait_for_jobs(client, job_ids, timeout=180)
+        assert {j["status"] for j in final.values()} == {"succeeded"}, final
+        # Jobs run once: the sweeper runs in the supervising process, not once per API process.
+        assert all(j["attempts"] == 1 for j in final.values()), final
