@@ -48,8 +48,12 @@ def _first_start_key(settings: Settings) -> str | None:
     return token
 
 
-def _die_with_parent() -> None:
-    # Linux: the embedded worker gets SIGTERM if `medcad serve` dies, even by SIGKILL.
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent dies, even by SIGKILL.
+
+    For the processes ``medcad serve`` starts (the embedded worker, the API processes), so
+    that none outlives it holding the port or the queue.
+    """
     import ctypes
 
     try:
@@ -61,7 +65,7 @@ def _die_with_parent() -> None:
 def _spawn_worker() -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker", "--no-sweeper"],
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
 
 

@@ -40,6 +40,14 @@ def _api_processes(serve_pid: int) -> list[int]:
     return found
 
 
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
 def _upload(url: str, seed: int) -> httpx.Response:
     blobs, _ = bright_disc_series(n=1, seed=seed)
     with httpx.Client(base_url=url, timeout=60) as fresh:  # a new connection per request
@@ -98,3 +106,10 @@ def test_two_api_processes_share_the_port_the_figures_and_survive_a_kill(
         assert {j["status"] for j in final.values()} == {"succeeded"}, final
         # Jobs run once: the sweeper runs in the supervising process, not once per API process.
         assert all(j["attempts"] == 1 for j in final.values()), final
+
+        # No API process outlives a SIGKILLed supervisor (holding the port).
+        os.kill(serve_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_running(p) for p in now):
+            time.sleep(0.2)
+        assert not any(_running(p) for p in now), now
