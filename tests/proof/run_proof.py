@@ -38,6 +38,9 @@ from tests.reliability.outcome import Outcome  # noqa: E402
 # a wide table in logs and CI output too (rich falls back to 80 columns without a terminal)
 console = Console(width=None if sys.stdout.isatty() else 150)
 
+# The load scenarios' API runs as docker-compose.yml runs it: two processes on one port.
+LOAD_API_PROCESSES = 2
+
 # Full sizes (catalogue) and bounded sizes (make test), per scenario.
 FULL = {
     "Q1": {"n_jobs": 200, "child_kills": 10, "worker_kills": 2, "interval": 15.0},
@@ -65,7 +68,7 @@ FULL = {
     "S9": {"n_uploads": 60, "threads": 6},
     "S10": {"n": 10},
     "L": {"seconds": 30.0, "concurrency": 8},
-    "L1": {"rates": (10.0, 25.0, 50.0, 75.0), "seconds": 60.0},
+    "L1": {"rates": (10.0, 25.0, 50.0, 75.0), "seconds": 60.0, "api_processes": LOAD_API_PROCESSES},
     "L2": {"seconds": 600.0},
     "L3": {"seconds": 1800.0, "fraction": 0.7},
     "L4": {"uploads": 500, "clients": 16, "queue_limit": 40},
@@ -94,7 +97,7 @@ QUICK = {
     "S9": {"n_uploads": 8, "threads": 4},
     "S10": {"n": 10},
     "L": {"seconds": 8.0, "concurrency": 4},
-    "L1": {"rates": (5.0, 10.0), "seconds": 3.0, "senders": 6},
+    "L1": {"rates": (5.0, 10.0), "seconds": 3.0, "senders": 6, "api_processes": LOAD_API_PROCESSES},
     "L2": {"seconds": 30.0},
     "L3": {"seconds": 45.0, "fraction": 0.7},
     "L4": {"uploads": 60, "clients": 8, "queue_limit": 10},
@@ -305,7 +308,9 @@ def load_scenarios(root: Path, models: Path, sizes: dict, wanted: set[str]) -> l
     if not wanted & {"L2", "L3", "L4", "L5", "L6"}:
         return []
     results: list[Outcome] = []
-    with q.production_stack(root / "load", models, resend_after=20) as ps:
+    with q.production_stack(
+        root / "load", models, resend_after=20, api_processes=LOAD_API_PROCESSES
+    ) as ps:
         if "L5" in wanted:
             results.append(
                 _guard(

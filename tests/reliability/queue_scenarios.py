@@ -126,8 +126,13 @@ def production_stack(
     concurrency: int = 2,
     resend_after: float = 5,
     log_level: str = "WARNING",
+    api_processes: int = 1,
 ) -> Iterator[ProdStack]:
-    """Start the whole deployment; stop everything on exit."""
+    """Start the whole deployment; stop everything on exit.
+
+    ``api_processes`` > 1 serves the API from that many processes, as docker-compose.yml does
+    (the fault scenarios keep one: their crash points end *the* API process).
+    """
     with (
         postgres_cluster() as cluster,
         redis_server(root / "redis", persistent=True) as redis,
@@ -142,6 +147,7 @@ def production_stack(
             MEDCAD_BROKER_URL=redis.url,
             MEDCAD_QUEUED_RESEND_AFTER_SECONDS=str(resend_after),
             MEDCAD_LOG_LEVEL=log_level,
+            MEDCAD_API_PROCESSES=str(api_processes),
         ) as s:
             pythonpath = os.pathsep.join(
                 p for p in (str(POISON_HOOK), s.env.get("PYTHONPATH", "")) if p

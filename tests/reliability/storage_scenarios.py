@@ -1007,13 +1007,16 @@ def run_ingest_steps(
     image_size: int = 512,
     target_rate: float = 50.0,
     database_url: str | None = None,
+    api_processes: int = 1,
 ) -> Outcome:
     """L1: uploads offered at each of ``rates`` per second for ``seconds`` (a fixed schedule:
-    slow answers do not slow the offered rate) to ``medcad serve --no-worker``; per step the
+    slow answers do not slow the offered rate) to ``medcad serve --no-worker`` with
+    ``api_processes`` API processes; per step the
     achieved rate, latency percentiles and 5xx; the knee is the highest step still served
     (≥ 99 % of the offered uploads acknowledged with p99 < 300 ms)."""
     out = Outcome("L1", "ingest at stepped offered rates")
     env = {"MEDCAD_DATABASE_URL": database_url} if database_url else {}
+    env["MEDCAD_API_PROCESSES"] = str(api_processes)
     template = _Renamer(make_instances(1, image_size, seed=31000)[0])
     steps: list[dict[str, Any]] = []
     counter = iter(range(10**9))
@@ -1032,7 +1035,8 @@ def run_ingest_steps(
     served = [st["offered_per_s"] for st in steps if st["served"]]
     at_target = next((st for st in steps if st["offered_per_s"] == target_rate), None)
     out.figures.update(
-        shape="serve --no-worker, " + ("PostgreSQL" if database_url else "SQLite"),
+        shape=f"serve --no-worker --api-processes {api_processes}, "
+        + ("PostgreSQL" if database_url else "SQLite"),
         body_kib=round(len(template.data) / 1024),
         seconds_per_step=seconds,
         senders=senders,

@@ -69,10 +69,13 @@ def test_s7_disk_full_answers_507_and_stores_nothing(tmp_path: Path, tiny_models
 def test_l1_stepped_ingest_answers_every_step_without_5xx(
     tmp_path: Path, tiny_models_dir: Path
 ) -> None:
-    """L1, bounded: two short steps on SQLite; the byte-renamed uploads are all distinct."""
+    """L1, bounded: two short steps on SQLite served by two API processes (as the proof
+    runs it); the byte-renamed uploads are all distinct."""
     outcome = run_ingest_steps(
-        tmp_path, tiny_models_dir, rates=(5.0, 10.0), seconds=3.0, senders=6, image_size=256
-    )
+        tmp_path, tiny_models_dir, rates=(5.0, 10.0), seconds=3.0, senders=6, image_size=256,
+        api_processes=2,
+    )  # fmt: skip
+    assert "--api-processes 2" in outcome.figures["shape"]
     print(outcome.summary)
     assert outcome.passed, outcome.report()
     steps = outcome.figures["steps"]
