@@ -727,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
         "--min-evidence",
         type=float,
         default=None,
-        help="classifier: least summed evidence target of a nodule slice (small cross-sections)",
+        help="classifier: least summed evidence target of a nodule slice; experimental: it did "
+        "not help the small cross-sections (models/README.md)",
     )
     p.add_argument("--out", type=Path, default=None, help="checkpoint folder")
     args = p.parse_args(argv)
