@@ -14,6 +14,10 @@ from typing import Any
 
 from app.settings import Settings, get_settings
 
+#: Set by ``medcad serve --api-processes N`` for its API processes: the supervisor's pid (process
+#: plumbing, not a setting: hence no ``MEDCAD_`` prefix).
+SUPERVISOR_PID_VARIABLE = "_MEDCAD_SUPERVISOR_PID"
+
 
 def _prepare(settings: Settings) -> None:
     from app.logging_setup import configure_logging
@@ -48,18 +52,22 @@ def _first_start_key(settings: Settings) -> str | None:
     return token
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent_pid: int | None = None) -> None:
     """Linux: this process gets SIGTERM when its parent dies, even by SIGKILL.
 
     For the processes ``medcad serve`` starts (the embedded worker, the API processes), so
-    that none outlives it holding the port or the queue.
+    that none outlives it holding the port or the queue. A parent that died before the request
+    took effect would never send the signal, so when ``parent_pid`` is given and is no longer
+    the parent, this process ends itself at once.
     """
     import ctypes
 
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
-        pass
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _spawn_worker() -> subprocess.Popen[bytes]:
@@ -143,6 +151,7 @@ def _serve_processes(settings: Settings, host: str, port: int, processes: int) -
     from app.main import seed_admin_key
 
     seed_admin_key(settings)
+    os.environ[SUPERVISOR_PID_VARIABLE] = str(os.getpid())  # see die_with_parent
     metrics_dir = tempfile.mkdtemp(prefix="medcad-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by each process at start
     sweeper = start_sweeper(settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from tests.fixtures.dicom_files import bright_disc_series
 from tests.helpers.services import ADMIN_KEY, medcad_deployment, wait_for_jobs
 
 pytestmark = pytest.mark.slow
+
+HEADER_TIMEOUT = 2.0
 
 
 def _children(pid: int) -> list[int]:
@@ -74,7 +77,12 @@ def test_two_api_processes_share_the_port_the_figures_and_survive_a_kill(
     tmp_path: Path, tiny_models_dir: Path
 ) -> None:
     with (
-        medcad_deployment(tmp_path, tiny_models_dir, MEDCAD_API_PROCESSES="2") as server,
+        medcad_deployment(
+            tmp_path,
+            tiny_models_dir,
+            MEDCAD_API_PROCESSES="2",
+            MEDCAD_HTTP_HEADER_TIMEOUT_SECONDS=str(HEADER_TIMEOUT),
+        ) as server,
         server.client() as client,
     ):
         serve_pid = server.procs[0].pid
@@ -86,6 +94,16 @@ def test_two_api_processes_share_the_port_the_figures_and_survive_a_kill(
         job_ids = [r.json()["jobs"][0]["id"] for r in responses]
         # Each scrape may land on either process; each must count all six uploads.
         assert [_uploads_accepted(server.url) for _ in range(6)] == [6.0] * 6
+
+        # Every process keeps the configured header deadline (slowloris guard).
+        host, port = server.url.removeprefix("http://").split(":")
+        for _ in range(4):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.settimeout(10)
+                started = time.monotonic()
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: medcad\r\nX-Slow: ")
+                assert s.recv(1024) == b""  # closed by the server, no answer
+                assert HEADER_TIMEOUT - 0.5 < time.monotonic() - started < HEADER_TIMEOUT + 3
 
         os.kill(api[0], signal.SIGKILL)
         more = [_upload(server.url, seed) for seed in range(6, 10)]
@@ -107,9 +125,21 @@ def test_two_api_processes_share_the_port_the_figures_and_survive_a_kill(
         # Jobs run once: the sweeper runs in the supervising process, not once per API process.
         assert all(j["attempts"] == 1 for j in final.values()), final
 
-        # No API process outlives a SIGKILLed supervisor (holding the port).
+        # No API process outlives a SIGKILLed supervisor (holding the port), not even one the
+        # supervisor was still starting: kill a process, then the supervisor as soon as the
+        # replacement exists (it is still importing, before it could ask to die with it).
+        before = _api_processes(serve_pid)
+        os.kill(before[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            starting = [p for p in _api_processes(serve_pid) if p not in before]
+            if starting:
+                break
+            time.sleep(0.02)
+        assert starting, "no replacement started"
         os.kill(serve_pid, signal.SIGKILL)
+        last = [*before, *starting]
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_running(p) for p in now):
+        while time.monotonic() < deadline and any(_running(p) for p in last):
             time.sleep(0.2)
-        assert not any(_running(p) for p in now), now
+        assert not any(_running(p) for p in last), last

@@ -2,7 +2,9 @@
 
 Runs the scenarios of ``tests/reliability`` at the sizes the reliability catalogue asks for
 (e.g. Q1: 200 jobs and 12 SIGKILLs), prints a table of every test with its figure, writes
-``proof.json`` at the repository root and exits non-zero if any scenario fails.
+``proof.json`` at the repository root and exits 1 if any scenario fails, 2 if every check
+passed but a timing or throughput target of the catalogue was missed (those depend on the
+machine and its load; the table marks them "PASS, target missed").
 
     .venv/bin/python tests/proof/run_proof.py [--only Q1,S2] [--quick]
 
@@ -452,6 +454,8 @@ def print_table(results: list[Outcome]) -> None:
     table.add_column("time", justify="right")
     for out in results:
         result = "[green]PASS[/green]" if out.passed else "[red]FAIL[/red]"
+        if out.passed and out.targets_missed:
+            result = "[yellow]PASS, target missed[/yellow]"
         if "not applicable" in out.notes:
             result = "n/a"
         table.add_row(out.test, out.title, result, out.summary, f"{out.seconds:.0f} s")
@@ -483,19 +487,27 @@ def main(argv: list[str] | None = None) -> int:
     if wanted & {"S11", "Q12"}:
         results += [r for r in pytest_scenarios() if r.test in wanted]
     passed = all(r.passed for r in results)
+    missed = [f"{r.test}: {name}" for r in results for name in r.targets_missed]
     print_table(results + _not_applicable())
     report = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
         "passed": passed,
+        "targets_missed": missed,
         "seconds": round(time.monotonic() - started),
         "environment": _versions(),
         "results": [r.as_json() for r in results],
         "not_applicable": {k: {"title": t, "reason": r} for k, (t, r) in NOT_APPLICABLE.items()},
     }
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    console.print(f"{'all passed' if passed else 'FAILURES'}; report written to {args.out}")
-    return 0 if passed else 1
+    if not passed:
+        verdict = "FAILURES"
+    elif missed:
+        verdict = "every check passed, but targets were missed: " + "; ".join(missed)
+    else:
+        verdict = "all passed, every target met"
+    console.print(f"{verdict}; report written to {args.out}")
+    return 1 if not passed else 2 if missed else 0
 
 
 if __name__ == "__main__":

@@ -26,11 +26,26 @@ class Outcome:
     seconds: float = 0.0
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    targets: dict[str, bool] = field(default_factory=dict)
 
     def check(self, name: str, ok: bool) -> bool:
         """Record a named pass condition."""
         self.checks[name] = bool(ok)
         return bool(ok)
+
+    def target(self, name: str, ok: bool) -> bool:
+        """Record a timing or throughput target of the catalogue.
+
+        Targets depend on the machine's speed and load, so they do not decide ``passed`` (the
+        bounded tests in ``make test`` are not timed tests); ``make proof`` reports every
+        missed target and does not call a run with one "all passed".
+        """
+        self.targets[name] = bool(ok)
+        return bool(ok)
+
+    @property
+    def targets_missed(self) -> list[str]:
+        return [name for name, ok in self.targets.items() if not ok]
 
     @property
     def passed(self) -> bool:
@@ -57,6 +72,7 @@ class Outcome:
             "summary": self.summary,
             "figures": self.figures,
             "checks": self.checks,
+            "targets": self.targets,
             "seconds": round(self.seconds, 1),
             "error": self.error,
             "notes": self.notes,
