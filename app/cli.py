@@ -14,10 +14,6 @@ from typing import Any
 
 from app.settings import Settings, get_settings
 
-#: Set by ``medcad serve --api-processes N`` for its API processes: the supervisor's pid (process
-#: plumbing, not a setting: hence no ``MEDCAD_`` prefix).
-SUPERVISOR_PID_VARIABLE = "_MEDCAD_SUPERVISOR_PID"
-
 
 def _prepare(settings: Settings) -> None:
     from app.logging_setup import configure_logging
@@ -151,9 +147,11 @@ def _serve_processes(settings: Settings, host: str, port: int, processes: int) -
     from app.main import seed_admin_key
 
     seed_admin_key(settings)
-    os.environ[SUPERVISOR_PID_VARIABLE] = str(os.getpid())  # see die_with_parent
+    # Read by each API process at start: its supervisor (see die_with_parent; it also means
+    # multiprocess metrics) and prometheus_client's directory for the counters.
+    os.environ["MEDCAD_API_SUPERVISOR_PID"] = str(os.getpid())
     metrics_dir = tempfile.mkdtemp(prefix="medcad-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by each process at start
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     sweeper = start_sweeper(settings)
     try:
         uvicorn.run(

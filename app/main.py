@@ -105,14 +105,11 @@ def create_process_app() -> FastAPI:
     configured from the settings here; migrations, the admin key and the sweeper are the
     supervising ``medcad serve`` process's, done once before the processes start.
     """
-    import os
-
-    from app.cli import SUPERVISOR_PID_VARIABLE, die_with_parent
+    from app.cli import die_with_parent
     from app.logging_setup import configure_logging
 
-    supervisor = os.environ.get(SUPERVISOR_PID_VARIABLE)
-    die_with_parent(int(supervisor) if supervisor else None)
     settings = get_settings()
+    die_with_parent(settings.api_supervisor_pid)
     configure_logging(settings.log_level, settings.log_json)
     return create_app(settings, run_sweeper=False)
 

@@ -9,7 +9,6 @@ worker needs a port of its own.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -21,6 +20,7 @@ from sqlalchemy import func, select
 
 from app.db.records import JobRecord, JobStatus
 from app.db.session import session_scope
+from app.settings import get_settings
 
 UPLOADS = Counter("medcad_uploads_total", "Upload requests", ["outcome"])
 FILES = Counter("medcad_files_total", "Uploaded files by outcome", ["outcome"])
@@ -121,10 +121,11 @@ _JOBS_REGISTRY.register(JobsCollector())
 def exposition() -> bytes:
     """The text a scrape of ``/metrics`` answers.
 
-    With several API processes (``PROMETHEUS_MULTIPROC_DIR`` set by ``medcad serve``) the
-    counters are the sums over all of them, whichever process answers the scrape.
+    With several API processes (under a ``medcad serve`` supervisor, which gives
+    prometheus_client its multiprocess directory) the counters are the sums over all of them,
+    whichever process answers the scrape.
     """
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if get_settings().api_supervisor_pid is not None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         own = generate_latest(registry)

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
 
     # API
     api_processes: int = Field(default=1, ge=1)  # `medcad serve` processes sharing the port
+    # Not a user setting: `medcad serve --api-processes N` tells its API processes its pid
+    api_supervisor_pid: int | None = None
     cors_origins: list[str] = Field(default_factory=list)
     log_level: str = "INFO"
     log_json: bool = True
