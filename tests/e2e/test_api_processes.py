@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -61,6 +62,16 @@ def _upload(url: str, seed: int) -> httpx.Response:
         )
 
 
+def _counting_processes(api_pid: int) -> set[int]:
+    """Pids with a counter file in the API processes' shared metrics directory: the processes
+    that have counted something (prometheus_client creates a process's file on its first count)."""
+    environ = Path(f"/proc/{api_pid}/environ").read_bytes().split(b"\0")
+    folder = next(
+        v.split(b"=", 1)[1] for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")
+    )
+    return {int(f.stem.rsplit("_", 1)[1]) for f in Path(folder.decode()).glob("counter_*.db")}
+
+
 def _uploads_accepted(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     for family in text_string_to_metric_families(text):
@@ -89,8 +100,10 @@ def test_two_api_processes_share_the_port_the_figures_and_survive_a_kill(
         api = _api_processes(serve_pid)
         assert len(api) == 2, api
 
-        responses = [_upload(server.url, seed) for seed in range(6)]
+        with ThreadPoolExecutor(3) as pool:  # at once, so that both processes get some
+            responses = list(pool.map(lambda seed: _upload(server.url, seed), range(6)))
         assert [r.status_code for r in responses] == [202] * 6, [r.text for r in responses]
+        assert _counting_processes(api[0]) == set(api)  # both served uploads
         job_ids = [r.json()["jobs"][0]["id"] for r in responses]
         # Each scrape may land on either process; each must count all six uploads.
         assert [_uploads_accepted(server.url) for _ in range(6)] == [6.0] * 6

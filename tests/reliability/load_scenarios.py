@@ -23,7 +23,7 @@ import httpx
 
 from app.jobs.scrubber import ScrubReport
 from tests.helpers import wrk
-from tests.reliability.harness import percentile, wait_terminal
+from tests.reliability.harness import children, percentile, wait_terminal
 from tests.reliability.outcome import Outcome, timed
 from tests.reliability.queue_scenarios import (
     SIZE,
@@ -285,12 +285,14 @@ def _fds(pid: int) -> int:
 
 
 def _process_sample(ps: ProdStack) -> dict[str, float]:
-    """RSS (MiB) and open fds of the API and the worker's main process."""
+    """RSS (MiB) and open fds of the API (``medcad serve`` and its API processes, summed) and
+    of the worker's main process."""
     api = ps.stack.api.pid if ps.stack.api is not None else 0
     worker = ps.worker.pid if ps.worker is not None else 0
+    api_tree = [api, *children(api)] if api else [0]
     return {
-        "api_rss_mib": _rss_mib(api),
-        "api_fds": _fds(api),
+        "api_rss_mib": sum(_rss_mib(p) for p in api_tree),
+        "api_fds": sum(_fds(p) for p in api_tree),
         "worker_rss_mib": _rss_mib(worker),
         "worker_fds": _fds(worker),
     }
