@@ -85,7 +85,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Migrate, start the embedded worker (unless --no-worker) and serve the API."""
     import uvicorn
 
-    from app.http_guard import header_deadline_protocol
     from app.main import create_app
 
     settings = get_settings()
@@ -104,20 +103,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         holder.append(_spawn_worker())
         threading.Thread(target=_supervise, args=(holder, stop), daemon=True).start()
     processes = args.api_processes or settings.api_processes
+    options = {
+        "host": args.host,
+        "port": args.port,
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": 5,
+        # slowloris: uvicorn alone never times out a request whose headers do not finish
+        "http": "app.http_guard:ConfiguredHeaderDeadlineProtocol",
+    }
     try:
         if processes > 1:
-            _serve_processes(settings, args.host, args.port, processes)
+            _serve_processes(settings, processes, options)
         else:
-            uvicorn.run(
-                create_app(settings, run_sweeper=True),
-                host=args.host,
-                port=args.port,
-                log_config=None,
-                access_log=False,
-                timeout_graceful_shutdown=5,
-                # slowloris: uvicorn alone never times out a request whose headers do not finish
-                http=header_deadline_protocol(settings.http_header_timeout_seconds),
-            )
+            uvicorn.run(create_app(settings, run_sweeper=True), **options)
     finally:
         stop.set()
         for proc in holder:
@@ -129,8 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_processes(settings: Settings, host: str, port: int, processes: int) -> None:
-    """Serve the API from ``processes`` processes on one listening socket.
+def _serve_processes(settings: Settings, processes: int, options: dict[str, Any]) -> None:
+    """Serve the API from ``processes`` processes on one listening socket (uvicorn ``options``).
 
     uvicorn's supervisor starts them, replaces any that dies or stops answering its health
     check, and stops them on SIGTERM/SIGINT. This process runs the sweeper (once, not once per
@@ -154,17 +153,7 @@ def _serve_processes(settings: Settings, host: str, port: int, processes: int) -
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     sweeper = start_sweeper(settings)
     try:
-        uvicorn.run(
-            "app.main:create_process_app",
-            factory=True,
-            workers=processes,
-            host=host,
-            port=port,
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=5,
-            http="app.http_guard:ConfiguredHeaderDeadlineProtocol",
-        )
+        uvicorn.run("app.main:create_process_app", factory=True, workers=processes, **options)
     finally:
         sweeper.set()
         shutil.rmtree(metrics_dir, ignore_errors=True)

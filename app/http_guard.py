@@ -11,7 +11,7 @@
 * Slow headers (slowloris): uvicorn bounds the wait *between* requests on a keep-alive
   connection but not the wait for a request's headers, so a client that connects and never
   finishes its headers holds a connection (and a file descriptor) forever.
-  :func:`header_deadline_protocol` gives each request's headers a deadline
+  :class:`ConfiguredHeaderDeadlineProtocol` gives each request's headers a deadline
   (``http_header_timeout_seconds``).
 
 Behind a reverse proxy the same limits belong there too (nginx ``client_max_body_size``,
@@ -210,15 +210,11 @@ class HeaderDeadlineProtocol(H11Protocol):
 class ConfiguredHeaderDeadlineProtocol(HeaderDeadlineProtocol):
     """The deadline of ``MEDCAD_HTTP_HEADER_TIMEOUT_SECONDS``, importable by name.
 
-    Several API processes get their protocol class by import string
-    (``app.http_guard:ConfiguredHeaderDeadlineProtocol``), so it reads the setting itself.
+    ``medcad serve`` names it to uvicorn by import string
+    (``app.http_guard:ConfiguredHeaderDeadlineProtocol``), which each API process resolves on
+    its own, so it reads the setting itself.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = get_settings().http_header_timeout_seconds
-
-
-def header_deadline_protocol(timeout: float) -> type[HeaderDeadlineProtocol]:
-    """The protocol class to pass to ``uvicorn.run(http=...)`` with this header deadline."""
-    return type("MedcadH11Protocol", (HeaderDeadlineProtocol,), {"header_timeout": timeout})

@@ -20,21 +20,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.dicom_files import bright_disc_series
 from tests.helpers.services import ADMIN_KEY, medcad_deployment, wait_for_jobs
+from tests.reliability.harness import children, pid_alive
 
 pytestmark = pytest.mark.slow
 
 HEADER_TIMEOUT = 2.0
 
 
-def _children(pid: int) -> list[int]:
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(c) for c in text.split()]
-
-
 def _api_processes(serve_pid: int) -> list[int]:
     """uvicorn's API processes: the spawned children of ``medcad serve``."""
     found = []
-    for child in _children(serve_pid):
+    for child in children(serve_pid):
         try:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except FileNotFoundError:
@@ -42,14 +38,6 @@ def _api_processes(serve_pid: int) -> list[int]:
         if b"multiprocessing.spawn" in cmdline:
             found.append(child)
     return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 def _upload(url: str, seed: int) -> httpx.Response:
@@ -153,6 +141,6 @@ def test_two_api_processes_share_the_port_the_figures_and_survive_a_kill(
         os.kill(serve_pid, signal.SIGKILL)
         last = [*before, *starting]
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_running(p) for p in last):
+        while time.monotonic() < deadline and any(pid_alive(p) for p in last):
             time.sleep(0.2)
-        assert not any(_running(p) for p in last), last
+        assert not any(pid_alive(p) for p in last), last
