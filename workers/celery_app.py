@@ -17,6 +17,7 @@ from app.jobs.sweeper import start_sweeper
 from app.logging_setup import configure_logging
 from app.queue import make_celery
 from app.settings import get_settings
+from workers.warmup import warm_output_path
 
 celery_app = make_celery(get_settings())
 celery_app.conf.update(
@@ -109,5 +110,6 @@ def _after_fork(**_kwargs: Any) -> None:
 def _on_worker_start(**_kwargs: Any) -> None:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    warm_output_path()  # before the pool forks: every child, and every replacement, inherits it
     if settings.worker_sweeper:
         start_sweeper(settings)
