@@ -9,6 +9,13 @@ feature-pyramid step), so the evidence map has 128 × 128 positions: the cross-s
 nodule's first or last slice, a few pixels of the 256 × 256 input, then fills a cell of
 its own instead of sharing a stride-4 cell with the vessels around it.
 
+With ``input_scale=2`` the network takes the source 512 × 512 slice and folds each 2 × 2
+block of pixels into channels (space-to-depth, ONNX ``SpaceToDepth``-equivalent
+``PixelUnshuffle``) before the stem: the body and the evidence map keep the 256 × 256 grid
+and nearly the same cost, but the stem learns its own down-sampling instead of receiving
+the 2 × 2 area average, so a 1–4-pixel cross-section of the 256 grid (4–16 source pixels)
+reaches the network with its shape.
+
 The backbone ends in a one-channel, rectified **evidence** map (1 × 1 conv + ReLU), the class
 projection is a 1 × 1 conv on it, and ``cam_lowres = scale · project(evidence)``,
 ``logit = mean(cam_lowres) + bias``, exactly. The fixed ``scale`` (= number of map positions)
@@ -42,12 +49,20 @@ class NoduleClassifier(nn.Module):
         base: int = 16,
         input_size: int = 256,
         evidence_stride: int = 4,
+        input_scale: int = 1,
     ) -> None:
         super().__init__()
         if evidence_stride not in (2, 4):
             raise ValueError(f"evidence_stride must be 2 or 4, not {evidence_stride}")
+        if input_scale not in (1, 2):
+            raise ValueError(f"input_scale must be 1 or 2, not {input_scale}")
         self.evidence_stride = evidence_stride
-        self.stem = conv_block(in_channels, base)  # stride 1
+        self.input_scale = input_scale
+        # ``input_size`` is the label grid (256); the input is ``input_scale`` times finer.
+        self.unshuffle: nn.Module = (
+            nn.PixelUnshuffle(input_scale) if input_scale > 1 else nn.Identity()
+        )
+        self.stem = conv_block(in_channels * input_scale**2, base)  # stride 1 on the label grid
         self.stage2 = conv_block(base, base * 2)  # stride 2
         self.stage3 = conv_block(base * 2, base * 4)  # stride 4
         self.context = nn.Sequential(  # stride 4, dilated: receptive field ~ 60 px
@@ -71,7 +86,7 @@ class NoduleClassifier(nn.Module):
         self.register_buffer("scale", torch.tensor(float(positions)), persistent=False)
 
     def cam_lowres(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.stem(x)
+        f = self.stem(self.unshuffle(x))
         s2 = self.stage2(self.pool(f))
         f = self.context(self.stage3(self.pool(s2)))
         if self.refine is not None:

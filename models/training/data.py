@@ -42,6 +42,22 @@ PREPROCESSING = Preprocessing(
 # The cached splits hold single slices; the context is stacked when batches are drawn.
 SLICE_PREPROCESSING = PREPROCESSING.model_copy(update={"context_slices": 0})
 
+
+def preprocessing_at(input_scale: int = 1) -> Preprocessing:
+    """``PREPROCESSING`` for a network whose input is ``input_scale`` × the label grid.
+
+    ``input_scale`` 2 is the source resolution of the phantoms (512 × 512): the network
+    takes the slice without the 2 × 2 area average, while its labels and evidence map stay
+    on the 256 × 256 grid (see ``classifier.NoduleClassifier``).
+    """
+    if input_scale == 1:
+        return PREPROCESSING
+    if input_scale != 2:
+        raise ValueError(f"input_scale must be 1 or 2, not {input_scale}")
+    h, w = PREPROCESSING.size
+    return PREPROCESSING.model_copy(update={"size": (h * input_scale, w * input_scale)})
+
+
 # Seeds of the splits: disjoint ranges, so no series is in two splits.
 SPLITS: dict[str, dict[str, int | tuple[int, int] | None]] = {
     "train": {"seed": 100_000, "series": 160, "slices": 32, "nodules": (1, 4)},
@@ -90,17 +106,22 @@ def make_series(split: str, index: int) -> PhantomSeries:
     return generate_series(seed, n_slices=n_slices, n_nodules=n_nodules)
 
 
-def _prepare_one(args: tuple[str, int]) -> dict[str, NDArray[np.generic]]:
-    split, index = args
+def _prepare_one(args: tuple[str, int, int]) -> dict[str, NDArray[np.generic]]:
+    split, index, input_scale = args
     s = make_series(split, index)
-    x = preprocess_frames(s.hu.astype(np.float32), SLICE_PREPROCESSING)[:, 0]
+    pre = preprocessing_at(input_scale).model_copy(update={"context_slices": 0})
+    x = preprocess_frames(s.hu.astype(np.float32), pre)[:, 0]
     y = labels_to_grid(s.labels, PREPROCESSING.size)
     return {"x": x.astype(np.float16), "y": y}
 
 
 @dataclass
 class Split:
-    """Preprocessed slices of a split: ``x`` float16 (S, 256, 256), ``y`` uint8, ``series`` int."""
+    """Preprocessed slices of a split: ``x`` float16 (S, 256, 256), ``y`` uint8, ``series`` int.
+
+    ``x`` may be on a finer grid than ``y`` (``load_split(input_scale=2)``: 512 × 512 inputs,
+    256 × 256 labels); ``input_scale`` is the ratio.
+    """
 
     x: NDArray[np.float16]
     y: NDArray[np.uint8]
@@ -112,6 +133,11 @@ class Split:
         if k not in self._context:
             self._context[k] = context_index(self.series, k)
         return self._context[k]
+
+    @property
+    def input_scale(self) -> int:
+        """How many input pixels per label pixel along each axis (1 or 2)."""
+        return int(self.x.shape[-1] // self.y.shape[-1])
 
 
 def context_index(series: NDArray[np.int32], context: int) -> NDArray[np.int64]:
@@ -139,17 +165,23 @@ def network_inputs(
     return np.ascontiguousarray(data.x[index], dtype=np.float32)
 
 
-def load_split(split: str, *, workers: int = 2, log: bool = True) -> Split:
-    """Build (or load from the cache) the preprocessed slices of a split."""
+def load_split(split: str, *, workers: int = 2, log: bool = True, input_scale: int = 1) -> Split:
+    """Build (or load from the cache) the preprocessed slices of a split.
+
+    With ``input_scale`` 2 the inputs keep the source 512 × 512 grid (``preprocessing_at``);
+    the labels are on the 256 × 256 grid either way.
+    """
+    preprocessing_at(input_scale)  # validates
     cfg = SPLITS[split]
     n = cfg["series"]
     assert isinstance(n, int)
-    path = CACHE_DIR / "data" / f"{split}_{cfg['seed']}_{n}.npz"
+    grid = "" if input_scale == 1 else f"_x{input_scale}"
+    path = CACHE_DIR / "data" / f"{split}_{cfg['seed']}_{n}{grid}.npz"
     if path.exists():
         with np.load(path) as z:
             return Split(z["x"], z["y"], z["series"])
     t0 = time.time()
-    jobs = [(split, i) for i in range(n)]
+    jobs = [(split, i, input_scale) for i in range(n)]
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
             parts = pool.map(_prepare_one, jobs, chunksize=1)

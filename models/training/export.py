@@ -104,7 +104,13 @@ def load_trained(name: str, checkpoints: Path = CHECKPOINTS) -> tuple[nn.Module,
             f"{name} checkpoint takes {in_channels} input channels, the preprocessing gives "
             f"{PREPROCESSING.channels}: retrain it"
         )
-    net = build_model(name, int(ckpt["base"]), in_channels, int(ckpt.get("evidence_stride") or 4))
+    net = build_model(
+        name,
+        int(ckpt["base"]),
+        in_channels,
+        int(ckpt.get("evidence_stride") or 4),
+        int(ckpt.get("input_scale") or 1),
+    )
     net.load_state_dict(ckpt["state_dict"])
     net.eval()
     return net, dict(ckpt["log"])

@@ -77,7 +77,10 @@ VAL_EVERY_SECONDS = 300.0  # classifier: progress probe on every 8th validation 
 
 
 def classifier_recipe(
-    lesion_sampling: bool = False, evidence_stride: int = 4, min_evidence: float | None = None
+    lesion_sampling: bool = False,
+    evidence_stride: int = 4,
+    min_evidence: float | None = None,
+    input_scale: int = 1,
 ) -> str:
     """One-paragraph description of the classifier's training recipe (for the model card)."""
     drawn = (
@@ -97,8 +100,15 @@ def classifier_recipe(
         if min_evidence
         else ""
     )
+    source = (
+        f" (inputs at the source {256 * input_scale} × {256 * input_scale} resolution, folded "
+        f"{input_scale} × {input_scale} into channels before the stem; crop sides count "
+        "label-grid pixels)"
+        if input_scale > 1
+        else ""
+    )
     return (
-        f"{phases}, then whole 256 × 256 slices (batch {CLS_FULL_BATCH}, drawn uniformly: the "
+        f"{phases}{source}, then whole 256 × 256 slices (batch {CLS_FULL_BATCH}, drawn uniformly: the "
         f"natural share of nodule slices); crops {CLS_NODULE_FRACTION:.0%} centred on a nodule "
         f"pixel of {drawn}, "
         f"{CLS_LUNG_FRACTION:.0%} centred on a random lung pixel (vessels are the hard "
@@ -114,14 +124,25 @@ def classifier_recipe(
 
 
 def build_model(
-    name: str, base: int, in_channels: int = PREPROCESSING.channels, evidence_stride: int = 4
+    name: str,
+    base: int,
+    in_channels: int = PREPROCESSING.channels,
+    evidence_stride: int = 4,
+    input_scale: int = 1,
 ) -> nn.Module:
+    if name != "classifier" and input_scale != 1:
+        raise ValueError(f"{name} takes inputs on the label grid (input_scale 1)")
     if name == "unet":
         return UNet(in_channels=in_channels, base=base)
     if name == "segnet":
         return SegNet(in_channels=in_channels, base=base)
     if name == "classifier":
-        return NoduleClassifier(in_channels=in_channels, base=base, evidence_stride=evidence_stride)
+        return NoduleClassifier(
+            in_channels=in_channels,
+            base=base,
+            evidence_stride=evidence_stride,
+            input_scale=input_scale,
+        )
     raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
 
 
@@ -140,6 +161,9 @@ class CropSampler:
     of the nodule label within its series), then one of its slices: a 7 mm nodule on two
     slices is drawn as often as a 25 mm one on ten. ``lung_fraction`` of the crops are centred on a random lung pixel, where
     the vessels that look like nodules are; the rest are placed uniformly.
+
+    Crops are placed on the label grid; when the inputs are finer (``Split.input_scale``), the
+    input crop covers the same area at that resolution (``crop · input_scale`` pixels a side).
     """
 
     def __init__(
@@ -167,7 +191,8 @@ class CropSampler:
             nod[:, 0], return_index=True, return_counts=True
         )
         self.lung_pixels = np.argwhere(data.y == 1) if lung_fraction > 0 else np.zeros((0, 3))
-        self.n, self.h, self.w = data.x.shape
+        self.n, self.h, self.w = data.y.shape
+        self.scale = data.input_scale
         self.lesion_slices: list[np.ndarray] = lesion_slices(data) if per_lesion else []
 
     def _nodule_pixel(self) -> np.ndarray:
@@ -206,7 +231,8 @@ class CropSampler:
         return x
 
     def batch(self, size: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xs = np.empty((size, 2 * self.context + 1, crop, crop), np.float32)
+        side = crop * self.scale
+        xs = np.empty((size, 2 * self.context + 1, side, side), np.float32)
         ys = np.empty((size, crop, crop), np.int64)
         for i in range(size):
             u = self.rng.random()
@@ -222,7 +248,9 @@ class CropSampler:
                 s = self.rng.integers(self.n)
                 r0 = int(self.rng.integers(0, self.h - crop + 1))
                 c0 = int(self.rng.integers(0, self.w - crop + 1))
-            x = self.data.x[self.ctx[s], r0 : r0 + crop, c0 : c0 + crop].astype(np.float32)
+            f = self.scale
+            rows, cols = slice(f * r0, f * (r0 + crop)), slice(f * c0, f * (c0 + crop))
+            x = self.data.x[self.ctx[s], rows, cols].astype(np.float32)
             y = self.data.y[s, r0 : r0 + crop, c0 : c0 + crop]
             if self.rng.random() < 0.5:  # left-right mirror: anatomy is nearly symmetric
                 x, y = x[..., ::-1], y[:, ::-1]
@@ -378,7 +406,8 @@ def cls_val_pointing(
     for i in range(0, len(pos), batch):
         j = pos[i : i + batch]
         x = torch.from_numpy(network_inputs(data, j))
-        cam = F.interpolate(net(x)[1], size=x.shape[-2:], mode="bilinear", align_corners=False)
+        grid = data.y.shape[-2:]  # the label grid (the input may be finer)
+        cam = F.interpolate(net(x)[1], size=grid, mode="bilinear", align_corners=False)
         flat = cam.flatten(1).argmax(1).numpy()
         hits.extend((data.y[j].reshape(len(j), -1)[np.arange(len(j)), flat] == 2).tolist())
     net.train()
@@ -440,6 +469,7 @@ def train(
     ema: float | None = None,
     base: int | None = None,
     min_evidence: float | None = None,
+    input_scale: int | None = None,
 ) -> dict[str, Any]:
     """Train ``name`` within a wall-clock budget; save ``<out>/<name>.pt`` and a JSON log.
 
@@ -452,7 +482,8 @@ def train(
     nodule class; ``evidence_stride`` (classifier, 2 or 4) the stride of its evidence map;
     ``base`` the channel width of the first stage (the model's default when None);
     ``min_evidence`` (classifier) the least summed evidence target of a nodule slice (see
-    ``cls_loss``).
+    ``cls_loss``); ``input_scale`` (classifier, 1 or 2) how much finer than the 256 × 256
+    label grid its input is (2: the source 512 × 512 slices, see ``NoduleClassifier``).
     With ``ema`` (a decay, e.g. 0.999) the saved weights are the exponential moving average
     of the weights over the steps (Polyak averaging) instead of the last step's; BatchNorm
     statistics are then re-estimated for the averaged weights.
@@ -470,6 +501,7 @@ def train(
     else:
         if evidence_stride is not None:
             cfg["evidence_stride"] = evidence_stride
+        cfg["input_scale"] = input_scale or 1
         if min_evidence is not None:
             if min_evidence <= 0:
                 raise ValueError(f"min_evidence must be > 0, got {min_evidence}")
@@ -485,8 +517,15 @@ def train(
         cfg["base"] = int(ckpt["base"])  # the checkpoint's width wins
         if name == "classifier":  # the checkpoint's architecture wins
             cfg["evidence_stride"] = int(ckpt.get("evidence_stride") or 4)
+            cfg["input_scale"] = int(ckpt.get("input_scale") or 1)
     torch.manual_seed(seed)  # the initial weights come from the seed too
-    net = build_model(name, cfg["base"], evidence_stride=int(cfg.get("evidence_stride", 4)))
+    scale = int(cfg.get("input_scale", 1))
+    net = build_model(
+        name,
+        cfg["base"],
+        evidence_stride=int(cfg.get("evidence_stride", 4)),
+        input_scale=scale,
+    )
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=1e-4)
     if ckpt is not None:
         net.load_state_dict(ckpt["state_dict"])
@@ -497,8 +536,10 @@ def train(
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
-    data = data if data is not None else load_split("train")
-    val = val if val is not None else load_split("val")
+    data = data if data is not None else load_split("train", input_scale=scale)
+    val = val if val is not None else load_split("val", input_scale=scale)
+    if data.input_scale != scale or val.input_scale != scale:
+        raise ValueError(f"the splits' inputs are not at input_scale {scale}")
     net.train()
     is_cls = name == "classifier"
     if is_cls:
@@ -564,7 +605,7 @@ def train(
                 x, y = sampler.batch(phase[1], phase[0])
         else:
             bsz = max(cfg["batch"] // 4, 2) if full else cfg["batch"]
-            x, y = sampler.batch(bsz, data.x.shape[1] if full else cfg["crop"])
+            x, y = sampler.batch(bsz, data.y.shape[1] if full else cfg["crop"])
         x = x.contiguous(memory_format=torch.channels_last)
         if is_cls:
             assert isinstance(net, NoduleClassifier)
@@ -615,6 +656,8 @@ def train(
         command += f" --base {cfg['base']}"
     if is_cls and cfg["evidence_stride"] != DEFAULTS["classifier"]["evidence_stride"]:
         command += f" --evidence-stride {cfg['evidence_stride']}"
+    if is_cls and scale != 1:
+        command += f" --input-scale {scale}"
     if is_cls and cfg.get("min_evidence"):
         command += f" --min-evidence {cfg['min_evidence']:g}"
     command += f" --out {out}" if out != CHECKPOINTS else ""
@@ -646,7 +689,7 @@ def train(
     }
     if is_cls:
         log["recipe"] = classifier_recipe(
-            lesion_sampling, int(cfg["evidence_stride"]), cfg.get("min_evidence")
+            lesion_sampling, int(cfg["evidence_stride"]), cfg.get("min_evidence"), scale
         )
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -655,6 +698,7 @@ def train(
             "optimizer": opt.state_dict(),
             "base": cfg["base"],
             "evidence_stride": cfg.get("evidence_stride"),
+            "input_scale": scale,
             "in_channels": PREPROCESSING.channels,
             "log": log,
         },
@@ -730,6 +774,13 @@ def main(argv: list[str] | None = None) -> int:
         help="classifier: least summed evidence target of a nodule slice; experimental: it did "
         "not help the small cross-sections (models/README.md)",
     )
+    p.add_argument(
+        "--input-scale",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="classifier: 2 takes the source 512 × 512 slices (space-to-depth stem)",
+    )
     p.add_argument("--out", type=Path, default=None, help="checkpoint folder")
     args = p.parse_args(argv)
     train(
@@ -746,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         ema=args.ema,
         base=args.base,
         min_evidence=args.min_evidence,
+        input_scale=args.input_scale,
         out=args.out,
     )
     return 0

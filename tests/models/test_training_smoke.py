@@ -179,3 +179,66 @@ def test_min_evidence_is_recorded_in_command_and_recipe(tiny: Split, tmp_path: P
     assert "raised to 6 / n" in log["recipe"]
     with pytest.raises(ValueError, match="min_evidence"):
         train("classifier", data=tiny, val=tiny, out=tmp_path, max_steps=1, min_evidence=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tiny: Split) -> Split:
+    """``tiny`` with its inputs at the source 512 × 512 resolution (labels on the 256 grid)."""
+    from models.training.data import preprocessing_at
+
+    pre = preprocessing_at(2).model_copy(update={"context_slices": 0})
+    xs = []
+    for seed in (8_000_001, 8_000_002):
+        s = generate_series(seed, n_slices=3, n_nodules=2, size_range_mm=(8.0, 16.0))
+        xs.append(preprocess_frames(s.hu.astype(np.float32), pre)[:, 0])
+    return Split(np.concatenate(xs).astype(np.float16), tiny.y, tiny.series)
+
+
+def test_source_resolution_crops_cover_the_label_crop(tiny: Split, tiny_source: Split) -> None:
+    """A 512-grid input crop, area-averaged 2 × 2, is the 256-grid crop of the same place."""
+    from models.training.train import CropSampler
+
+    assert tiny_source.input_scale == 2 and tiny.input_scale == 1
+    fine = CropSampler(tiny_source, np.random.default_rng(3), 0.5, per_slice=True)
+    coarse = CropSampler(tiny, np.random.default_rng(3), 0.5, per_slice=True)
+    for _ in range(3):  # same seed, same draws: the two samplers pick the same crops
+        xf, yf = fine.batch(4, 32)
+        xc, yc = coarse.batch(4, 32)
+        assert xf.shape == (4, PREPROCESSING.channels, 64, 64) and yf.shape == (4, 32, 32)
+        assert torch.equal(yf, yc)
+        pooled = torch.nn.functional.avg_pool2d(xf, 2)
+        assert float((pooled - xc).abs().max()) < 2e-3  # float16 storage of both grids
+    xs, ys = fine.whole_slices(2)
+    assert xs.shape[-1] == 512 and ys.shape[-1] == 256
+
+
+def test_source_resolution_classifier_trains_resumes_and_exports(
+    tiny: Split, tiny_source: Split, tmp_path: Path
+) -> None:
+    from models.training.export import load_trained
+
+    log = train(
+        "classifier", minutes=5.0, seed=0, threads=1, data=tiny_source, val=tiny_source,
+        out=tmp_path, max_steps=2, log_every=1, input_scale=2,
+    )  # fmt: skip
+    assert log["config"]["input_scale"] == 2 and "--input-scale 2" in log["commands"][0]
+    assert "512 × 512 resolution" in log["recipe"]
+    assert 0.0 <= log["validation"]["pointing_game_nodule_slices"] <= 1.0
+    resumed = train(
+        "classifier", minutes=5.0, threads=1, data=tiny_source, val=tiny_source, out=tmp_path,
+        max_steps=1, log_every=1, resume=True,
+    )  # fmt: skip
+    assert resumed["config"]["input_scale"] == 2 and resumed["steps"] == 3
+    net, _ = load_trained("classifier", tmp_path)
+    assert net.input_scale == 2
+    cam = net.cam_lowres(torch.zeros(1, PREPROCESSING.channels, 512, 512))
+    assert cam.shape[-1] == 64  # the evidence map stays on the label grid, stride 4
+    with pytest.raises(ValueError, match="input_scale"):
+        train("classifier", data=tiny, val=tiny, out=tmp_path / "bad", max_steps=1, input_scale=2)
+
+
+def test_only_the_classifier_takes_source_resolution() -> None:
+    from models.training.train import build_model
+
+    with pytest.raises(ValueError, match="label grid"):
+        build_model("unet", 8, input_scale=2)
