@@ -41,6 +41,7 @@ def _metric_rows(metrics: dict[str, Any]) -> list[str]:
 
 def render_card(manifest: Manifest) -> str:
     p = manifest.provenance
+    h, w = manifest.preprocessing.size
     arch = p.get("architecture", {})
     tr = p.get("training", {})
     ex = p.get("export", {})
@@ -183,7 +184,8 @@ def render_card(manifest: Manifest) -> str:
         f"tolerance {par.get('within_tolerance_fraction')}"
         + (f", argmax agreement {par['argmax_agreement']}" if "argmax_agreement" in par else "")
         + ").",
-        f"- onnxruntime latency, 1 × 256 × 256, 1 thread: {p.get('latency_ms_1x256_1thread')} ms "
+        f"- onnxruntime latency, 1 × {h} × {w}, 1 thread: "
+        f"{p.get(f'latency_ms_1x{h}_1thread')} ms "
         "(median, shared host).",
         f"- Versions: {p.get('versions')}.",
         "",

@@ -48,6 +48,7 @@ from models.training.card import publish
 from models.training.data import (
     CACHE_DIR,
     MODELS_DIR,
+    PREPROCESSING,
     SPLITS,
     labels_to_grid,
     make_series,
@@ -231,6 +232,14 @@ def seg_series(
         for i, c in enumerate(raw.components)
     ]
     return SegSeries(counts, diam, lscore, fp, counts_unfiltered, candidates)
+
+
+def on_grid(mask: NDArray[np.bool_], size: tuple[int, ...]) -> NDArray[np.bool_]:
+    """A label-grid mask on a finer map grid (an integer multiple): nearest-neighbour."""
+    fy, fx = size[0] // mask.shape[0], size[1] // mask.shape[1]
+    if (mask.shape[0] * fy, mask.shape[1] * fx) != tuple(size):
+        raise ValueError(f"map {tuple(size)} is not a multiple of the label grid {mask.shape}")
+    return np.repeat(np.repeat(mask, fy, axis=0), fx, axis=1)
 
 
 def cam_localisation(cam: NDArray[np.float32], nodule: NDArray[np.bool_]) -> tuple[bool, float]:
@@ -535,14 +544,16 @@ def _series_record(m: Manifest, sess: ort.InferenceSession, s: Any) -> SegSeries
     if m.task is Task.SEGMENTATION:
         return seg_series(m, served_probabilities(m, sess, x), s)
     outs = run(sess, x, m.preprocessing.batch_size)
-    grid = labels_to_grid(s.labels, m.preprocessing.size) == LABEL_NODULE
+    # The slice label is defined on the 256 × 256 grid whatever the input size, so classifiers
+    # of different input resolutions are scored against the same positives.
+    grid = labels_to_grid(s.labels, PREPROCESSING.size) == LABEL_NODULE
     y = grid.any(axis=(1, 2))
     rec = ClsSeries(outs[0][:, 0], y)
     c = m.classification
     assert c is not None
     prob = calibrated_probabilities(outs[0][:, 0], c.temperature, c.bias)
     for k in np.nonzero(y & (prob >= c.threshold))[0]:
-        hit, ratio = cam_localisation(outs[1][k, 0], grid[k])
+        hit, ratio = cam_localisation(outs[1][k, 0], on_grid(grid[k], outs[1].shape[-2:]))
         rec.pointing.append(hit)
         rec.energy_ratio.append(ratio)
     return rec

@@ -38,6 +38,7 @@ from app.registry.manifest import (
     Label,
     Manifest,
     OutputRole,
+    Preprocessing,
     Review,
     SaliencyMethod,
     SaliencySpec,
@@ -54,6 +55,7 @@ from models.training.data import (
     Split,
     load_split,
     network_inputs,
+    preprocessing_at,
 )
 from models.training.evaluate import fit_components, load_manifest
 from models.training.train import CHECKPOINTS, MODEL_NAMES, build_model
@@ -65,6 +67,16 @@ VERSION = "1.1.0"  # the release this code exports (earlier releases stay servab
 MAX_ONNX_BYTES = 25 * 1024 * 1024
 PARITY_TOLERANCE = 1e-4
 PARITY_INPUTS = 100
+INPUT_SIZE_RATIONALE = {
+    1: "256 x 256: 512 -> 256 is an exact 2 x 2 area average (no interpolation), a 3 mm "
+    "nodule still spans about 2 pixels at 0.6-0.9 mm source spacing, and the network costs "
+    "about 4x less than at 512 (measured on this CPU, see models/README.md).",
+    2: "512 x 512, the source resolution: the first layer folds each 2 x 2 block into channels "
+    "(space-to-depth), so the network body runs on the 256 x 256 grid at nearly the cost of a "
+    "256 x 256 input, but learns its own down-sampling instead of the 2 x 2 area average; a "
+    "nodule's first or last slice, 1-4 pixels of the 256 grid, reaches it as 4-16 pixels "
+    "(see models/README.md).",
+}
 
 LUNG_CATEGORY = Code(scheme="SCT", value="91723000", meaning="Anatomical Structure")
 LUNG_TYPE = Code(scheme="SCT", value="39607008", meaning="Lung")
@@ -116,6 +128,11 @@ def load_trained(name: str, checkpoints: Path = CHECKPOINTS) -> tuple[nn.Module,
     return net, dict(ckpt["log"])
 
 
+def input_scale(net: nn.Module) -> int:
+    """How much finer than the 256 × 256 label grid the network's input is (1 or 2)."""
+    return int(getattr(net, "input_scale", 1))
+
+
 def export_module(net: nn.Module, name: str) -> nn.Module:
     """The module whose forward is the exported graph."""
     if name == "classifier":
@@ -124,7 +141,9 @@ def export_module(net: nn.Module, name: str) -> nn.Module:
     return net
 
 
-def module_from_onnx(name: str, onnx_path: Path, base: int, evidence_stride: int = 4) -> nn.Module:
+def module_from_onnx(
+    name: str, onnx_path: Path, base: int, evidence_stride: int = 4, input_scale: int = 1
+) -> nn.Module:
     """The PyTorch twin of an exported model, with the weights of its ONNX file.
 
     Needs no training checkpoint: ``export_module``'s architecture is built and every
@@ -134,7 +153,7 @@ def module_from_onnx(name: str, onnx_path: Path, base: int, evidence_stride: int
     eager module still runs convolution + BatchNorm, as PyTorch users would, and computes
     what the graph computes.
     """
-    net = build_model(name, base, evidence_stride=evidence_stride).eval()
+    net = build_model(name, base, evidence_stride=evidence_stride, input_scale=input_scale).eval()
     module = export_module(net, name).eval()
     inits = {
         i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(onnx_path)).graph.initializer
@@ -191,7 +210,7 @@ def output_names(name: str) -> list[str]:
 def export_onnx(net: nn.Module, name: str, path: Path) -> None:
     """torch.export-based ONNX export, opset 18, dynamic batch dimension ``N``."""
     module = export_module(net, name)
-    h, w = PREPROCESSING.size
+    h, w = preprocessing_at(input_scale(net)).size
     example = torch.zeros(2, PREPROCESSING.channels, h, w)
     table = {torch.ops.aten.max_unpool2d.default: _max_unpool2d} if name == "segnet" else None
     program = torch.onnx.export(
@@ -309,7 +328,7 @@ def recheck_parity(name: str, threads: int = 1) -> Manifest:
     onnx_path = directory / manifest.file
     if sha256_file(onnx_path) != manifest.sha256:
         raise SystemExit(f"{onnx_path} does not match its manifest sha256")
-    val = load_split("val")
+    val = load_split("val", input_scale=input_scale(net))
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(len(val.x), size=min(PARITY_INPUTS, len(val.x)), replace=False))
     par = parity_verdict(
@@ -345,9 +364,14 @@ def count_flops(net: nn.Module, size: tuple[int, int]) -> int:
     return total
 
 
+def latency_key(size: tuple[int, int]) -> str:
+    """Provenance key of the median one-slice, one-thread onnxruntime latency (ms)."""
+    return f"latency_ms_1x{size[0]}_1thread"
+
+
 def measure_latency(sess: ort.InferenceSession, runs: int = 20) -> float:
-    """Median ms of one 1 × C × H × W inference (after warm-up)."""
-    shape = (1, PREPROCESSING.channels, *PREPROCESSING.size)
+    """Median ms of one 1 × C × H × W inference (after warm-up), at the graph's input size."""
+    shape = tuple(d if isinstance(d, int) else 1 for d in sess.get_inputs()[0].shape)
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     for _ in range(3):
         sess.run(None, {"image": x})
@@ -418,9 +442,10 @@ def build_manifest(
     display_range: tuple[float, float] = (0.0, 1.0),
     metrics: dict[str, Any] | None = None,
     review_entropy: float | None = None,
+    preprocessing: Preprocessing = PREPROCESSING,
 ) -> Manifest:
-    h, w = PREPROCESSING.size
-    image = TensorSpec(name="image", dtype="float32", shape=["N", PREPROCESSING.channels, h, w])
+    h, w = preprocessing.size
+    image = TensorSpec(name="image", dtype="float32", shape=["N", preprocessing.channels, h, w])
     if name == "classifier":
         outputs = [
             TensorSpec(name="logit", shape=["N", 1], role=OutputRole.LOGITS),
@@ -452,7 +477,7 @@ def build_manifest(
         sha256=sha,
         inputs=[image],
         outputs=outputs,
-        preprocessing=PREPROCESSING,
+        preprocessing=preprocessing,
         labels=labels,
         classification=classification,
         review=review,
@@ -579,7 +604,9 @@ def export(
     onnx.checker.check_model(str(onnx_path))
     sess = ort_session(onnx_path, threads)
 
-    val = load_split("val")
+    scale = input_scale(net)
+    pre = preprocessing_at(scale)
+    val = load_split("val", input_scale=scale)
     n_val = min(val_slices or len(val.x), len(val.x))
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(n_val, size=min(PARITY_INPUTS, n_val), replace=False))
@@ -625,13 +652,10 @@ def export(
                 else {}
             ),
             "parameters": params,
-            "gflops_per_slice": round(count_flops(net, PREPROCESSING.size) / 1e9, 3),
+            "gflops_per_slice": round(count_flops(net, pre.size) / 1e9, 3),
+            **({"input_scale": scale} if scale > 1 else {}),
         },
-        "input_size_rationale": (
-            "256 x 256: 512 -> 256 is an exact 2 x 2 area average (no interpolation), a 3 mm "
-            "nodule still spans about 2 pixels at 0.6-0.9 mm source spacing, and the network costs "
-            "about 4x less than at 512 (measured on this CPU, see models/README.md)."
-        ),
+        "input_size_rationale": INPUT_SIZE_RATIONALE[scale],
         "input_context_rationale": (
             f"{PREPROCESSING.channels} channels = the slice and {PREPROCESSING.context_slices} "
             "neighbours on each side: in one slice a small nodule and a vessel crossing the "
@@ -660,7 +684,7 @@ def export(
             "numpy": np.__version__,
             "python": platform.python_version(),
         },
-        "latency_ms_1x256_1thread": round(measure_latency(ort_session(onnx_path, 1)), 2),
+        latency_key(pre.size): round(measure_latency(ort_session(onnx_path, 1)), 2),
         **extra,
     }
     manifest = build_manifest(
@@ -670,6 +694,7 @@ def export(
         classification=classification,
         display_range=display,
         review_entropy=review_entropy,
+        preprocessing=pre,
     )
     if manifest.task is Task.SEGMENTATION:
         manifest = with_component_filter(manifest, sess)
@@ -725,7 +750,7 @@ def recalibrate_classifier(threads: int = 1) -> Manifest:
     (the ONNX file and everything else in the manifest untouched)."""
     manifest, directory = load_manifest("classifier")
     sess = ort_session(directory / manifest.file, threads)
-    val = load_split("val")
+    val = load_split("val", input_scale=manifest.preprocessing.size[0] // PREPROCESSING.size[0])
     rows = np.arange(len(val.x))
     classification, display, extra = calibrate_classifier(
         run_batches(sess, network_inputs(val, rows)), val, rows

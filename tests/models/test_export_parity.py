@@ -32,22 +32,31 @@ def _with_trained_statistics(net: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(
-    ("name", "evidence_stride"),
-    [("unet", 4), ("segnet", 4), ("classifier", 4), ("classifier", 2)],
-    ids=["unet", "segnet", "classifier", "classifier-stride2"],
+    ("name", "evidence_stride", "input_scale"),
+    [
+        ("unet", 4, 1),
+        ("segnet", 4, 1),
+        ("classifier", 4, 1),
+        ("classifier", 2, 1),
+        ("classifier", 4, 2),
+    ],
+    ids=["unet", "segnet", "classifier", "classifier-stride2", "classifier-512"],
 )
 def test_onnx_matches_pytorch_on_100_inputs(
-    name: str, evidence_stride: int, tmp_path: Path
+    name: str, evidence_stride: int, input_scale: int, tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
-    net = _with_trained_statistics(build_model(name, base=4, evidence_stride=evidence_stride))
+    net = _with_trained_statistics(
+        build_model(name, base=4, evidence_stride=evidence_stride, input_scale=input_scale)
+    )
     path = tmp_path / "model.onnx"
     ex.export_onnx(net, name, path)
     ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     if name == "segnet":
         assert ops["MaxUnpool"] == 4 and ops["ScatterND"] == 0
     sess = ex.ort_session(path)
-    x = np.random.default_rng(1).random((100, PREPROCESSING.channels, 256, 256), dtype=np.float32)
+    side = 256 * input_scale
+    x = np.random.default_rng(1).random((100, PREPROCESSING.channels, side, side), dtype=np.float32)
     result = ex.parity(net, name, sess, x)
     assert result["inputs"] == 100
     first = ex.output_names(name)[0]
@@ -55,9 +64,9 @@ def test_onnx_matches_pytorch_on_100_inputs(
     if name == "classifier":
         # logit == mean(cam at the evidence stride) + bias exactly, inside the exported graph too.
         logit, cam = sess.run(["logit", "cam"], {"image": x[:4]})
-        assert logit.shape == (4, 1) and cam.shape == (4, 1, 256, 256)
+        assert logit.shape == (4, 1) and cam.shape == (4, 1, side, side)
         low = net.cam_lowres(torch.from_numpy(x[:4])).detach().numpy()
-        assert low.shape[-1] == 256 // evidence_stride
+        assert low.shape[-1] == 256 // evidence_stride  # the evidence stays on the label grid
         assert np.allclose(logit[:, 0], low.mean(axis=(1, 2, 3)) + float(net.bias), atol=1e-4)
 
 
@@ -74,16 +83,18 @@ def test_platt_fit_recovers_the_temperature_and_bias_that_generated_the_labels()
 
 
 @pytest.mark.parametrize(
-    ("name", "evidence_stride"),
-    [("unet", 4), ("segnet", 4), ("classifier", 2)],
-    ids=["unet", "segnet", "classifier-stride2"],
+    ("name", "evidence_stride", "input_scale"),
+    [("unet", 4, 1), ("segnet", 4, 1), ("classifier", 2, 1), ("classifier", 4, 2)],
+    ids=["unet", "segnet", "classifier-stride2", "classifier-512"],
 )
 def test_the_pytorch_twin_rebuilt_from_the_onnx_file_computes_the_same(
-    name: str, evidence_stride: int, tmp_path: Path
+    name: str, evidence_stride: int, input_scale: int, tmp_path: Path
 ) -> None:
     """The benchmark's PyTorch baseline needs no checkpoint: weights come from the graph."""
     torch.manual_seed(1)
-    net = _with_trained_statistics(build_model(name, base=4, evidence_stride=evidence_stride))
+    net = _with_trained_statistics(
+        build_model(name, base=4, evidence_stride=evidence_stride, input_scale=input_scale)
+    )
     for m in net.modules():  # and non-trivial affine parameters and conv biases
         if isinstance(m, torch.nn.BatchNorm2d):
             m.weight.data.uniform_(0.5, 1.5)
@@ -92,8 +103,11 @@ def test_the_pytorch_twin_rebuilt_from_the_onnx_file_computes_the_same(
             m.bias.data.uniform_(-0.1, 0.1)  # as trained (a zero bias is folded away)
     path = tmp_path / "model.onnx"
     ex.export_onnx(net, name, path)
-    twin = ex.module_from_onnx(name, path, base=4, evidence_stride=evidence_stride)
-    x = np.random.default_rng(2).random((3, PREPROCESSING.channels, 256, 256), dtype=np.float32)
+    twin = ex.module_from_onnx(
+        name, path, base=4, evidence_stride=evidence_stride, input_scale=input_scale
+    )
+    side = 256 * input_scale
+    x = np.random.default_rng(2).random((3, PREPROCESSING.channels, side, side), dtype=np.float32)
     with torch.inference_mode():
         want = ex.export_module(net, name)(torch.from_numpy(x))
         got = twin(torch.from_numpy(x))

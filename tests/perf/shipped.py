@@ -33,6 +33,7 @@ def torch_twin(model: RegisteredModel) -> Any:
             model.onnx_path,
             int(arch["base_channels"]),
             int(arch.get("evidence_stride", 4)),
+            int(arch.get("input_scale", 1)),
         )
     except (KeyError, ValueError, RuntimeError) as exc:
         print(f"   {name}: no PyTorch baseline ({exc})", flush=True)
