@@ -50,6 +50,9 @@ class Settings(BaseSettings):
 
     # API
     api_processes: int = Field(default=1, ge=1)  # `medcad serve` processes sharing the port
+    # PostgreSQL connections each process keeps open (10 more at a peak, closed after it):
+    # at least the requests an API process has in flight, or reads open new connections
+    db_pool_size: int = Field(default=20, ge=1, le=500)
     # Not a user setting: `medcad serve --api-processes N` tells its API processes its pid
     api_supervisor_pid: int | None = None
     cors_origins: list[str] = Field(default_factory=list)
