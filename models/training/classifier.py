@@ -10,11 +10,11 @@ nodule's first or last slice, a few pixels of the 256 × 256 input, then fills a
 its own instead of sharing a stride-4 cell with the vessels around it.
 
 With ``input_scale=2`` the network takes the source 512 × 512 slice and folds each 2 × 2
-block of pixels into channels (space-to-depth, ONNX ``SpaceToDepth``-equivalent
-``PixelUnshuffle``) before the stem: the body and the evidence map keep the 256 × 256 grid
-and nearly the same cost, but the stem learns its own down-sampling instead of receiving
-the 2 × 2 area average, so a 1–4-pixel cross-section of the 256 grid (4–16 source pixels)
-reaches the network with its shape.
+block of pixels into channels (space-to-depth, ``PixelUnshuffle``) before the stem: the
+body and the evidence map keep the 256 × 256 grid and nearly the same cost, but the stem
+learns its own down-sampling instead of receiving the 2 × 2 area average, so a 1–4-pixel
+cross-section of the 256 grid (4–16 source pixels) reaches the network with its shape.
+One run of it did not beat the 256 × 256 input (models/README.md).
 
 The backbone ends in a one-channel, rectified **evidence** map (1 × 1 conv + ReLU), the class
 projection is a 1 × 1 conv on it, and ``cam_lowres = scale · project(evidence)``,

@@ -128,7 +128,7 @@ def load_trained(name: str, checkpoints: Path = CHECKPOINTS) -> tuple[nn.Module,
     return net, dict(ckpt["log"])
 
 
-def input_scale(net: nn.Module) -> int:
+def input_scale_of(net: nn.Module) -> int:
     """How much finer than the 256 × 256 label grid the network's input is (1 or 2)."""
     return int(getattr(net, "input_scale", 1))
 
@@ -210,7 +210,7 @@ def output_names(name: str) -> list[str]:
 def export_onnx(net: nn.Module, name: str, path: Path) -> None:
     """torch.export-based ONNX export, opset 18, dynamic batch dimension ``N``."""
     module = export_module(net, name)
-    h, w = preprocessing_at(input_scale(net)).size
+    h, w = preprocessing_at(input_scale_of(net)).size
     example = torch.zeros(2, PREPROCESSING.channels, h, w)
     table = {torch.ops.aten.max_unpool2d.default: _max_unpool2d} if name == "segnet" else None
     program = torch.onnx.export(
@@ -328,7 +328,7 @@ def recheck_parity(name: str, threads: int = 1) -> Manifest:
     onnx_path = directory / manifest.file
     if sha256_file(onnx_path) != manifest.sha256:
         raise SystemExit(f"{onnx_path} does not match its manifest sha256")
-    val = load_split("val", input_scale=input_scale(net))
+    val = load_split("val", input_scale=input_scale_of(net))
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(len(val.x), size=min(PARITY_INPUTS, len(val.x)), replace=False))
     par = parity_verdict(
@@ -604,7 +604,7 @@ def export(
     onnx.checker.check_model(str(onnx_path))
     sess = ort_session(onnx_path, threads)
 
-    scale = input_scale(net)
+    scale = input_scale_of(net)
     pre = preprocessing_at(scale)
     val = load_split("val", input_scale=scale)
     n_val = min(val_slices or len(val.x), len(val.x))
