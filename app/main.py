@@ -7,6 +7,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -53,7 +54,9 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = False) -
     settings = settings or get_settings()
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # created on the serving event loop; see app.api.deps for why requests are admitted
+        app.state.db_admission = anyio.Semaphore(settings.db_pool_size)
         seed_admin_key(settings)
         stop: threading.Event | None = start_sweeper(settings) if run_sweeper else None
         yield

@@ -50,8 +50,8 @@ class Settings(BaseSettings):
 
     # API
     api_processes: int = Field(default=1, ge=1)  # `medcad serve` processes sharing the port
-    # PostgreSQL connections each process keeps open (10 more at a peak, closed after it):
-    # at least the requests an API process has in flight, or reads open new connections
+    # database connections each process keeps open (10 more at a peak, closed after it); an
+    # API process runs at most this many requests' units of work at once, the others wait
     db_pool_size: int = Field(default=20, ge=1, le=500)
     # Not a user setting: `medcad serve --api-processes N` tells its API processes its pid
     api_supervisor_pid: int | None = None

@@ -44,23 +44,29 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-# Connections a PostgreSQL pool may open beyond ``pool_size`` at a peak; each is closed again
-# when it comes back to a full pool.
+# Connections a pool may open beyond ``pool_size`` at a peak; each is closed again when it comes
+# back to a full pool.
 POOL_OVERFLOW = 10
 
 
 def make_engine(url: str, pool_size: int = 20) -> Engine:
     """Create an engine with the right options for SQLite (embedded) or PostgreSQL.
 
-    PostgreSQL: the pool keeps up to ``pool_size`` connections open (``Settings.db_pool_size``)
-    and opens at most ``POOL_OVERFLOW`` more at a peak; a request finding all of them busy
-    waits for one (30 s, then 503). An overflow connection is closed when it comes back to a
-    full pool, and each new one costs PostgreSQL a backend process: with 10 kept, 16 reads in
-    flight per API process (the proof's L5) opened about one connection per 20 reads, and the
-    API and PostgreSQL spent about 10 % more CPU per read than with the pool kept at 40.
+    The pool keeps up to ``pool_size`` connections open (``Settings.db_pool_size``) and opens
+    at most ``POOL_OVERFLOW`` more at a peak; the API admits as many units of work at once as
+    the pool keeps (``app.api.deps``), so the overflow serves the rest. A check-out finding
+    every connection busy waits for one (30 s, then 503). On PostgreSQL each new connection
+    costs a backend process: with 10 kept and 16 reads in flight per API process (the proof's
+    L5), the pool opened about one connection per 20 reads, and the API and PostgreSQL spent
+    about 10 % more CPU per read than with 40 kept.
     """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=POOL_OVERFLOW,
+            connect_args={"timeout": 30, "check_same_thread": False},
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(
