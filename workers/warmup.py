@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 def _standard_tables() -> list[Callable[[], Any]]:
     """highdicom's cached loaders of its tables of the standard (SOP Class → IOD, IOD →
-    modules, module → attributes). They are internal to highdicom: when a release renames them there is simply
-    nothing to preload, and the first job pays as before."""
+    modules, module → attributes). They are internal to highdicom: when a release renames
+    them there is simply nothing to preload, and the first job pays as before."""
     from highdicom import _standard_utils
 
     names = ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map")

@@ -235,11 +235,13 @@ def seg_series(
 
 
 def on_grid(mask: NDArray[np.bool_], size: tuple[int, ...]) -> NDArray[np.bool_]:
-    """A label-grid mask on a finer map grid (an integer multiple): nearest-neighbour."""
-    fy, fx = size[0] // mask.shape[0], size[1] // mask.shape[1]
-    if (mask.shape[0] * fy, mask.shape[1] * fx) != tuple(size):
+    """A label-grid mask on a finer map grid (an integer multiple), nearest-neighbour as the
+    served masks are resized (``postprocess.resize_nearest``)."""
+    h, w = mask.shape
+    if size[0] % h or size[1] % w:
         raise ValueError(f"map {tuple(size)} is not a multiple of the label grid {mask.shape}")
-    return np.repeat(np.repeat(mask, fy, axis=0), fx, axis=1)
+    fine: NDArray[np.bool_] = postprocess.resize_nearest(mask, (size[0], size[1]))
+    return fine
 
 
 def cam_localisation(cam: NDArray[np.float32], nodule: NDArray[np.bool_]) -> tuple[bool, float]:

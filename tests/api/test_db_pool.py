@@ -77,7 +77,7 @@ def test_a_burst_of_concurrent_reads_opens_no_connection_beyond_the_pool(
     time.sleep(1.5)  # a closed backend reports its session at exit, just after the close
     opened = _sessions(database) - before
     # at most the pool's own connections, opened once (the burst may open some of them);
-    # with 10 kept, 16 readers opened dozens
+    # with 10 kept, 16 readers opened 20
     assert opened <= POOL, f"{opened} connections opened by 240 reads with a pool of {POOL}"
     assert get_engine().pool.size() == POOL and get_engine().pool.checkedout() == 0
 

@@ -11,16 +11,23 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from models.training.data import PREPROCESSING, SLICE_PREPROCESSING, Split, labels_to_grid  # noqa: E402
-from models.training.phantoms import generate_series  # noqa: E402
+from models.training.phantoms import PhantomSeries, generate_series  # noqa: E402
 from models.training.train import train  # noqa: E402
 from workers.pipeline.preprocess import preprocess_frames  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny() -> Split:
+def tiny_phantoms() -> list[PhantomSeries]:
+    return [
+        generate_series(seed, n_slices=3, n_nodules=2, size_range_mm=(8.0, 16.0))
+        for seed in (8_000_001, 8_000_002)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_phantoms: list[PhantomSeries]) -> Split:
     xs, ys = [], []
-    for seed in (8_000_001, 8_000_002):
-        s = generate_series(seed, n_slices=3, n_nodules=2, size_range_mm=(8.0, 16.0))
+    for s in tiny_phantoms:
         xs.append(preprocess_frames(s.hu.astype(np.float32), SLICE_PREPROCESSING)[:, 0])
         ys.append(labels_to_grid(s.labels, PREPROCESSING.size))
     x = np.concatenate(xs).astype(np.float16)
@@ -182,15 +189,12 @@ def test_min_evidence_is_recorded_in_command_and_recipe(tiny: Split, tmp_path: P
 
 
 @pytest.fixture(scope="module")
-def tiny_source(tiny: Split) -> Split:
+def tiny_source(tiny_phantoms: list[PhantomSeries], tiny: Split) -> Split:
     """``tiny`` with its inputs at the source 512 × 512 resolution (labels on the 256 grid)."""
     from models.training.data import preprocessing_at
 
     pre = preprocessing_at(2).model_copy(update={"context_slices": 0})
-    xs = []
-    for seed in (8_000_001, 8_000_002):
-        s = generate_series(seed, n_slices=3, n_nodules=2, size_range_mm=(8.0, 16.0))
-        xs.append(preprocess_frames(s.hu.astype(np.float32), pre)[:, 0])
+    xs = [preprocess_frames(s.hu.astype(np.float32), pre)[:, 0] for s in tiny_phantoms]
     return Split(np.concatenate(xs).astype(np.float16), tiny.y, tiny.series)
 
 
