@@ -411,6 +411,8 @@ def _segmentation_occlusion(
             stride=spec.occlusion_stride,
             batch_size=manifest.preprocessing.batch_size,
             max_passes=remaining,
+            refine_patch=spec.occlusion_refine_patch,
+            refine_stride=spec.occlusion_refine_stride,
         )
         values, passes = result.map, result.forward_passes
         remaining -= passes
@@ -541,6 +543,8 @@ def _perturb(
             stride=sal.occlusion_stride,
             batch_size=manifest.preprocessing.batch_size,
             max_passes=remaining,
+            refine_patch=sal.occlusion_refine_patch,
+            refine_stride=sal.occlusion_refine_stride,
         )
     return saliency.rise_map(
         predict,

@@ -159,6 +159,10 @@ class SaliencySpec(_Strict):
     display_range: tuple[float, float] = (0.0, 1.0)
     occlusion_patch: int = 32
     occlusion_stride: int = 16
+    # a second, finer occlusion sweep around the strongest coarse patch
+    # (``workers.pipeline.saliency.occlusion_map``); None: the coarse sweep alone
+    occlusion_refine_patch: int | None = Field(default=None, ge=1)
+    occlusion_refine_stride: int = Field(default=4, ge=1)
     rise_masks: int = 256
     max_forward_passes: int = 512
     target_label: str | None = None  # segmentation: structure whose score is explained

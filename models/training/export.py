@@ -452,7 +452,10 @@ def build_manifest(
             TensorSpec(name="cam", shape=["N", 1, h, w], role=OutputRole.CAM),
         ]
         saliency = SaliencySpec(
-            methods=[SaliencyMethod.CAM], display_range=display_range, max_forward_passes=1
+            methods=[SaliencyMethod.CAM],
+            display_range=display_range,
+            max_forward_passes=1,
+            occlusion_refine_patch=16,  # chosen on validation slices (models/README.md)
         )
         task, labels = Task.CLASSIFICATION, CLS_LABELS
         review = Review(probability_band=(0.2, 0.8))

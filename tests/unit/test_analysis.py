@@ -55,6 +55,33 @@ def test_classifier_without_cam_gets_occlusion_automatically() -> None:
     assert effective_methods(manifest) == (SaliencyMethod.OCCLUSION,)
 
 
+def test_classifier_occlusion_follows_the_manifest_refinement_within_the_job_budget() -> None:
+    """The manifest's second sweep runs for the most probable frame; a frame the budget
+    cannot pay a refinement for gets the coarse sweep alone."""
+    base = _classifier([{"name": "y", "shape": ["N", 1], "role": "logits"}], ["occlusion"])
+    manifest = Manifest.model_validate({
+        **base.model_dump(mode="json"),
+        "saliency": {"methods": ["occlusion"], "occlusion_patch": 32, "occlusion_stride": 16,
+                     "occlusion_refine_patch": 16, "occlusion_refine_stride": 4},
+    })
+    yy, xx = np.mgrid[:64, :64]
+    disc = (yy - 21) ** 2 + (xx - 21) ** 2 <= 4
+
+    def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [feeds["x"][:, 0][:, disc].mean(axis=1, keepdims=True) * 10.0]
+
+    frames = np.full((2, 64, 64), -40.0, np.float32)
+    frames[0][disc] = 45.0  # the brighter frame: the higher "probability", explained first
+    frames[1][disc] = 20.0
+    result = analyze_series(run, manifest, frames, max_forward_passes=10 + 49 + 10 + 10)
+    cls = result.classification
+    assert cls is not None
+    maps = {m.index: m for m in cls.saliency if m.method is SaliencyMethod.OCCLUSION}
+    assert maps[0].params["refine_passes"] == 49 and maps[0].params["passes"] == 10 + 49
+    assert maps[1].params["refine_passes"] == 0 and maps[1].params["passes"] == 10
+    assert saliency.pointing_game(maps[0].values, disc)
+
+
 def test_cam_classifier_keeps_cam_and_adds_requested_perturbation_once() -> None:
     manifest = _classifier(
         [{"name": "y", "shape": ["N", 1], "role": "logits"},

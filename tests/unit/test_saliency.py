@@ -183,6 +183,57 @@ def test_occlusion_respects_the_forward_pass_budget(budget: int) -> None:
     assert math.ceil(res.forward_passes / 7) <= predict.calls <= res.forward_passes
 
 
+def _small_disc_image(centre: tuple[int, int], radius: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(4)
+    x = 0.25 + 0.02 * rng.standard_normal((H, W))
+    disc = _disc(centre=centre, radius=radius)
+    x[disc] = 0.9
+    return x[None].astype(np.float32), disc
+
+
+def test_refined_occlusion_points_into_a_small_lesion_the_coarse_plateau_misses() -> None:
+    """A 5-pixel disc under a 32-pixel patch: the coarse map's strongest plateau is 16 x 16
+    pixels and its centre lies off the disc; the finer sweep (16-pixel patches, coarse-scale
+    fill) puts the maximum on it, adds nothing outside its window and costs its passes."""
+    x, disc = _small_disc_image((21, 21), 2)
+
+    def score(batch: np.ndarray) -> np.ndarray:
+        return batch[:, 0][:, disc].mean(axis=1).astype(np.float32)
+
+    coarse = S.occlusion_map(score, x, patch=32, stride=16, max_passes=10_000)
+    refined = S.occlusion_map(
+        score, x, patch=32, stride=16, max_passes=10_000, refine_patch=16, refine_stride=4
+    )
+    assert not S.pointing_game(coarse.map, disc)
+    assert S.pointing_game(refined.map, disc)
+    assert S.energy_in_region(refined.map, disc) > S.energy_in_region(coarse.map, disc)
+    starts = S.refine_starts(H, 0, 32, 16, 4)  # the strongest coarse patch starts at (0, 0)
+    assert starts == [0, 4, 8, 12, 16, 20, 24]  # clamped at the image edge, deduplicated
+    assert refined.forward_passes == coarse.forward_passes + len(starts) ** 2
+    assert refined.params["refine_passes"] == len(starts) ** 2
+    assert refined.params["refine_window"] == "0,0,40,40"
+    np.testing.assert_array_equal(refined.map[40:, :], coarse.map[40:, :])
+    np.testing.assert_array_equal(refined.map[:, 40:], coarse.map[:, 40:])
+
+
+def test_refined_occlusion_is_skipped_when_the_budget_cannot_pay_for_it() -> None:
+    x, disc = _small_disc_image((21, 21), 2)
+
+    def score(batch: np.ndarray) -> np.ndarray:
+        return batch[:, 0][:, disc].mean(axis=1).astype(np.float32)
+
+    coarse = S.occlusion_map(score, x, patch=32, stride=16, max_passes=10_000)
+    short = S.occlusion_map(
+        score, x, patch=32, stride=16, max_passes=coarse.forward_passes + 48,
+        refine_patch=16, refine_stride=4,
+    )  # fmt: skip
+    assert short.forward_passes == coarse.forward_passes
+    assert short.params["refine_passes"] == 0 and "refine_window" not in short.params
+    np.testing.assert_array_equal(short.map, coarse.map)
+    with pytest.raises(ValueError, match="refine patch"):
+        S.occlusion_map(score, x, patch=32, stride=16, refine_patch=0)
+
+
 def test_occlusion_rejects_an_impossible_budget() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         S.occlusion_map(CountingDiscScore(), _phantom(), patch=8, stride=4, max_passes=1)

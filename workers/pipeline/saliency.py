@@ -371,14 +371,28 @@ def occlusion_map(
     batch_size: int = 64,
     max_passes: int = 512,
     fill: Fill = "median",
+    refine_patch: int | None = None,
+    refine_stride: int = 4,
 ) -> SaliencyResult:
-    """Occlusion sensitivity (Zeiler & Fergus 2014) with a local-median fill.
+    """Occlusion sensitivity (Zeiler & Fergus 2014) with a local-median fill, optionally
+    refined around its strongest patch.
 
     Each patch position is replaced by the same region of the image's local median
     (``fill_image`` at the scale of the requested patch: structures up to about half a patch
     wide are removed); the drop of the score (reference - occluded) is added to every pixel
     the patch covered, and each pixel's sum is divided by the number of patches that covered
     it.
+
+    A patch large enough for its fill to remove a lesion is too coarse to say where in the
+    patch the lesion is: the map is made of stride x stride plateaus, and the lesion may sit
+    anywhere under the strongest ones. With ``refine_patch`` a second sweep follows: patches
+    of ``refine_patch`` pixels, ``refine_stride`` apart, whose centres cover the patch whose
+    occlusion lowered the score most, filled from the *same* coarse-scale image (a smaller
+    fill window would leave the lesion in place). Their per-pixel mean drop is added to the
+    map inside that window, so the map keeps the coarse sweep's values everywhere and gains
+    the finer sweep's detail where the evidence is (``refine_window`` in the params). The
+    second sweep runs only when what is left of ``max_passes`` pays for all of it
+    (``refine_passes`` 0 otherwise).
 
     Parameters
     ----------
@@ -390,6 +404,8 @@ def occlusion_map(
     batch_size : images per ``predict`` call (bounds memory: batch_size * C * H * W floats).
     max_passes : forward-pass budget including the reference pass; the stride grows to fit.
     fill : "median" (default) or "gaussian_blur" (sigma ``patch / 2``), see ``fill_image``.
+    refine_patch, refine_stride : the second sweep's patch side and stride in pixels (None:
+        no second sweep); see ``refine_starts``.
 
     Returns
     -------
@@ -403,19 +419,25 @@ def occlusion_map(
     )
     filled = fill_image(img, fill, patch)
     reference = _scores(predict, img[None])[0]
-    total = np.zeros((h, w), dtype=np.float64)
-    count = np.zeros((h, w), dtype=np.float64)
     positions = [(y, x0) for y in ys for x0 in xs]
-    for start in range(0, len(positions), max(1, batch_size)):
-        chunk = positions[start : start + max(1, batch_size)]
-        batch = np.repeat(img[None], len(chunk), axis=0)
-        for j, (y, x0) in enumerate(chunk):
-            batch[j, :, y : y + ph, x0 : x0 + pw] = filled[:, y : y + ph, x0 : x0 + pw]
-        drops = reference - _scores(predict, batch)
-        for j, (y, x0) in enumerate(chunk):
-            total[y : y + ph, x0 : x0 + pw] += drops[j]
-            count[y : y + ph, x0 : x0 + pw] += 1.0
-    result = (total / np.maximum(count, 1.0)).astype(np.float32)
+    drops = _occlusion_drops(predict, img, filled, positions, (ph, pw), reference, batch_size)
+    result = _mean_cover(drops, positions, (ph, pw), (h, w))
+    passes = 1 + len(positions)
+    refined: list[tuple[int, int]] = []
+    if refine_patch is not None:
+        if refine_patch < 1 or refine_stride < 1:
+            raise ValueError(
+                f"refine patch and stride must be >= 1, got {refine_patch} and {refine_stride}"
+            )
+        rp = (min(refine_patch, h), min(refine_patch, w))
+        best = positions[int(np.argmax(drops))]
+        fy = refine_starts(h, best[0], ph, rp[0], refine_stride)
+        fx = refine_starts(w, best[1], pw, rp[1], refine_stride)
+        if passes + len(fy) * len(fx) <= max_passes:
+            refined = [(y, x0) for y in fy for x0 in fx]
+            fine = _occlusion_drops(predict, img, filled, refined, rp, reference, batch_size)
+            result += _mean_cover(fine, refined, rp, (h, w))
+            passes += len(refined)
     params: dict[str, ParamValue] = {
         "patch_h": ph,
         "patch_w": pw,
@@ -426,7 +448,75 @@ def occlusion_map(
         "fill_scale_px": patch,
         "max_passes": max_passes,
     }
-    return SaliencyResult(map=result, forward_passes=1 + len(positions), params=params)
+    if refine_patch is not None:
+        params["refine_patch"] = refine_patch
+        params["refine_stride"] = refine_stride
+        params["refine_passes"] = len(refined)
+        if refined:
+            params["refine_window"] = ",".join(
+                str(v)
+                for v in (
+                    refined[0][0],
+                    refined[0][1],
+                    refined[-1][0] + min(refine_patch, h),
+                    refined[-1][1] + min(refine_patch, w),
+                )
+            )
+    return SaliencyResult(map=result, forward_passes=passes, params=params)
+
+
+def refine_starts(
+    size: int, best: int, patch: int, refine_patch: int, refine_stride: int
+) -> list[int]:
+    """Start positions along one axis of the second occlusion sweep.
+
+    The refined patches' centres run from one edge of the coarse patch that starts at
+    ``best`` to its other edge, ``refine_stride`` apart, clamped to the image: with a
+    32-pixel coarse patch, 16-pixel refined patches and a stride of 4, nine starts per axis,
+    81 passes.
+    """
+    half = refine_patch // 2
+    starts = range(best - half, best + patch - half + 1, refine_stride)
+    return sorted({min(max(v, 0), size - refine_patch) for v in starts})
+
+
+def _occlusion_drops(
+    predict: Predict,
+    img: FloatArray,
+    filled: FloatArray,
+    positions: list[tuple[int, int]],
+    patch: tuple[int, int],
+    reference: float,
+    batch_size: int,
+) -> NDArray[np.float64]:
+    """The score drop (reference - occluded) for each patch position, in batches."""
+    ph, pw = patch
+    drops = np.empty(len(positions), dtype=np.float64)
+    step = max(1, batch_size)
+    for start in range(0, len(positions), step):
+        chunk = positions[start : start + step]
+        batch = np.repeat(img[None], len(chunk), axis=0)
+        for j, (y, x0) in enumerate(chunk):
+            batch[j, :, y : y + ph, x0 : x0 + pw] = filled[:, y : y + ph, x0 : x0 + pw]
+        drops[start : start + len(chunk)] = reference - _scores(predict, batch)
+    return drops
+
+
+def _mean_cover(
+    drops: NDArray[np.float64],
+    positions: list[tuple[int, int]],
+    patch: tuple[int, int],
+    shape: tuple[int, int],
+) -> FloatArray:
+    """Each pixel's mean drop over the patches that covered it (0 where none did)."""
+    ph, pw = patch
+    total = np.zeros(shape, dtype=np.float64)
+    count = np.zeros(shape, dtype=np.float64)
+    for d, (y, x0) in zip(drops, positions, strict=True):
+        total[y : y + ph, x0 : x0 + pw] += d
+        count[y : y + ph, x0 : x0 + pw] += 1.0
+    out: FloatArray = (total / np.maximum(count, 1.0)).astype(np.float32)
+    return out
 
 
 def rise_map(
