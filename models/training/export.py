@@ -104,8 +104,8 @@ DESCRIPTIONS = {
 }
 
 
-def version_dir(name: str) -> Path:
-    return MODELS_DIR / name / VERSION
+def version_dir(name: str, version: str = VERSION) -> Path:
+    return MODELS_DIR / name / version
 
 
 def load_trained(name: str, checkpoints: Path = CHECKPOINTS) -> tuple[nn.Module, dict[str, Any]]:
@@ -443,6 +443,7 @@ def build_manifest(
     metrics: dict[str, Any] | None = None,
     review_entropy: float | None = None,
     preprocessing: Preprocessing = PREPROCESSING,
+    version: str = VERSION,
 ) -> Manifest:
     h, w = preprocessing.size
     image = TensorSpec(name="image", dtype="float32", shape=["N", preprocessing.channels, h, w])
@@ -473,7 +474,7 @@ def build_manifest(
         review = Review(probability_band=(0.2, 0.8), max_mean_entropy=review_entropy)
     return Manifest(
         name=name,
-        version=VERSION,
+        version=version,
         task=task,
         description=DESCRIPTIONS[name],
         file="model.onnx",
@@ -591,9 +592,12 @@ def export(
     out_dir: Path | None = None,
     threads: int = 1,
     val_slices: int | None = None,
+    version: str = VERSION,
 ) -> Manifest:
+    """Export the checkpoint ``<checkpoints>/<name>.pt`` as release ``version`` of ``name``
+    (into ``out_dir``, by default ``models/<name>/<version>/``)."""
     net, log = load_trained(name, checkpoints)
-    directory = out_dir or version_dir(name)
+    directory = out_dir or version_dir(name, version)
     directory.mkdir(parents=True, exist_ok=True)
     onnx_path = directory / "model.onnx"
     t0 = time.time()
@@ -643,7 +647,9 @@ def export(
                 c if "--threads" in c else f"{c} --threads {log['threads']}"
                 for c in (log.get("commands") or [log.get("command", "")])
             ),
-            "export": f"python -m models.training.export {name}",
+            "export": f"python -m models.training.export {name}"
+            + (f" --checkpoints {checkpoints}" if checkpoints != CHECKPOINTS else "")
+            + (f" --version {version}" if version != VERSION else ""),
             "evaluate": f"python -m models.training.evaluate {name}",
         },
         "architecture": {
@@ -698,6 +704,7 @@ def export(
         display_range=display,
         review_entropy=review_entropy,
         preprocessing=pre,
+        version=version,
     )
     if manifest.task is Task.SEGMENTATION:
         manifest = with_component_filter(manifest, sess)
@@ -793,6 +800,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", choices=MODEL_NAMES)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=CHECKPOINTS,
+        help="folder of the trained checkpoint (train --out)",
+    )
+    p.add_argument("--version", default=VERSION, help=f"the release to write (default {VERSION})")
+    p.add_argument(
         "--parity-only", action="store_true", help="recheck parity of the existing export"
     )
     p.add_argument(
@@ -839,7 +853,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.parity_only:
         manifest = recheck_parity(args.model, threads=args.threads)
     else:
-        manifest = export(args.model, threads=args.threads)
+        manifest = export(
+            args.model, checkpoints=args.checkpoints, threads=args.threads, version=args.version
+        )
     par = manifest.provenance["export"]["parity"]
     return 0 if par["accepted"] else 1
 
