@@ -59,21 +59,10 @@ def _served_labels(
     return analysis.segmentation.labels
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "unet",
-        pytest.param(
-            "segnet",
-            # Known gap of the shipped SegNet 1.1.0: this phantom's nodule is a 19 mm
-            # ground-glass one, and SegNet labels about a tenth of its voxels nodule (Dice
-            # 0.36 on its largest slice, against 0.6 asked; 1.0.0 labelled it all lung). On the
-            # held-out set it finds 91-100 % of the nodules of 10 mm and more. strict=True:
-            # the test fails as soon as a better model passes.
-            marks=pytest.mark.xfail(strict=True, reason="SegNet 1.1.0 under-segments the smoke nodule"),
-        ),
-    ],
-)
+# SegNet 1.1.0 failed this test (a 19 mm ground-glass nodule, about a tenth of its voxels
+# labelled nodule: Dice 0.36 on its largest slice); it was marked as an expected failure
+# until SegNet 1.2.0 passed it.
+@pytest.mark.parametrize("name", ["unet", "segnet"])
 def test_segmentation_finds_lung_and_nodule(
     name: str, shipped: dict[str, tuple[Manifest, Path]], with_nodule: PhantomSeries
 ) -> None:
