@@ -63,7 +63,8 @@ from workers.onnx_sessions import session_options
 from workers.pipeline import postprocess
 from workers.pipeline.postprocess import calibrated_probabilities
 
-VERSION = "1.1.0"  # the release this code exports (earlier releases stay servable)
+# the release of each model this code exports (earlier releases stay servable)
+RELEASES: dict[str, str] = {"unet": "1.1.0", "segnet": "1.2.0", "classifier": "1.1.0"}
 MAX_ONNX_BYTES = 25 * 1024 * 1024
 PARITY_TOLERANCE = 1e-4
 PARITY_INPUTS = 100
@@ -104,8 +105,9 @@ DESCRIPTIONS = {
 }
 
 
-def version_dir(name: str, version: str = VERSION) -> Path:
-    return MODELS_DIR / name / version
+def version_dir(name: str, version: str | None = None) -> Path:
+    """``models/<name>/<version>``, by default the model's current release (``RELEASES``)."""
+    return MODELS_DIR / name / (version or RELEASES[name])
 
 
 def load_trained(name: str, checkpoints: Path = CHECKPOINTS) -> tuple[nn.Module, dict[str, Any]]:
@@ -443,7 +445,7 @@ def build_manifest(
     metrics: dict[str, Any] | None = None,
     review_entropy: float | None = None,
     preprocessing: Preprocessing = PREPROCESSING,
-    version: str = VERSION,
+    version: str | None = None,
 ) -> Manifest:
     h, w = preprocessing.size
     image = TensorSpec(name="image", dtype="float32", shape=["N", preprocessing.channels, h, w])
@@ -474,7 +476,7 @@ def build_manifest(
         review = Review(probability_band=(0.2, 0.8), max_mean_entropy=review_entropy)
     return Manifest(
         name=name,
-        version=version,
+        version=version or RELEASES[name],
         task=task,
         description=DESCRIPTIONS[name],
         file="model.onnx",
@@ -592,10 +594,12 @@ def export(
     out_dir: Path | None = None,
     threads: int = 1,
     val_slices: int | None = None,
-    version: str = VERSION,
+    version: str | None = None,
 ) -> Manifest:
     """Export the checkpoint ``<checkpoints>/<name>.pt`` as release ``version`` of ``name``
-    (into ``out_dir``, by default ``models/<name>/<version>/``)."""
+    (default: its current release, ``RELEASES``) into ``out_dir`` (default
+    ``models/<name>/<version>/``)."""
+    version = version or RELEASES[name]
     net, log = load_trained(name, checkpoints)
     directory = out_dir or version_dir(name, version)
     directory.mkdir(parents=True, exist_ok=True)
@@ -649,7 +653,7 @@ def export(
             ),
             "export": f"python -m models.training.export {name}"
             + (f" --checkpoints {checkpoints}" if checkpoints != CHECKPOINTS else "")
-            + (f" --version {version}" if version != VERSION else ""),
+            + (f" --version {version}" if version != RELEASES[name] else ""),
             "evaluate": f"python -m models.training.evaluate {name}",
         },
         "architecture": {
@@ -805,7 +809,13 @@ def main(argv: list[str] | None = None) -> int:
         default=CHECKPOINTS,
         help="folder of the trained checkpoint (train --out)",
     )
-    p.add_argument("--version", default=VERSION, help=f"the release to write (default {VERSION})")
+    p.add_argument(
+        "--version",
+        default=None,
+        help="the release to write (default: the model's current one, "
+        + ", ".join(f"{k} {v}" for k, v in RELEASES.items())
+        + ")",
+    )
     p.add_argument(
         "--parity-only", action="store_true", help="recheck parity of the existing export"
     )

@@ -21,6 +21,18 @@ def test_the_three_models_are_shipped() -> None:
     assert {"unet", "segnet", "classifier"} <= names
 
 
+def test_export_writes_each_models_served_release_by_default(
+    shipped: dict[str, tuple[Manifest, Path]],
+) -> None:
+    """``export NAME`` (no ``--version``) re-makes the release a bare model name serves, so
+    re-running a card's commands never writes over an older release by accident."""
+    from models.training.export import RELEASES, version_dir
+
+    assert {name: m.version for name, (m, _) in shipped.items()} == RELEASES
+    for name, (_, folder) in shipped.items():
+        assert version_dir(name).resolve() == folder.resolve()
+
+
 @pytest.mark.parametrize(
     "path", PATHS, ids=[str(p.parent.relative_to(p.parents[2])) for p in PATHS]
 )
