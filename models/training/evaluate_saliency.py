@@ -473,13 +473,13 @@ def occlusion_passes(spec: SaliencySpec, shape: tuple[int, int], max_passes: int
         max_passes=max_passes,
     )
     passes = 1 + len(ys) * len(xs)
-    rp = spec.occlusion_refine_patch
-    if rp is not None:
-        h, w = shape
-        ry = S.refine_starts(h, (h - ph) // 2, ph, min(rp, h), spec.occlusion_refine_stride)
-        rx = S.refine_starts(w, (w - pw) // 2, pw, min(rp, w), spec.occlusion_refine_stride)
-        if passes + len(ry) * len(rx) <= max_passes:
-            passes += len(ry) * len(rx)
+    if spec.occlusion_refine_patch is not None:
+        centre = ((shape[0] - ph) // 2, (shape[1] - pw) // 2)
+        _, refined = S.refine_positions(
+            shape, centre, (ph, pw), spec.occlusion_refine_patch, spec.occlusion_refine_stride
+        )
+        if passes + len(refined) <= max_passes:
+            passes += len(refined)
     return passes
 
 

@@ -424,20 +424,21 @@ def occlusion_map(
     result = _mean_cover(drops, positions, (ph, pw), (h, w))
     passes = 1 + len(positions)
     refined: list[tuple[int, int]] = []
+    window = ""  # rows and columns the second sweep covered: y0,x0,y1,x1
     if refine_patch is not None:
         if refine_patch < 1 or refine_stride < 1:
             raise ValueError(
                 f"refine patch and stride must be >= 1, got {refine_patch} and {refine_stride}"
             )
-        rp = (min(refine_patch, h), min(refine_patch, w))
         best = positions[int(np.argmax(drops))]
-        fy = refine_starts(h, best[0], ph, rp[0], refine_stride)
-        fx = refine_starts(w, best[1], pw, rp[1], refine_stride)
-        if passes + len(fy) * len(fx) <= max_passes:
-            refined = [(y, x0) for y in fy for x0 in fx]
+        rp, planned = refine_positions((h, w), best, (ph, pw), refine_patch, refine_stride)
+        if passes + len(planned) <= max_passes:
+            refined = planned
             fine = _occlusion_drops(predict, img, filled, refined, rp, reference, batch_size)
             result += _mean_cover(fine, refined, rp, (h, w))
             passes += len(refined)
+            (y0, x0), (y1, x1) = refined[0], refined[-1]
+            window = f"{y0},{x0},{y1 + rp[0]},{x1 + rp[1]}"
     params: dict[str, ParamValue] = {
         "patch_h": ph,
         "patch_w": pw,
@@ -453,16 +454,24 @@ def occlusion_map(
         params["refine_stride"] = refine_stride
         params["refine_passes"] = len(refined)
         if refined:
-            params["refine_window"] = ",".join(
-                str(v)
-                for v in (
-                    refined[0][0],
-                    refined[0][1],
-                    refined[-1][0] + min(refine_patch, h),
-                    refined[-1][1] + min(refine_patch, w),
-                )
-            )
+            params["refine_window"] = window
     return SaliencyResult(map=result, forward_passes=passes, params=params)
+
+
+def refine_positions(
+    shape: tuple[int, int],
+    best: tuple[int, int],
+    patch: tuple[int, int],
+    refine_patch: int,
+    refine_stride: int,
+) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """The second occlusion sweep around the coarse patch starting at ``best``: its patch
+    size (``refine_patch`` clamped to the image) and its patch positions, row-major."""
+    h, w = shape
+    rp = (min(refine_patch, h), min(refine_patch, w))
+    ys = refine_starts(h, best[0], patch[0], rp[0], refine_stride)
+    xs = refine_starts(w, best[1], patch[1], rp[1], refine_stride)
+    return rp, [(y, x0) for y in ys for x0 in xs]
 
 
 def refine_starts(
