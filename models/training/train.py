@@ -324,7 +324,11 @@ def evidence_target(
 
 
 def cls_loss(
-    net: NoduleClassifier, x: torch.Tensor, y: torch.Tensor, min_evidence: float | None = None
+    net: NoduleClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    min_evidence: float | None = None,
+    cam_lowres: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BCE on the pooled logit + a localisation term on the per-position evidence.
 
@@ -341,9 +345,10 @@ def cls_loss(
     ``min_evidence / n`` each (``n`` of them): a 2-pixel cross-section fills one cell, whose
     plain target (about half ``EVIDENCE_TARGET``) is no more than the summed noise of 4,096
     background cells, so without it the localisation term holds the small nodules' logit
-    down against the BCE term.
+    down against the BCE term. ``cam_lowres`` is ``net.cam_lowres(x)`` when the caller has
+    computed it already (under mixed precision, say).
     """
-    evidence = net.cam_lowres(x) / net.scale
+    evidence = (net.cam_lowres(x) if cam_lowres is None else cam_lowres) / net.scale
     logit = evidence.sum((2, 3)) + net.bias
     nodule = (y == 2).float()[:, None]
     present = (nodule.flatten(1).sum(1) > 0).float()[:, None]
@@ -470,6 +475,8 @@ def train(
     base: int | None = None,
     min_evidence: float | None = None,
     input_scale: int | None = None,
+    bf16: bool = False,
+    compile_forward: bool = False,
 ) -> dict[str, Any]:
     """Train ``name`` within a wall-clock budget; save ``<out>/<name>.pt`` and a JSON log.
 
@@ -487,7 +494,18 @@ def train(
     With ``ema`` (a decay, e.g. 0.999) the saved weights are the exponential moving average
     of the weights over the steps (Polyak averaging) instead of the last step's; BatchNorm
     statistics are then re-estimated for the averaged weights.
+
+    Two speed options change how a step is computed (its kernels and precision), not the
+    recipe: ``bf16`` runs the
+    forward pass under ``torch.autocast`` in bfloat16 (convolutions in bfloat16; the weights,
+    the optimiser, BatchNorm statistics and the loss stay float32), ``compile_forward``
+    (segmenters) runs it through ``torch.compile`` (fused kernels; the first steps of each
+    input shape pay the compilation). Together, on two threads of a CPU with AVX-512 and AMX,
+    a SegNet step took 108 ms instead of 251 ms and a U-Net step 132 ms instead of 259 ms
+    (``models/README.md``), so the time budget buys about twice the steps. Validation, BatchNorm re-estimation and export use the float32 module.
     """
+    if compile_forward and name == "classifier":
+        raise ValueError("compile_forward applies to the segmenters only")
     out = out or CHECKPOINTS
     cfg = dict(DEFAULTS[name])
     if minutes is not None:
@@ -506,6 +524,10 @@ def train(
             if min_evidence <= 0:
                 raise ValueError(f"min_evidence must be > 0, got {min_evidence}")
             cfg["min_evidence"] = min_evidence
+    if bf16:
+        cfg["bf16"] = True
+    if compile_forward:
+        cfg["compile"] = True
     if ema is not None:
         if not 0.0 < ema < 1.0:
             raise ValueError(f"ema decay must lie in (0, 1), got {ema}")
@@ -562,6 +584,7 @@ def train(
         )
     # NHWC activations: oneDNN's convolutions are about 20 % faster on CPU (same weights).
     net = net.to(memory_format=torch.channels_last)
+    forward: nn.Module = torch.compile(net) if compile_forward else net  # type: ignore[assignment]
     averaged = (
         AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=False)
         if ema is not None
@@ -609,10 +632,14 @@ def train(
         x = x.contiguous(memory_format=torch.channels_last)
         if is_cls:
             assert isinstance(net, NoduleClassifier)
-            loss, _, _ = cls_loss(net, x, y, cfg.get("min_evidence"))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                evidence = net.cam_lowres(x)
+            loss, _, _ = cls_loss(net, x, y, cfg.get("min_evidence"), evidence.float())
         else:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = forward(x)
             loss = seg_loss(
-                net(x), y, per_sample_nodule=lesion_balanced, nodule_weight=nodule_weight
+                logits.float(), y, per_sample_nodule=lesion_balanced, nodule_weight=nodule_weight
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -652,6 +679,8 @@ def train(
     if not is_cls and nodule_weight != NODULE_CE_WEIGHT:
         command += f" --nodule-weight {nodule_weight:g}"
     command += f" --ema {ema:g}" if ema is not None else ""
+    command += " --bf16" if bf16 else ""
+    command += " --compile" if compile_forward else ""
     if not resume and cfg["base"] != DEFAULTS[name]["base"]:
         command += f" --base {cfg['base']}"
     if is_cls and cfg["evidence_stride"] != DEFAULTS["classifier"]["evidence_stride"]:
@@ -781,6 +810,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="classifier: 2 takes the source 512 × 512 slices (space-to-depth stem)",
     )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="mixed precision: the forward pass in bfloat16 (torch.autocast); weights, "
+        "optimiser, BatchNorm and loss stay float32",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="segmenters: torch.compile the forward pass (fused kernels, faster steps)",
+    )
     p.add_argument("--out", type=Path, default=None, help="checkpoint folder")
     args = p.parse_args(argv)
     train(
@@ -798,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
         base=args.base,
         min_evidence=args.min_evidence,
         input_scale=args.input_scale,
+        bf16=args.bf16,
+        compile_forward=args.compile,
         out=args.out,
     )
     return 0

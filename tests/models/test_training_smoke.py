@@ -246,3 +246,26 @@ def test_only_the_classifier_takes_source_resolution() -> None:
 
     with pytest.raises(ValueError, match="label grid"):
         build_model("unet", 8, input_scale=2)
+
+
+def test_mixed_precision_and_compiled_forward_train_and_say_so(tiny: Split, tmp_path: Path) -> None:
+    """``bf16`` and ``compile_forward`` change the step's arithmetic, not the recipe: the run
+    trains, records both in its config and command, and saves float32 weights that load."""
+    from models.training.export import load_trained
+
+    log = train(
+        "segnet", minutes=5.0, seed=0, threads=1, data=tiny, val=tiny, out=tmp_path,
+        max_steps=2, log_every=1, bf16=True, compile_forward=True,
+    )  # fmt: skip
+    assert log["steps"] == 2 and all(math.isfinite(h["loss"]) for h in log["history"])
+    assert log["config"]["bf16"] is True and log["config"]["compile"] is True
+    assert "--bf16 --compile" in log["commands"][0]
+    net, _ = load_trained("segnet", tmp_path)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    cls = train(
+        "classifier", minutes=5.0, seed=0, threads=1, data=tiny, val=tiny,
+        out=tmp_path / "cls", max_steps=1, log_every=1, bf16=True,
+    )  # fmt: skip
+    assert cls["steps"] == 1 and "--bf16" in cls["commands"][0]
+    with pytest.raises(ValueError, match="segmenters"):
+        train("classifier", data=tiny, val=tiny, out=tmp_path / "x", compile_forward=True)
