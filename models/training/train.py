@@ -496,13 +496,13 @@ def train(
     statistics are then re-estimated for the averaged weights.
 
     Two speed options change how a step is computed (its kernels and precision), not the
-    recipe: ``bf16`` runs the
-    forward pass under ``torch.autocast`` in bfloat16 (convolutions in bfloat16; the weights,
-    the optimiser, BatchNorm statistics and the loss stay float32), ``compile_forward``
-    (segmenters) runs it through ``torch.compile`` (fused kernels; the first steps of each
-    input shape pay the compilation). Together, on two threads of a CPU with AVX-512 and AMX,
-    a SegNet step took 108 ms instead of 251 ms and a U-Net step 132 ms instead of 259 ms
-    (``models/README.md``), so the time budget buys about twice the steps. Validation, BatchNorm re-estimation and export use the float32 module.
+    recipe: ``bf16`` runs the forward pass under ``torch.autocast`` in bfloat16 (convolutions
+    in bfloat16; the weights, the optimiser, BatchNorm statistics and the loss stay float32),
+    ``compile_forward`` (segmenters) runs it through ``torch.compile`` (fused kernels; the
+    first steps of each input shape pay the compilation). Together, on two threads of a CPU
+    with AVX-512 and AMX, a SegNet step took 108 ms instead of 251 ms and a U-Net step 132 ms
+    instead of 259 ms (``models/README.md``), so the time budget buys about twice the steps.
+    Validation, BatchNorm re-estimation and export use the float32 module.
     """
     if compile_forward and name == "classifier":
         raise ValueError("compile_forward applies to the segmenters only")
