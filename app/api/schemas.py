@@ -28,7 +28,7 @@ _EXAMPLE_JOB: dict[str, Any] = {
     "stage": None,
     "queue_position": 2,
     "eta_seconds": 24.0,
-    "models": ["classifier:1.1.0", "segnet:1.3.0", "unet:1.1.0"],
+    "models": ["classifier:1.1.0", "segnet:1.3.0", "unet:1.2.0"],
     "timings": {},
     "error": None,
     "warnings": [],

@@ -64,7 +64,7 @@ from workers.pipeline import postprocess
 from workers.pipeline.postprocess import calibrated_probabilities
 
 # the release of each model this code exports (earlier releases stay servable)
-RELEASES: dict[str, str] = {"unet": "1.1.0", "segnet": "1.3.0", "classifier": "1.1.0"}
+RELEASES: dict[str, str] = {"unet": "1.2.0", "segnet": "1.3.0", "classifier": "1.1.0"}
 MAX_ONNX_BYTES = 25 * 1024 * 1024
 PARITY_TOLERANCE = 1e-4
 PARITY_INPUTS = 100
