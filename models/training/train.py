@@ -325,15 +325,15 @@ def evidence_target(
 
 def cls_loss(
     net: NoduleClassifier,
-    x: torch.Tensor,
+    cam_lowres: torch.Tensor,
     y: torch.Tensor,
     min_evidence: float | None = None,
-    cam_lowres: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BCE on the pooled logit + a localisation term on the per-position evidence.
 
-    The evidence map is ``cam_lowres / scale``: the logit is its sum plus the bias, so the
-    same loss applies to crops of any size. Sum pooling alone spreads its gradient evenly over
+    ``cam_lowres`` is ``net.cam_lowres(x)`` in float32 (the caller runs the network, under
+    mixed precision or not). The evidence map is ``cam_lowres / scale``: the logit is its sum
+    plus the bias, so the same loss applies to crops of any size. Sum pooling alone spreads its gradient evenly over
     all positions and does not find a 3 mm nodule in 4,096 positions; the localisation term
     tells each evidence cell (``evidence_stride`` pixels square) what its evidence should be —
     where the cell holds nodule pixels ``EVIDENCE_TARGET · (1 + c) / 2`` with ``c`` the share
@@ -345,10 +345,9 @@ def cls_loss(
     ``min_evidence / n`` each (``n`` of them): a 2-pixel cross-section fills one cell, whose
     plain target (about half ``EVIDENCE_TARGET``) is no more than the summed noise of 4,096
     background cells, so without it the localisation term holds the small nodules' logit
-    down against the BCE term. ``cam_lowres`` is ``net.cam_lowres(x)`` when the caller has
-    computed it already (under mixed precision, say).
+    down against the BCE term.
     """
-    evidence = (net.cam_lowres(x) if cam_lowres is None else cam_lowres) / net.scale
+    evidence = cam_lowres / net.scale
     logit = evidence.sum((2, 3)) + net.bias
     nodule = (y == 2).float()[:, None]
     present = (nodule.flatten(1).sum(1) > 0).float()[:, None]
@@ -634,7 +633,7 @@ def train(
             assert isinstance(net, NoduleClassifier)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 evidence = net.cam_lowres(x)
-            loss, _, _ = cls_loss(net, x, y, cfg.get("min_evidence"), evidence.float())
+            loss, _, _ = cls_loss(net, evidence.float(), y, cfg.get("min_evidence"))
         else:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits = forward(x)
