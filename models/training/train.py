@@ -331,15 +331,16 @@ def cls_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BCE on the pooled logit + a localisation term on the per-position evidence.
 
-    ``cam_lowres`` is ``net.cam_lowres(x)`` in float32 (the caller runs the network, under
-    mixed precision or not). The evidence map is ``cam_lowres / scale``: the logit is its sum
-    plus the bias, so the same loss applies to crops of any size. Sum pooling alone spreads its gradient evenly over
-    all positions and does not find a 3 mm nodule in 4,096 positions; the localisation term
-    tells each evidence cell (``evidence_stride`` pixels square) what its evidence should be —
-    where the cell holds nodule pixels ``EVIDENCE_TARGET · (1 + c) / 2`` with ``c`` the share
-    of the cell's pixels that are nodule (so the map peaks on the best-covered cells, where its up-sampled maximum lands
-    inside the nodule), 0 elsewhere (a ring around the nodule is left free) — so the map is
-    zero away from nodules and the logit grows with the nodule's extent.
+    ``cam_lowres`` is ``net.cam_lowres(x)`` in float32 (the caller runs the network, under mixed
+    precision or not). The evidence map is ``cam_lowres / scale``: the logit is its sum plus the
+    bias, so the same loss applies to crops of any size. Sum pooling alone spreads its gradient
+    evenly over all positions and does not find a 3 mm nodule in 4,096 positions; the
+    localisation term tells each evidence cell (``evidence_stride`` pixels square) what its
+    evidence should be — where the cell holds nodule pixels ``EVIDENCE_TARGET · (1 + c) / 2``
+    with ``c`` the share of the cell's pixels that are nodule (so the map peaks on the
+    best-covered cells, where its up-sampled maximum lands inside the nodule), 0 elsewhere (a
+    ring around the nodule is left free) — so the map is zero away from nodules and the logit
+    grows with the nodule's extent.
 
     With ``min_evidence`` the nodule cells of a sample are asked for at least
     ``min_evidence / n`` each (``n`` of them): a 2-pixel cross-section fills one cell, whose
