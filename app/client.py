@@ -229,6 +229,7 @@ class Job(_Schema):
     attempts: int = 0
     created_at: datetime | None = None
     started_at: datetime | None = None
+    results_at: datetime | None = None
     finished_at: datetime | None = None
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
@@ -325,10 +326,12 @@ class DicomOutputs(_Schema):
 
 
 class Results(_Schema):
-    """``GET /api/v1/jobs/{id}/results`` (only for succeeded jobs)."""
+    """``GET /api/v1/jobs/{id}/results``: readable once the job's ``results_at`` is set;
+    ``complete`` (and the ``dicom`` objects) once it has succeeded."""
 
     job_id: str
     status: str
+    complete: bool = True
     series: SeriesInfo
     findings: list[Finding] = Field(default_factory=list)
     masks: list[Mask] = Field(default_factory=list)
@@ -592,7 +595,8 @@ class Client:
                 return
 
     def results(self, job_id: str) -> Results:
-        """A succeeded job's results; ``ClientError`` 409 ``not_ready`` before that."""
+        """A job's results (``complete`` once it has succeeded); ``ClientError`` 409
+        ``not_ready`` before its ``results_at``."""
         return Results.model_validate(self.results_json(job_id))
 
     def results_json(self, job_id: str) -> dict[str, Any]:

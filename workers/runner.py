@@ -1,10 +1,12 @@
-"""Run one job: claim → decode → analyse with every model → outputs → record, atomically.
+"""Run one job: claim → decode → analyse with every model → results → DICOM objects.
 
 The only worker module that opens database sessions; it reads and writes blobs itself and
 through ``workers.series`` (decoding) and ``workers.dicom_outputs`` (SEG, SR, Parametric Maps).
-Each step runs in its own short ``session_scope()``; the results and the ``succeeded`` status
-commit in ONE transaction, after every blob they name is durable. Re-running a job replaces its
-result set as a whole.
+Each step runs in its own short ``session_scope()``. The result rows (masks, findings, saliency
+maps) commit in ONE transaction, after every blob they name is durable, and are readable from
+then on (the job's ``results_at``); the DICOM objects built from them commit with the
+``succeeded`` status in a second one. A job that stops in between is still running: it is
+reclaimed and run again like any other, and the re-run replaces its result set as a whole.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -69,6 +71,7 @@ class JobRun:
         self.store = BlobStore(settings.blob_dir)
         self.sink = dicom_outputs.ArtifactSink(job_id, self.store)
         self.timings: dict[str, float] = {}
+        self._timings_lock = threading.Lock()  # the output builder threads time their work too
         self.current = "claimed"
         self.lost = False
         self.warnings: list[dict[str, str]] = []
@@ -124,7 +127,8 @@ class JobRun:
             raise PipelineError("lease_lost", "the job's lease was reclaimed by another worker")
 
     def timed(self, name: str, seconds: float) -> None:
-        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 4)
+        with self._timings_lock:
+            self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 4)
 
 
 def resolve_job_models(keys: list[str], settings: Settings) -> list[RegisteredModel]:
@@ -241,7 +245,7 @@ def _execute(run: JobRun) -> None:
     modality = str(series.datasets[0].get("Modality", "") or "")
     threads = ort_threads(run.settings)
     voxel_mm3 = voxel_volume_mm3(series)  # the same for every model
-    with OutputBuilder(run, series, overlap=True) as outputs:
+    with OutputBuilder(run, series, overlap=True, models=len(models)) as outputs:
         for model in models:
             run.stage(f"infer:{model.manifest.name}")
             intended = model.manifest.preprocessing.modalities
@@ -277,11 +281,16 @@ def _execute(run: JobRun) -> None:
             outputs.add(analysis)
         run.stage("outputs")
         t = time.perf_counter()
-        records = outputs.records()
+        rows = outputs.result_rows()
         run.timed("outputs", time.perf_counter() - t)
-    t = time.perf_counter()
-    _commit_results(run, records, outputs.analyses)
-    run.timed("commit", time.perf_counter() - t)
+        t = time.perf_counter()
+        _publish_results(run, rows, outputs.analyses)
+        run.timed("commit", time.perf_counter() - t)
+        run.stage("dicom")
+        t = time.perf_counter()
+        objects = outputs.dicom_rows()
+        run.timed("dicom", time.perf_counter() - t)
+    _commit_dicom(run, objects, outputs.analyses)
 
 
 @dataclass
@@ -295,30 +304,41 @@ class _PendingOutputs:
 
 
 class OutputBuilder:
-    """Builds every model's records (PNGs, maps, DICOM objects, blobs), in model order.
+    """Builds every model's records in two sets: the result rows first, the DICOM objects after.
+
+    The result rows are what a reader needs to see what the models found: masks, findings,
+    lesions and saliency maps, with their PNGs and float maps. The DICOM objects (SEG, the
+    findings SR, Parametric Maps) are derived from the same analyses and cost a fixed 0.2-0.3 s
+    of pure Python per job whatever its size (highdicom builds and checks each object), so the
+    runner commits the result rows first (``result_rows``) and builds the objects after
+    (``dicom_rows``): a one-slice job's masks are readable that much sooner.
 
     Per-frame images (saliency maps, label maps and their overlays) are rendered by a small
-    thread pool: PNG compression, hashing and the blob store's fsync release the GIL. The DICOM
-    objects are pure Python and are built one model after another on a single thread.
+    thread pool: PNG compression, hashing and the blob store's fsync release the GIL. The rows
+    and the DICOM objects are each built on one thread of their own, model after model.
 
-    With ``overlap`` (what the workers do), a model's outputs are built while the next model
-    runs: onnxruntime releases the GIL, so the builder thread uses a spare core, or the gaps
-    onnxruntime's threads leave and the time the renderers spend waiting on fsync; only the last
-    model's outputs remain after the last forward pass. Measured side by side on two cores with
-    two intra-op threads (`make bench QUICK=1`, embedded shape, 32 slices): 5.7 s to result
-    instead of 6.6 s. Without it, everything is built after inference, as one loop would.
-    Either way the rows come out in the same order with the same content, and the warnings
-    in model order (one builder thread).
+    With ``overlap`` (what the workers do), a model's rows and objects are built while the next
+    model runs: onnxruntime releases the GIL, so the builder threads use a spare core, or the
+    gaps onnxruntime's threads leave and the time the renderers spend waiting on fsync. The
+    last model's objects (of ``models``) wait until ``dicom_rows``, after the result rows are
+    committed, so that they do not compete with that model's rows. Without ``overlap``,
+    everything is built when asked for, as one loop would. Either way the rows come out in the
+    same order with the same content, and the warnings in model order.
     """
 
-    def __init__(self, run: JobRun, series: DecodedSeries, *, overlap: bool) -> None:
+    def __init__(
+        self, run: JobRun, series: DecodedSeries, *, overlap: bool, models: int = 0
+    ) -> None:
         self.run = run
         self.series = series
         self.overlap = overlap
+        self.models = models
         self.analyses: list[ModelAnalysis] = []
         self._pool = ThreadPoolExecutor(max_workers=min(4, _cores()), thread_name_prefix="render")
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outputs")
-        self._built: list[Future[tuple[list[Any], list[dict[str, str]]]]] = []
+        self._dicom = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dicom")
+        self._rows: list[Future[list[Any]]] = []
+        self._objects: list[Future[tuple[list[ArtifactRecord], list[dict[str, str]]]]] = []
 
     def __enter__(self) -> OutputBuilder:
         return self
@@ -327,22 +347,32 @@ class OutputBuilder:
         # on failure, work not started yet is dropped; running work finishes (its blobs are
         # orphans for the scrubber, as after a crash)
         failed = exc_type is not None
+        self._dicom.shutdown(wait=True, cancel_futures=failed)
         self._builder.shutdown(wait=True, cancel_futures=failed)
         self._pool.shutdown(wait=True, cancel_futures=failed)
 
     def add(self, analysis: ModelAnalysis) -> None:
-        """Queue one model's outputs (started now when overlapping, else at ``records``)."""
+        """Queue one model's outputs (started now when overlapping, else when asked for)."""
         self.analyses.append(analysis)
         if self.overlap:
-            self._submit(analysis)
+            self._submit_rows(analysis)
+            if len(self.analyses) < self.models:  # not the last model
+                self._submit_objects(analysis)
 
-    def records(self) -> list[Any]:
-        """Every model's rows, in model order (waits for the builder)."""
+    def result_rows(self) -> list[Any]:
+        """Every model's result rows (no DICOM objects), in model order (waits for them)."""
         if not self.overlap:
             for analysis in self.analyses:
-                self._submit(analysis)
-        out: list[Any] = []
-        for future in self._built:
+                self._submit_rows(analysis)
+        return [row for future in self._rows for row in future.result()]
+
+    def dicom_rows(self) -> list[ArtifactRecord]:
+        """Every model's DICOM objects, then the series' findings SR (waits for them); the
+        objects the sources cannot support become entries of the job's warnings instead."""
+        for analysis in self.analyses[len(self._objects) :]:
+            self._submit_objects(analysis)
+        out: list[ArtifactRecord] = []
+        for future in self._objects:
             records, warnings = future.result()
             out.extend(records)
             self.run.warnings.extend(warnings)
@@ -355,14 +385,25 @@ class OutputBuilder:
         self.run.timed("outputs_built", time.perf_counter() - t)
         return out
 
-    def _submit(self, analysis: ModelAnalysis) -> None:
+    def _submit_rows(self, analysis: ModelAnalysis) -> None:
         pending = _start_model_outputs(self.run, self.series, analysis, self._pool)
-        self._built.append(self._builder.submit(self._finish, pending))
+        self._rows.append(self._builder.submit(self._finish_rows, pending))
 
-    def _finish(self, pending: _PendingOutputs) -> tuple[list[Any], list[dict[str, str]]]:
+    def _submit_objects(self, analysis: ModelAnalysis) -> None:
+        self._objects.append(self._dicom.submit(self._build_objects, analysis))
+
+    def _finish_rows(self, pending: _PendingOutputs) -> list[Any]:
+        t = time.perf_counter()
+        built = _finish_model_outputs(self.run, self.series, pending)
+        self.run.timed("outputs_built", time.perf_counter() - t)
+        return built
+
+    def _build_objects(
+        self, analysis: ModelAnalysis
+    ) -> tuple[list[ArtifactRecord], list[dict[str, str]]]:
         t = time.perf_counter()
         warnings: list[dict[str, str]] = []
-        built = _finish_model_outputs(self.run, self.series, pending, warnings)
+        built = dicom_outputs.model_objects(self.run.sink, self.series, analysis, warnings)
         self.run.timed("outputs_built", time.perf_counter() - t)
         return built, warnings
 
@@ -372,7 +413,8 @@ def build_records(run: JobRun, series: DecodedSeries, analyses: list[ModelAnalys
     with OutputBuilder(run, series, overlap=False) as outputs:
         for analysis in analyses:
             outputs.add(analysis)
-        return outputs.records()
+        rows: list[Any] = outputs.result_rows()
+        return rows + list(outputs.dicom_rows())
 
 
 def _start_model_outputs(
@@ -392,10 +434,9 @@ def _start_model_outputs(
 
 
 def _finish_model_outputs(
-    run: JobRun, series: DecodedSeries, pending: _PendingOutputs, warnings: list[dict[str, str]]
+    run: JobRun, series: DecodedSeries, pending: _PendingOutputs
 ) -> list[Any]:
-    """A model's rows: saliency, masks, findings and its DICOM objects (built here); a DICOM
-    object the sources cannot support becomes an entry of ``warnings`` instead."""
+    """A model's result rows: saliency maps, masks, lesions and findings."""
     analysis = pending.analysis
     records: list[Any] = []
     saliency_ids: dict[tuple[int, str], str] = {}
@@ -408,7 +449,6 @@ def _finish_model_outputs(
         records.extend(_lesion_records(run, series, analysis, saliency_ids))
     if analysis.classification is not None:
         records.extend(_finding_records(run, series, analysis, saliency_ids))
-    records.extend(dicom_outputs.model_objects(run.sink, series, analysis, warnings))
     return records
 
 
@@ -660,17 +700,41 @@ def _uncertain(analyses: list[ModelAnalysis]) -> bool:
     return any(flags)
 
 
-def _commit_results(run: JobRun, records: list[Any], analyses: list[ModelAnalysis]) -> None:
-    """Replace the job's result set and mark it succeeded, in one transaction."""
+def _owned_job(session: Any, run: JobRun) -> JobRecord:
+    """The job's row, if this attempt still holds its lease."""
+    job = session.get(JobRecord, run.job_id)
+    if job is None or job.status != JobStatus.RUNNING or job.lease_owner != run.owner:
+        raise PipelineError("lease_lost", "the job's lease was reclaimed by another worker")
+    return cast(JobRecord, job)
+
+
+def _publish_results(run: JobRun, rows: list[Any], analyses: list[ModelAnalysis]) -> None:
+    """Replace the job's result set with ``rows`` and make it readable, in one transaction.
+
+    The previous attempt's DICOM objects go too: a result set and its objects always come
+    from the same attempt. The job stays running, under its lease, until ``_commit_dicom``.
+    """
     with session_scope() as session:
-        job = session.get(JobRecord, run.job_id)
-        if job is None or job.status != JobStatus.RUNNING or job.lease_owner != run.owner:
-            raise PipelineError("lease_lost", "the job's lease was reclaimed by another worker")
+        job = _owned_job(session, run)
         for table in (FindingRecord, MaskRecord, SaliencyRecord, ArtifactRecord):
             session.execute(delete(table).where(table.job_id == run.job_id))
-        session.add_all(records)
-        # written before the job is stamped: its finished_at is then the moment its results
-        # are (only the job's own row and the commit follow), which clients can time against
+        session.add_all(rows)
+        # written before the job is stamped: its results_at is then the moment its rows are
+        # (only the job's own row and the commit follow), which clients can time against
+        session.flush()
+        jobs.publish_results(
+            session=session, job=job, timings=dict(run.timings), uncertain=_uncertain(analyses)
+        )
+        job.warnings = list(run.warnings)
+
+
+def _commit_dicom(
+    run: JobRun, objects: list[ArtifactRecord], analyses: list[ModelAnalysis]
+) -> None:
+    """Add the job's DICOM objects and mark it succeeded, in one transaction."""
+    with session_scope() as session:
+        job = _owned_job(session, run)
+        session.add_all(objects)
         session.flush()
         jobs.succeed_job(
             session=session, job=job, timings=dict(run.timings), uncertain=_uncertain(analyses)

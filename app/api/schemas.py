@@ -35,6 +35,7 @@ _EXAMPLE_JOB: dict[str, Any] = {
     "attempts": 0,
     "created_at": "2026-01-05T09:30:00Z",
     "started_at": None,
+    "results_at": None,
     "finished_at": None,
     "study_instance_uid": _STUDY,
     "series_instance_uid": _SERIES,
@@ -161,6 +162,10 @@ class Job(BaseModel):
     attempts: int
     created_at: UtcDatetime
     started_at: UtcDatetime | None
+    results_at: UtcDatetime | None = Field(
+        description="When the masks, findings and saliency maps became readable at "
+        "`/jobs/{id}/results`; the job succeeds once its DICOM objects are stored too"
+    )
     finished_at: UtcDatetime | None
     study_instance_uid: str
     series_instance_uid: str
@@ -305,7 +310,7 @@ class DicomOutputs(BaseModel):
 
 
 class Results(BaseModel):
-    """Everything a succeeded job produced."""
+    """Everything a job produced (its DICOM objects once it has succeeded)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -313,6 +318,7 @@ class Results(BaseModel):
                 {
                     "job_id": _JOB,
                     "status": "succeeded",
+                    "complete": True,
                     "uncertain": False,
                     "series": {
                         "study_instance_uid": _STUDY,
@@ -418,6 +424,10 @@ class Results(BaseModel):
 
     job_id: str
     status: str
+    complete: bool = Field(
+        description="False while the job still builds its DICOM objects from these results "
+        "(`dicom` is empty until then); true once it has succeeded"
+    )
     uncertain: bool | None
     series: SeriesInfo
     findings: list[FindingOut]

@@ -149,6 +149,9 @@ class JobRecord(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # the result rows (masks, findings, saliency maps) committed and readable; the DICOM
+    # objects built from them follow, and the job succeeds once they are stored too
+    results_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 

@@ -318,6 +318,7 @@ def release_job(*, session: Session, job_id: str, owner: str) -> bool:
 def fail_job(*, session: Session, job: JobRecord, code: str, detail: str) -> None:
     """Mark a job failed with a reason."""
     job.status = JobStatus.FAILED
+    job.results_at = None  # a failed job serves no results, even rows an attempt committed
     job.error_code = code
     job.error_detail = detail[:2000]
     job.finished_at = utcnow()
@@ -326,6 +327,32 @@ def fail_job(*, session: Session, job: JobRecord, code: str, detail: str) -> Non
     if job.callback_url:
         job.webhook_status = "pending"
         job.webhook_next_at = utcnow()
+
+
+def publish_results(
+    *, session: Session, job: JobRecord, timings: dict[str, float], uncertain: bool | None
+) -> None:
+    """Make a running job's result rows readable (called in the same transaction as the rows).
+
+    The job stays running under its lease while its DICOM objects are built; ``succeed_job``
+    follows in a second transaction.
+    """
+    job.results_at = utcnow()
+    job.timings = timings
+    job.uncertain = uncertain
+    job.stage = "dicom"
+
+
+def results_readable(job: JobRecord) -> bool:
+    """Whether ``job``'s result rows may be served.
+
+    A succeeded job's, and a job's whose rows are committed while it builds its DICOM objects
+    (running), or was handed back to the queue after that (queued, to run again: the rows of
+    the earlier attempt stay readable until the new attempt replaces them as a whole).
+    """
+    if job.status == JobStatus.SUCCEEDED:
+        return True
+    return job.results_at is not None and job.status in (JobStatus.RUNNING, JobStatus.QUEUED)
 
 
 def succeed_job(

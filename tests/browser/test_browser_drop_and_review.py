@@ -232,6 +232,8 @@ def test_job_lines_say_queue_position_eta_stage_and_failure_reason(
                 describeJob({ status: 'queued', queue_position: 3, eta_seconds: 95 }),
                 describeJob({ status: 'queued', queue_position: 1, eta_seconds: null }),
                 describeJob({ status: 'running', stage: 'infer:unet', attempts: 2, eta_seconds: 12 }),
+                describeJob({ status: 'running', stage: 'dicom', attempts: 1,
+                              results_at: '2026-01-05T09:00:41Z' }),
                 describeJob({ status: 'failed', error: { code: 'worker_lost', detail: 'ended its worker 3 times' } }),
                 describeJob({ status: 'succeeded', started_at: '2026-01-05T09:00:00Z',
                               finished_at: '2026-01-05T09:00:42Z' }),
@@ -240,9 +242,10 @@ def test_job_lines_say_queue_position_eta_stage_and_failure_reason(
         )
     finally:
         page.close()
-    queued_eta, queued, running, failed, succeeded = lines
+    queued_eta, queued, running, dicom, failed, succeeded = lines
     assert queued_eta == "Position 3 in the queue · starts in about 2 min"
     assert queued == "Position 1 in the queue"  # no finished job yet: no basis for an ETA
     assert running == "Stage: infer:unet · attempt 2 · about 12 s left"
+    assert dicom == "Results ready · building the DICOM objects"
     assert failed == "Failed: worker_lost — ended its worker 3 times"
     assert succeeded == "Results ready · took 42 s"

@@ -149,6 +149,98 @@ def test_running_a_job_twice_leaves_one_result_set(api: Any) -> None:
     assert all(api.get(m["url"]).status_code == 200 for m in after.json()["masks"])
 
 
+def _results(api: Any, job_id: str) -> tuple[dict[str, Any], str]:
+    r = api.get(f"/api/v1/jobs/{job_id}/results")
+    assert r.status_code == 200, r.text
+    return r.json(), r.headers["etag"]
+
+
+def test_results_are_readable_while_the_dicom_objects_are_built(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the result rows commit first; the job stays running until its SEG/SR/PMs are stored
+    blobs, _ = bright_disc_series(n=2, radius=10)
+    job_id = _upload(api, blobs)
+    seen: dict[str, Any] = {}
+    dicom_rows = runner.OutputBuilder.dicom_rows
+
+    def look_first(self: runner.OutputBuilder) -> list[Any]:
+        seen["job"] = api.get(f"/api/v1/jobs/{job_id}").json()
+        seen["results"], seen["etag"] = _results(api, job_id)
+        return dicom_rows(self)
+
+    monkeypatch.setattr(runner.OutputBuilder, "dicom_rows", look_first)
+    assert runner.run_job(job_id) == "succeeded"
+    job, partial = seen["job"], seen["results"]
+    assert job["status"] == "running" and job["stage"] == "dicom" and job["results_at"]
+    assert job["finished_at"] is None
+    assert partial["complete"] is False and partial["status"] == "running"
+    assert partial["masks"] and partial["saliency"] and partial["findings"]
+    assert not any(partial["dicom"].values())
+    final, etag = _results(api, job_id)
+    assert final["complete"] is True and final["dicom"]["seg"] and final["dicom"]["sr"]
+    assert etag != seen["etag"]  # a polling client sees the DICOM objects arrive
+    # the second transaction added the objects; the rows already read stay the rows served
+    for kind in ("masks", "saliency", "findings"):
+        assert [x["id"] for x in final[kind]] == [x["id"] for x in partial[kind]]
+    done = api.get(f"/api/v1/jobs/{job_id}").json()
+    assert done["results_at"] <= done["finished_at"]
+    assert {"outputs", "commit", "dicom"} <= set(done["timings"])
+
+
+def test_a_worker_lost_between_results_and_dicom_objects_reruns_the_job(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import timedelta
+
+    from app.db.records import utcnow
+    from app.jobs.sweeper import sweep_once
+    from app.settings import get_settings
+
+    blobs, _ = bright_disc_series(n=2, radius=10)
+    job_id = _upload(api, blobs)
+
+    def killed(self: runner.OutputBuilder) -> list[Any]:
+        raise SystemExit("worker process ends here")  # not caught by the runner, like a kill
+
+    with monkeypatch.context() as m:
+        m.setattr(runner.OutputBuilder, "dicom_rows", killed)
+        with pytest.raises(SystemExit):
+            runner.run_job(job_id)
+    partial, _ = _results(api, job_id)  # the committed rows stay readable meanwhile
+    assert partial["complete"] is False and partial["masks"] and not partial["dicom"]["seg"]
+    with session_scope() as s:  # the lease runs out, as it would after the kill
+        job = s.get(JobRecord, job_id)
+        assert job is not None and job.status == "running"
+        job.lease_expires_at = utcnow() - timedelta(seconds=1)
+    assert sweep_once(get_settings()).reclaimed == [job_id]
+    assert runner.run_job(job_id) == "succeeded"
+    final, _ = _results(api, job_id)
+    assert final["complete"] is True and final["dicom"]["seg"] and final["dicom"]["sr"]
+    assert {m["id"] for m in final["masks"]}.isdisjoint(m["id"] for m in partial["masks"])
+    assert len(final["masks"]) == len(partial["masks"])  # one result set, not two
+    assert api.get(f"/api/v1/jobs/{job_id}").json()["attempts"] == 2
+
+
+def test_a_job_that_fails_after_its_results_serves_none(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.errors import PipelineError
+
+    blobs, _ = bright_disc_series(n=1, radius=10)
+    job_id = _upload(api, blobs)
+
+    def broken(self: runner.OutputBuilder) -> list[Any]:
+        raise PipelineError("storage_failed", "the DICOM objects could not be stored")
+
+    monkeypatch.setattr(runner.OutputBuilder, "dicom_rows", broken)
+    assert runner.run_job(job_id) == "failed: storage_failed"
+    job = api.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["results_at"] is None
+    r = api.get(f"/api/v1/jobs/{job_id}/results")
+    assert r.status_code == 409 and r.json()["error"] == "not_ready"
+
+
 @contextlib.contextmanager
 def _tampered_segmenter() -> Iterator[None]:
     """The tiny segmenter's ONNX file no longer matches its manifest's sha256."""
@@ -414,7 +506,9 @@ def test_outputs_built_alongside_inference_match_outputs_built_after_it(
             job.status, job.attempts = "queued", 0
         builder = runner.OutputBuilder
         monkeypatch.setattr(
-            runner, "OutputBuilder", lambda r, s, overlap, b=builder, o=overlap: b(r, s, overlap=o)
+            runner,
+            "OutputBuilder",
+            lambda r, s, overlap, models, b=builder, o=overlap: b(r, s, overlap=o, models=models),
         )
         assert runner.run_job(job_id) == "succeeded"
         monkeypatch.setattr(runner, "OutputBuilder", builder)

@@ -223,10 +223,12 @@ def run_e2e(
                         "run": run_.to_json(),
                         "replay_s": rep,
                         "ratio": rep["total"] / run_.time_to_result_s,
+                        "ratio_complete": rep["total"] / run_.time_to_complete_s,
                     }
                 )
                 print(
-                    f"   series round {r}: {run_.time_to_result_s:.1f} s, replay {rep['total']:.1f} s",
+                    f"   series round {r}: results {run_.time_to_result_s:.1f} s, complete "
+                    f"{run_.time_to_complete_s:.1f} s, replay {rep['total']:.1f} s",
                     flush=True,
                 )
         return rounds

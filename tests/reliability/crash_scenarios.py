@@ -288,13 +288,17 @@ def _crash_one_upload(
 RESULT_POINTS = (
     ("blob-rename", "a result blob written, before its rename"),
     ("before-commit:MaskRecord", "every result blob durable, before the result rows commit"),
+    ("after-commit:MaskRecord", "the result rows committed, before the DICOM objects"),
+    ("before-commit:ArtifactRecord", "the DICOM objects durable, before their rows commit"),
 )
 
 
 def run_result_write_crashes(ps: ProdStack, *, rounds: int = 1, timeout: float = 180) -> Outcome:
-    """S5: the pool child running a job dies mid result write (two points); meanwhile the API is
-    asked for the results over and over. It must never serve a partial result set or a partial
-    file; the job is re-run to completion; the scrubber clears what the crash left."""
+    """S5: the pool child running a job dies mid result write (four points: in the result rows'
+    write, and between them and the DICOM objects); meanwhile the API is asked for the results
+    over and over. It must never serve results before their rows committed, a partial result
+    set (rows without masks, DICOM objects without ``complete``) or a partial file; the job is
+    re-run to completion; the scrubber clears what the crash left."""
     out = Outcome("S5", "worker crash while writing results")
     per_job: list[dict[str, Any]] = []
     with timed(out), ps.stack.client(timeout=30) as client:
@@ -330,6 +334,8 @@ def run_result_write_crashes(ps: ProdStack, *, rounds: int = 1, timeout: float =
             attempts=[r["attempts"] for r in per_job],
             result_polls=sum(r["polls"] for r in per_job),
             served_before_done=sum(r["served_before_done"] for r in per_job),
+            served_without_dicom=sum(r["served_without_dicom"] for r in per_job),
+            partial_sets_served=sum(r["partial_sets"] for r in per_job),
             files_served=sum(r.get("files", 0) for r in succeeded),
             bad_files_served=sum(r.get("bad_files", 0) for r in succeeded),
             duplicates=duplicates,
@@ -342,7 +348,13 @@ def run_result_write_crashes(ps: ProdStack, *, rounds: int = 1, timeout: float =
         out.check("the child died at every point", out.figures["crashes"] == len(per_job))
         out.check("every job re-run to success", len(succeeded) == len(per_job))
         out.check("exactly one re-run each", set(out.figures["attempts"]) == {2})
-        out.check("no result served before the job finished", not out.figures["served_before_done"])
+        out.check(
+            "no result served before its rows committed", not out.figures["served_before_done"]
+        )
+        out.check(
+            "every served set whole (masks and maps; DICOM objects only when complete)",
+            not out.figures["partial_sets_served"],
+        )
         out.check(
             "every served file whole (its sha256 is its key)", not out.figures["bad_files_served"]
         )
@@ -356,7 +368,9 @@ def run_result_write_crashes(ps: ProdStack, *, rounds: int = 1, timeout: float =
     out.summary = (
         f"{f['crashes']} child crashes mid result write: {f['jobs']} jobs re-run once each "
         f"and succeeded; {f['result_polls']} result reads meanwhile, {f['served_before_done']} "
-        f"served early, {f['bad_files_served']}/{f['files_served']} served files partial; "
+        f"served early, {f['served_without_dicom']} served before the DICOM objects (as designed), "
+        f"{f['partial_sets_served']} partial sets, {f['bad_files_served']}/{f['files_served']} "
+        f"served files partial; "
         f"scrubber removed {f['orphan_blobs_removed']} orphan blobs + {f['temp_files_removed']} "
         f"temp files, {f['left_after_scrub']} left"
     )
@@ -366,21 +380,37 @@ def run_result_write_crashes(ps: ProdStack, *, rounds: int = 1, timeout: float =
 def _poll_results_until_done(
     ps: ProdStack, client: httpx.Client, job_id: str, timeout: float
 ) -> dict[str, Any]:
-    """Ask for the results until the job is terminal; count answers that came too early."""
-    polls = early = 0
+    """Ask for the results until the job is terminal; count answers that came too early (before
+    the job's result rows committed), those served while its DICOM objects were being built,
+    and any that was not a whole set."""
+    polls = early = without_dicom = partial = 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = ps.db.jobs([job_id])[job_id].status
+        row = ps.db.jobs([job_id])[job_id]
         r = client.get(f"/api/v1/jobs/{job_id}/results")
         polls += 1
-        if r.status_code == 200 and status != "succeeded":
-            # the job row was read first: a 200 now is only right if it finished in between
-            if ps.db.jobs([job_id])[job_id].status != "succeeded":
-                early += 1
-        if status in TERMINAL:
+        if r.status_code == 200:
+            # the job row was read first: a 200 now is only right if the rows committed since
+            if row.results_at is None and row.status != "succeeded":
+                again = ps.db.jobs([job_id])[job_id]
+                if again.results_at is None and again.status != "succeeded":
+                    early += 1
+            body = r.json()
+            dicom = [a for kind in body["dicom"].values() for a in kind]
+            if not body["complete"]:
+                without_dicom += 1
+            if not body["masks"] or not body["saliency"] or bool(dicom) != body["complete"]:
+                partial += 1
+        if row.status in TERMINAL:
             break
         time.sleep(0.05)
-    return {"job_id": job_id, "polls": polls, "served_before_done": early}
+    return {
+        "job_id": job_id,
+        "polls": polls,
+        "served_before_done": early,
+        "served_without_dicom": without_dicom,
+        "partial_sets": partial,
+    }
 
 
 def _check_served_files(ps: ProdStack, client: httpx.Client, job_id: str) -> dict[str, int]:

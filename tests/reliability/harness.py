@@ -449,6 +449,7 @@ class JobRow:
     started_at: Any
     finished_at: Any
     lease_owner: str | None
+    results_at: Any = None
 
 
 class Database:
@@ -459,8 +460,8 @@ class Database:
 
     def jobs(self, ids: list[str] | None = None) -> dict[str, JobRow]:
         sql = (
-            "SELECT id, status, attempts, error_code, started_at, finished_at, lease_owner "
-            "FROM jobs"
+            "SELECT id, status, attempts, error_code, started_at, finished_at, lease_owner, "
+            "results_at FROM jobs"
         )
         with self.engine.connect() as conn:
             rows = conn.execute(text(sql)).all()

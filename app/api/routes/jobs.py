@@ -43,6 +43,7 @@ def job_schema(session: Session, job: JobRecord, series: SeriesRecord, study: St
         attempts=job.attempts,
         created_at=job.created_at,
         started_at=job.started_at,
+        results_at=job.results_at,
         finished_at=job.finished_at,
         study_instance_uid=study.study_instance_uid,
         series_instance_uid=series.series_instance_uid,

@@ -37,26 +37,27 @@ API = "/api/v1"
 
 
 class _SerialisedResults:
-    """Result sets of finished jobs as JSON bytes, least recently used dropped first.
+    """Result sets of jobs as JSON bytes, least recently used dropped first.
 
-    Keyed by (job id, attempts, finished_at): a job's results change only when it runs again,
-    which changes both, so an entry is never stale. Bounded by total size, per API process.
+    Keyed by (job id, attempts, results_at, complete): a job's result rows change only when it
+    runs again, which stamps a new ``results_at``, and its DICOM objects arrive only with
+    ``complete``, so an entry is never stale. Bounded by total size, per API process.
     """
 
     def __init__(self, max_bytes: int = 32 * 2**20) -> None:
-        self._items: OrderedDict[tuple[str, int, str], bytes] = OrderedDict()
+        self._items: OrderedDict[tuple[str, int, str, bool], bytes] = OrderedDict()
         self._bytes = 0
         self._max = max_bytes
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, int, str]) -> bytes | None:
+    def get(self, key: tuple[str, int, str, bool]) -> bytes | None:
         with self._lock:
             body = self._items.get(key)
             if body is not None:
                 self._items.move_to_end(key)
             return body
 
-    def put(self, key: tuple[str, int, str], body: bytes) -> None:
+    def put(self, key: tuple[str, int, str, bool], body: bytes) -> None:
         if len(body) > self._max // 4:
             return  # one huge result set must not evict everything else
         with self._lock:
@@ -80,6 +81,7 @@ def _results_schema(res: results.JobResults) -> Results:
     return Results(
         job_id=res.job.id,
         status=res.job.status,
+        complete=res.job.status == JobStatus.SUCCEEDED,
         uncertain=res.job.uncertain,
         series=SeriesInfo(
             study_instance_uid=res.study.study_instance_uid,
@@ -173,15 +175,18 @@ def _link(a: ArtifactRecord) -> DicomLink:
         **ERRORS,
         **NOT_FOUND,
         304: {"description": "Not modified: the If-None-Match ETag is current"},
-        409: {"model": ErrorBody, "description": "Not finished"},
+        409: {"model": ErrorBody, "description": "No results yet (queued, running) or failed"},
     },
     summary="Findings, masks, saliency maps and DICOM outputs of a job",
 )
 def get_results(job_id: str, request: Request, session: SessionDep, principal: Viewer) -> Response:
-    """Everything a succeeded job produced, with URLs for the bytes.
+    """Everything a job produced, with URLs for the bytes.
 
-    The ETag changes only when the job runs again: a client that polls sends it back in
-    If-None-Match and gets 304 (every read is audited either way).
+    Readable as soon as the job's ``results_at`` is set: masks, findings and saliency maps
+    commit first, and ``complete`` is false (``dicom`` empty) while the worker builds the DICOM
+    objects from them; once the job has succeeded, ``complete`` is true and ``dicom`` lists
+    them. The ETag changes when the DICOM objects arrive and when the job runs again: a client
+    that polls sends it back in If-None-Match and gets 304 (every read is audited either way).
     """
     job, series, study = jobs.get_job_context(session=session, job_id=job_id)
     record_audit(
@@ -193,9 +198,11 @@ def get_results(job_id: str, request: Request, session: SessionDep, principal: V
         study_instance_uid=study.study_instance_uid,
         series_instance_uid=series.series_instance_uid,
     )
-    if job.status != JobStatus.SUCCEEDED:
+    if not jobs.results_readable(job):
         raise MedcadError("not_ready", f"job {job.id} is {job.status}", status=409)
-    key = (job.id, job.attempts, job.finished_at.isoformat() if job.finished_at else "")
+    complete = job.status == JobStatus.SUCCEEDED
+    stamp = job.results_at or job.finished_at
+    key = (job.id, job.attempts, stamp.isoformat() if stamp else "", complete)
     etag = '"' + hashlib.sha256(repr(key).encode()).hexdigest()[:32] + '"'
     headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
     if request.headers.get("if-none-match") == etag:

@@ -47,6 +47,7 @@ export function describeJob(job) {
       return parts.join(" · ");
     }
     case "running": {
+      if (job.results_at) return "Results ready · building the DICOM objects";
       const parts = [job.stage ? `Stage: ${job.stage}` : "Starting"];
       if (job.attempts > 1) parts.push(`attempt ${job.attempts}`);
       if (job.eta_seconds !== null && job.eta_seconds !== undefined) parts.push(`about ${formatDuration(job.eta_seconds)} left`);

@@ -705,6 +705,9 @@ export function initViewer({ announce, getModels }) {
     for (const pm of dicom.pmap || []) {
       items.push(downloadButton(`DICOM Parametric Map (${pm.model} · ${pm.method})`, () => downloadAs(pm.url, `medcad-${job}-${pm.model}-${pm.method}-pmap.dcm`)));
     }
+    if (results.complete === false) {
+      items.push(el("li", { class: "muted small", id: "dicom-pending", text: "DICOM SEG, SR and Parametric Maps: being built…" }));
+    }
     $("downloads").replaceChildren(...items);
   }
 
@@ -801,6 +804,16 @@ export function initViewer({ announce, getModels }) {
     return `${series.modality || "DICOM"} · ${V.slices.length} slices · series …${String(series.series_instance_uid || "").slice(-16)} · ${(V.job?.models || []).join(", ")}`;
   }
 
+  /** The job has succeeded since its results were loaded: its DICOM objects are now listed. */
+  async function refreshDicomObjects() {
+    const results = await api.results(V.jobId, { signal: V.loadController.signal });
+    if (!V.results) return;
+    V.results.dicom = results.dicom;
+    V.results.complete = results.complete;
+    renderDownloads();
+    announce("DICOM objects ready to download.");
+  }
+
   async function loadResults() {
     const results = await api.results(V.jobId, { signal: V.loadController.signal });
     V.results = results;
@@ -830,8 +843,15 @@ export function initViewer({ announce, getModels }) {
       if (jobId !== V.jobId) return;
       V.job = job;
       $("viewer-title").textContent = `Job ${shortId(job.id)}`;
-      if (job.status === "succeeded") {
+      if (V.results && !V.results.complete) {
+        // Results shown while the DICOM objects were built: add them once the job has succeeded.
+        if (job.status === "succeeded") await refreshDicomObjects();
+        else if (job.status !== "failed") V.pollTimer = setTimeout(poll, 1000);
+        return;
+      }
+      if (job.status === "succeeded" || (job.status === "running" && job.results_at)) {
         await loadResults();
+        if (!V.results.complete) V.pollTimer = setTimeout(poll, 1000);
         return;
       }
       $("viewer-meta").textContent = `${job.modality || "DICOM"} · ${job.instance_count ?? 0} images · ${(job.models || []).join(", ")}`;
