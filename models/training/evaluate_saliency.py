@@ -452,13 +452,18 @@ def affordable(
     return max(min(floor, cap), min(cap, fits))
 
 
-def pass_budget(spec: SaliencySpec, fallback: int) -> tuple[int, str]:
+def pass_budget(spec: SaliencySpec, fallback: int, cap: int | None = None) -> tuple[int, str]:
     """Forward-pass budget of a perturbation map, and where it came from.
 
     A CAM-only manifest may set ``max_forward_passes`` to 1; occlusion and RISE are still
     evaluated for it (the API can request them), with the evaluation's fallback budget.
+    ``cap`` (``--max-passes``) lowers the manifest's budget to what a job spends on one map by
+    default (``MEDCAD_SALIENCY_MAX_FORWARD_PASSES``, 128: the map a job's first lesion gets),
+    so that the served maps, not only the finer ones a request can buy, are measured.
     """
     if spec.max_forward_passes >= 2:
+        if cap is not None and cap < spec.max_forward_passes:
+            return cap, "manifest capped by --max-passes (a job's default budget)"
         return spec.max_forward_passes, "manifest"
     return fallback, "evaluation default (--perturbation-passes)"
 
@@ -594,7 +599,7 @@ def evaluate_classifier(
         batch=args.perturbation_batch,
     )
     cls, spec = manifest.classification, manifest.saliency
-    max_passes, budget_source = pass_budget(spec, args.perturbation_passes)
+    max_passes, budget_source = pass_budget(spec, args.perturbation_passes, args.max_passes)
     names = [logit_name] + ([cam_spec.name] if cam_spec else [])
     outs = full.run(sl.x, names)
     ch = _channel_of(manifest, cls.positive_label, outs[0].shape[1])
@@ -877,7 +882,7 @@ def evaluate_segmenter(
     assert logit_spec is not None
     logit_name = logit_spec.name
     spec = manifest.saliency
-    max_passes, budget_source = pass_budget(spec, args.perturbation_passes)
+    max_passes, budget_source = pass_budget(spec, args.perturbation_passes, args.max_passes)
     target = spec.target_label or "nodule"
     nod = next(lab.value for lab in manifest.labels if lab.name == target)
 
@@ -1306,6 +1311,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=320,
         help="pass budget for occlusion/RISE when the manifest allows fewer than 2 (320: "
         "a 32-pixel occlusion sweep at stride 16 and its 81-pass refinement)",
+    )
+    ap.add_argument(
+        "--max-passes",
+        type=int,
+        default=None,
+        help="cap every map's pass budget (128: what a job spends on one map by default)",
     )
     ap.add_argument(
         "--fill",
