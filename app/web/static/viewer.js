@@ -847,6 +847,13 @@ export function initViewer({ announce, getModels }) {
         // Results shown while the DICOM objects were built: add them once the job has succeeded.
         if (job.status === "succeeded") await refreshDicomObjects();
         else if (job.status !== "failed") V.pollTimer = setTimeout(poll, 1000);
+        else {
+          // A job that fails after its results were shown serves none: take them down.
+          V.results = null;
+          $("viewer-grid").hidden = true;
+          $("viewer-status").textContent = describeJob(job);
+          announce(`Job ${shortId(job.id)} failed.`);
+        }
         return;
       }
       if (job.status === "succeeded" || (job.status === "running" && job.results_at)) {
