@@ -808,6 +808,12 @@ export function initViewer({ announce, getModels }) {
   async function refreshDicomObjects() {
     const results = await api.results(V.jobId, { signal: V.loadController.signal });
     if (!V.results) return;
+    const ids = (r) => (r.masks || []).map((m) => m.id).join(",") + "|" + (r.saliency || []).map((m) => m.id).join(",");
+    if (ids(results) !== ids(V.results)) {
+      // The job ran again (its worker was lost) and replaced the rows shown: show the new set.
+      await loadResults();
+      return;
+    }
     V.results.dicom = results.dicom;
     V.results.complete = results.complete;
     renderDownloads();
