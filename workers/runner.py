@@ -17,12 +17,13 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy import delete, select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from app.db.records import (
     ArtifactRecord,
@@ -700,12 +701,12 @@ def _uncertain(analyses: list[ModelAnalysis]) -> bool:
     return any(flags)
 
 
-def _owned_job(session: Any, run: JobRun) -> JobRecord:
+def _owned_job(session: Session, run: JobRun) -> JobRecord:
     """The job's row, if this attempt still holds its lease."""
     job = session.get(JobRecord, run.job_id)
     if job is None or job.status != JobStatus.RUNNING or job.lease_owner != run.owner:
         raise PipelineError("lease_lost", "the job's lease was reclaimed by another worker")
-    return cast(JobRecord, job)
+    return job
 
 
 def _publish_results(run: JobRun, rows: list[Any], analyses: list[ModelAnalysis]) -> None:
